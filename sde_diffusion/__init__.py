@@ -1,0 +1,5 @@
+"""sde_diffusion: score-based generative modelling with SDEs (Song et al., 2021)."""
+from .oracles import GaussianMixture, random_mixture
+from .sdes import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+r"""One network, many views: the parameterization wrapper every solver, loss and likelihood calls.
+
+A network ``net(x, t_in)`` trained to predict one of
+
+- ``eps``:   the noise ``z`` of ``x_t = alpha x0 + sigma z`` (DDPM, Ho et al. 2020),
+- ``x0``:    the clean data ``E[x0 | x_t]`` (a denoiser, as in EDM, Karras et al. 2022),
+- ``v``:     ``alpha z - sigma x0`` (Salimans & Ho 2022, Sec. 4),
+- ``score``: ``grad log p_t(x_t)`` (score_sde, Song et al. 2021),
+
+is turned into the others with alpha and sigma of the SDE:
+
+.. math:: \text{score} = -\varepsilon/\sigma,\quad x_0 = (x - \sigma\varepsilon)/\alpha,\quad
+          x_0 = \frac{\alpha x - \sigma v}{\alpha^2+\sigma^2},\ \
+          \varepsilon = \frac{\sigma x + \alpha v}{\alpha^2+\sigma^2}
+
+(the last two hold for any alpha, sigma; for VP ``alpha^2 + sigma^2 = 1``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+
+from .._checks import TimeLike, expand_to, require
+from ..sdes import SDE
+
+__all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "PARAMETERIZATIONS", "TIME_INPUTS"]
+
+PARAMETERIZATIONS = ("eps", "x0", "v", "score")
+TIME_INPUTS = ("t", "sigma", "index")
+
+
+class NonFiniteError(FloatingPointError):
+    """The model returned NaN or Inf. ``t`` is the time of the call; samplers add the step."""
+
+    def __init__(self, message: str, t: Optional[float] = None, step: Optional[int] = None):
+        super().__init__(message)
+        self.t, self.step = t, step
+
+
+class ScoreModel:
+    """Wrap ``net(x, t_in, **kwargs)`` trained with ``parameterization`` for the SDE ``sde``.
+
+    Args:
+        net: a callable (usually a ``torch.nn.Module``) mapping ``(x, t_in)`` to a tensor shaped
+            like ``x``; a plain score function ``s(x, t)`` works with ``parameterization="score"``.
+        sde: the forward SDE the network was trained under.
+        parameterization: one of ``eps``, ``x0``, ``v``, ``score``.
+        time_input: what the network receives as its second argument: ``t`` (continuous time,
+            default), ``sigma`` (``sigma(t)``, NCSN-style) or ``index`` (``t (N - 1) / T``, the
+            DDPM label score_sde feeds its networks); or a callable ``t -> t_in``.
+        check_finite: raise :class:`NonFiniteError` when the network returns NaN/Inf.
+
+    ``nfe`` counts network evaluations (one per call, whatever the batch size).
+    """
+
+    def __init__(self, net: Callable, sde: SDE, parameterization: str = "eps",
+                 time_input: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "t",
+                 check_finite: bool = True):
+        require(callable(net), f"net must be callable, got {type(net).__name__}")
+        require(isinstance(sde, SDE), f"sde must be an SDE instance, got {sde!r}")
+        require(parameterization in PARAMETERIZATIONS,
+                f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        require(callable(time_input) or time_input in TIME_INPUTS,
+                f"time_input must be one of {TIME_INPUTS} or a callable, got {time_input!r}")
+        self.net, self.sde, self.parameterization = net, sde, parameterization
+        self.time_input, self.check_finite = time_input, check_finite
+        self.nfe = 0
+
+    def reset_nfe(self) -> None:
+        self.nfe = 0
+
+    # ---- raw network call ---------------------------------------------------------------------
+    def _net_time(self, t: torch.Tensor) -> torch.Tensor:
+        if callable(self.time_input):
+            return self.time_input(t)
+        if self.time_input == "sigma":
+            return self.sde._log_sigma(t).exp()
+        if self.time_input == "index":
+            return t * (self.sde.N - 1) / self.sde.T
+        return t
+
+    def raw(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
+        """The network's own output at ``(x, t)``; counts one NFE."""
+        t = self.sde._time(t, x)
+        out = self.net(x, self._net_time(t), **kwargs)
+        self.nfe += 1
+        require(isinstance(out, torch.Tensor) and out.shape == x.shape,
+                f"the network must return a tensor shaped like x {tuple(x.shape)}, "
+                f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
+            raise NonFiniteError(f"the model returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
+        return out
+
+    def _scales(self, x: torch.Tensor, t: TimeLike):
+        t = self.sde._time(t, x)
+        return (expand_to(self.sde._log_alpha(t).exp(), x), expand_to(self.sde._log_sigma(t).exp(), x))
+
+    # ---- the three views ----------------------------------------------------------------------
+    def eps(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
+        """Noise prediction ``E[z | x_t]``."""
+        out, p = self.raw(x, t, **kwargs), self.parameterization
+        if p == "eps":
+            return out
+        a, s = self._scales(x, t)
+        if p == "x0":
+            return (x - a * out) / s
+        if p == "v":
+            return (s * x + a * out) / (a * a + s * s)
+        return -s * out
+
+    def x0(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
+        """Data prediction (denoiser) ``E[x0 | x_t]``."""
+        out, p = self.raw(x, t, **kwargs), self.parameterization
+        if p == "x0":
+            return out
+        a, s = self._scales(x, t)
+        if p == "eps":
+            return (x - s * out) / a
+        if p == "v":
+            return (a * x - s * out) / (a * a + s * s)
+        return (x + s * s * out) / a
+
+    def score(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
+        """Score ``grad_x log p_t(x)``."""
+        out, p = self.raw(x, t, **kwargs), self.parameterization
+        if p == "score":
+            return out
+        a, s = self._scales(x, t)
+        if p == "eps":
+            return -out / s
+        if p == "x0":
+            return -(x - a * out) / (s * s)
+        return -(s * x + a * out) / ((a * a + s * s) * s)
+
+
+class OracleModel(ScoreModel):
+    """The exact model of a :class:`~sde_diffusion.oracles.GaussianMixture`: each view is the
+    oracle's closed form (no conversion error), with the same NFE counting and checks."""
+
+    def __init__(self, mixture, sde: Optional[SDE] = None, check_finite: bool = True):
+        sde = sde if sde is not None else mixture.sde
+        require(sde is not None, "OracleModel needs an SDE: pass sde=... or a mixture that has one")
+        self.mixture = mixture.with_sde(sde) if mixture.sde is not sde else mixture
+        super().__init__(self.mixture.score, sde, parameterization="score", check_finite=check_finite)
+
+    def _exact(self, fn, x, t):
+        t = self.sde._time(t, x)
+        out = fn(x, t)
+        self.nfe += 1
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(f"the oracle returned NaN/Inf at t={float(t.flatten()[0]):.6g}",
+                                 t=float(t.flatten()[0]))
+        return out
+
+    def eps(self, x, t, **kwargs):
+        return self._exact(self.mixture.eps, x, t)
+
+    def x0(self, x, t, **kwargs):
+        return self._exact(self.mixture.x0, x, t)
+
+    def score(self, x, t, **kwargs):
+        return self._exact(self.mixture.score, x, t)
