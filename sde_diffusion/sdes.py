@@ -89,8 +89,7 @@ class SDE(abc.ABC):
         """Inverse of :meth:`lambda_`. The default bisects the monotone ``lambda_`` in float64;
         subclasses override it with a closed form. Values beyond ``lambda([eps', T])`` clamp to
         the ends of ``[0, T]``."""
-        lam = as_time(lam)
-        require(not bool(torch.isnan(lam).any()), "lambda must not be NaN")
+        lam = self._lambda_arg(lam)
         lam64 = lam.to(torch.float64)
         lo = torch.zeros_like(lam64)
         hi = torch.full_like(lam64, self.T)
@@ -100,6 +99,13 @@ class SDE(abc.ABC):
             lo = torch.where(above, mid, lo)
             hi = torch.where(above, hi, mid)
         return (0.5 * (lo + hi)).to(lam.dtype)
+
+    @staticmethod
+    def _lambda_arg(lam: TimeLike) -> torch.Tensor:
+        """``lam`` as a floating tensor; raises on NaN (shared by the closed-form inverses)."""
+        lam = as_time(lam)
+        require(not bool(torch.isnan(lam).any()), "lambda must not be NaN")
+        return lam
 
     def sde(self, x: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Drift ``f(t) x`` (shape of ``x``) and diffusion ``g(t)`` (shape ``(batch,)``) of the
@@ -225,7 +231,9 @@ class _LinearBeta:
     def t_of_integral(self, B: torch.Tensor) -> torch.Tensor:
         """Positive root of ``B(t) = B`` (the form used by DPM-Solver, Lu et al. 2022, App. D)."""
         db = self.beta_max - self.beta_min
-        return 2 * B / (self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * db * B))
+        denom = self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * db * B)
+        # B = 0 (lambda = +inf) is t = 0 also when beta_min = 0, where the quotient would be 0/0
+        return torch.where(B > 0, 2 * B / denom, torch.zeros_like(B))
 
 
 class VPSDE(SDE):
@@ -268,8 +276,12 @@ class VPSDE(SDE):
         """``B(t) = -2 log alpha(t)``."""
         if self.schedule == "linear":
             return self._beta.integral(t)
-        c0 = math.cos(0.5 * math.pi * self.cosine_s / (1 + self.cosine_s))
-        return -2 * (torch.log(torch.cos(self._cos_angle(t))) - math.log(c0))
+        # alpha = cos(a0 + d) / cos(a0) = 1 - 2 sin(d/2)^2 - tan(a0) sin(d), with a0 the angle at
+        # t = 0 and d = angle(t) - a0: through log1p, B(t) is exact at t = 0 and accurate near it
+        # in float32 too (log(cos(angle)) - log(cos(a0)) cancels there, and gave B(0) < 0).
+        a0 = 0.5 * math.pi * self.cosine_s / (1 + self.cosine_s)
+        d = 0.5 * math.pi * (t / self.T * self.cosine_t_max) / (1 + self.cosine_s)
+        return -2 * torch.log1p(-2 * torch.sin(0.5 * d) ** 2 - math.tan(a0) * torch.sin(d))
 
     def _log_alpha(self, t):
         return -0.5 * self._integrated_beta(t)
@@ -293,13 +305,20 @@ class VPSDE(SDE):
 
     def t_of_lambda(self, lam: TimeLike) -> torch.Tensor:
         """Closed-form inverse of the log-SNR: ``B(t) = log(1 + e^{-2 lambda})``."""
-        lam = as_time(lam)
-        B = torch.nn.functional.softplus(-2 * lam)
+        lam = self._lambda_arg(lam)
         if self.schedule == "linear":
-            return self._beta.t_of_integral(B)
-        c0 = math.cos(0.5 * math.pi * self.cosine_s / (1 + self.cosine_s))
-        angle = torch.acos((torch.exp(-0.5 * B) * c0).clamp(max=1.0))
-        return ((angle * 2 * (1 + self.cosine_s) / math.pi) - self.cosine_s) / self.cosine_t_max * self.T
+            B = torch.nn.functional.softplus(-2 * lam)
+            return self._beta.t_of_integral(B).clamp(0, self.T)
+        # alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda); solve cos(a0 + d) = alpha cos(a0)
+        # for d = angle - a0 with atan2, free of cancellation near t = 0 (acos loses digits there)
+        a0 = 0.5 * math.pi * self.cosine_s / (1 + self.cosine_s)
+        sa0, ca0 = math.sin(a0), math.cos(a0)
+        sigma2 = torch.sigmoid(-2 * lam)
+        alpha = torch.sigmoid(2 * lam).sqrt()
+        sin_angle = torch.sqrt(sa0 ** 2 + ca0 ** 2 * sigma2)
+        d = torch.atan2(ca0 * sigma2 / (sin_angle + alpha * sa0), alpha * ca0 ** 2 + sin_angle * sa0)
+        t = d * (2 * (1 + self.cosine_s) / math.pi) / self.cosine_t_max * self.T
+        return t.clamp(0, self.T)
 
     def _make_discrete_betas(self) -> torch.Tensor:
         """DDPM betas of the N-step chain: score_sde's ``linspace(beta_min/N, beta_max/N, N)``
@@ -350,11 +369,11 @@ class SubVPSDE(SDE):
 
     def t_of_lambda(self, lam: TimeLike) -> torch.Tensor:
         """Closed form: with ``r = e^lambda``, ``alpha`` solves ``r alpha^2 + alpha - r = 0``."""
-        lam = as_time(lam)
+        lam = self._lambda_arg(lam)
         r = torch.exp(lam)
         # alpha = (sqrt(1 + 4 r^2) - 1) / (2 r), written without cancellation for small r
         alpha = 2 * r / (torch.sqrt(1 + 4 * r * r) + 1)
-        return self._beta.t_of_integral(-2 * torch.log(alpha))
+        return self._beta.t_of_integral(-2 * torch.log(alpha)).clamp(0, self.T)
 
 
 class VESDE(SDE):
@@ -396,8 +415,8 @@ class VESDE(SDE):
 
     def t_of_lambda(self, lam: TimeLike) -> torch.Tensor:
         """Closed form: ``sigma = e^{-lambda}``, ``t = T log(sigma / sigma_min) / log(sigma_max / sigma_min)``."""
-        lam = as_time(lam)
-        return (-lam - math.log(self.sigma_min)) / self._log_ratio * self.T
+        lam = self._lambda_arg(lam)
+        return ((-lam - math.log(self.sigma_min)) / self._log_ratio * self.T).clamp(0, self.T)
 
     def discretize(self, x, t):
         """SMLD chain ([SDE] Appendix B): ``x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z``
