@@ -1,0 +1,107 @@
+"""The one entry point: ``sample(model, sde, shape | x_T, solver=..., steps=...)``."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .._checks import require
+from ..models.wrapper import OracleModel, ScoreModel
+from ..oracles import GaussianMixture
+from ..sdes import SDE
+from .base import GeneratorLike, NoiseSource, SampleResult, SolverContext, run_solver
+from .grids import make_grid
+from .registry import get_solver
+
+__all__ = ["sample", "as_model"]
+
+
+def as_model(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None) -> ScoreModel:
+    """Accept a :class:`ScoreModel` or an oracle mixture; check it agrees with ``sde``."""
+    if isinstance(model, GaussianMixture):
+        return OracleModel(model, sde)
+    require(isinstance(model, ScoreModel),
+            f"model must be a ScoreModel or a GaussianMixture, got {type(model).__name__}")
+    require(sde is None or sde is model.sde,
+            f"the model was built for {model.sde!r} but sampling was asked under {sde!r}")
+    return model
+
+
+def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
+           shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
+           solver: str = "euler_maruyama", steps: Optional[int] = None, *,
+           nfe: Optional[int] = None, grid: Union[str, torch.Tensor] = "uniform",
+           t_start: Optional[float] = None, t_end: Optional[float] = None, rho: float = 7.0,
+           generator: GeneratorLike = None, denoise: bool = False,
+           dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
+           progress: Optional[bool] = None, return_trajectory: bool = False,
+           callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
+           **options) -> SampleResult:
+    """Draw samples by integrating the reverse process from ``t_start`` (T) down to ``t_end`` (eps).
+
+    Args:
+        model: a :class:`~sde_diffusion.models.ScoreModel` (any parameterization) or an oracle
+            :class:`~sde_diffusion.oracles.GaussianMixture`.
+        sde: the forward SDE; defaults to the model's.
+        shape: ``(batch, ...)`` of the samples, when ``x_T`` is not given (then drawn from the prior).
+        x_T: the starting state; its dtype and device are used throughout.
+        solver: a registered solver name (see :func:`~sde_diffusion.samplers.available_solvers`).
+        steps: number of grid intervals (default ``sde.N``); or give ``nfe``, a budget of network
+            evaluations, and the largest grid within it is used.
+        grid: ``uniform``, ``logsnr``, ``karras``, ``quadratic``, or a decreasing tensor of times.
+        generator: ``None``, an int seed, a ``torch.Generator``, or one generator per sample.
+        denoise: finish with one Tweedie step ``x <- E[x0 | x_eps]`` (score_sde's noise removal).
+        progress: show a tqdm bar (default: only when stderr is a terminal).
+        return_trajectory: keep the state after every step in ``result.trajectory``.
+        callback: ``callback(step, t, x)`` after every step.
+        **options: passed to the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
+    """
+    info = get_solver(solver)
+    model = as_model(model, sde)
+    sde = model.sde
+    require((shape is None) != (x_T is None), "give exactly one of shape and x_T")
+    require(steps is None or nfe is None, "give steps or nfe, not both")
+    if nfe is not None:
+        steps = info.steps_for_nfe(int(nfe))
+    if x_T is not None:
+        require(isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and x_T.ndim >= 1,
+                "x_T must be a floating-point tensor of shape (batch, ...)")
+        shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
+    else:
+        shape = tuple(int(s) for s in shape)
+        require(len(shape) >= 1 and all(s >= 1 for s in shape),
+                f"shape must be (batch, ...) of positive sizes, got {shape}")
+        if device is None:
+            device = generator.device if isinstance(generator, torch.Generator) else "cpu"
+    device = torch.device(device)
+    noise = NoiseSource(generator, shape, dtype, device)
+    if x_T is None:
+        x_T = noise.randn() * sde.prior_std
+    if isinstance(grid, torch.Tensor):
+        times = grid.detach().to("cpu", torch.float64).flatten()
+        require(len(times) >= 2 and bool((times[1:] < times[:-1]).all()),
+                "a custom grid must be a decreasing tensor of at least two times")
+        require(0 < float(times[-1]) and float(times[0]) <= sde.T,
+                f"a custom grid must lie in (0, T={sde.T}], got [{float(times[-1])}, {float(times[0])}]")
+    else:
+        times = make_grid(sde, sde.N if steps is None else steps, grid, t_start, t_end, rho)
+    _check_options(info, options)
+    ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0])
+    nfe_before = model.nfe
+    x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
+                               return_trajectory)
+    if denoise:
+        x = model.x0(x, ctx.t(ctx.steps))
+    return SampleResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
+                        trajectory=trajectory)
+
+
+def _check_options(info, options: dict) -> None:
+    params = inspect.signature(info.fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in list(params.items())[2:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in options:
+        require(key in valid, f"solver {info.name!r} has no option {key!r}; its options: "
+                              f"{', '.join(valid) if valid else 'none'}")

@@ -1,0 +1,38 @@
+r"""DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", eq. 12), written with
+alpha and sigma so it serves every affine SDE. From ``t`` to the next grid time ``t'``:
+
+.. math:: \hat x_0 = \frac{x - \sigma\hat\varepsilon}{\alpha},\qquad
+          x' = \alpha'\hat x_0 + \sqrt{\sigma'^2 - \sigma_\eta^2}\;\hat\varepsilon + \sigma_\eta z,
+          \qquad \sigma_\eta^2 = \eta^2\,\sigma'^2\big(1 - e^{2(\lambda - \lambda')}\big),
+
+where ``lambda = log(alpha/sigma)``. The last factor is DDIM's eq. 16 in log-SNR form: with
+``eta = 1`` the step is the exact posterior ``q(x_t' | x_t, x0)``, i.e. ancestral (DDPM) sampling
+on the grid; with ``eta = 0`` it is deterministic, non-Markovian, and equals first-order
+DPM-Solver (Lu et al. 2022, eq. 3.7) exactly.
+"""
+from __future__ import annotations
+
+import math
+
+from .._checks import require
+from .base import SolverContext
+from .registry import register
+
+
+@register("ddim", stochastic=True, order=1, summary="DDIM with eta (0: deterministic; 1: ancestral)")
+def ddim(ctx: SolverContext, x, eta: float = 0.0):
+    """DDIM; ``eta`` in [0, 1] scales the injected noise (``eta=0``: probability-flow-like and
+    deterministic; ``eta=1``: DDPM ancestral sampling)."""
+    eta = float(eta)
+    require(0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta!r}")
+    model = ctx.model
+    for i in range(ctx.steps):
+        a, s, lam = float(ctx.alphas[i]), float(ctx.sigmas[i]), float(ctx.lambdas[i])
+        a1, s1, lam1 = float(ctx.alphas[i + 1]), float(ctx.sigmas[i + 1]), float(ctx.lambdas[i + 1])
+        eps = model.eps(x, ctx.t(i))
+        x0 = (x - s * eps) / a
+        noise_std = eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (lam - lam1))))
+        x = a1 * x0 + math.sqrt(max(0.0, s1 * s1 - noise_std * noise_std)) * eps
+        if noise_std > 0:
+            x = x + noise_std * ctx.noise.randn()
+        yield x
