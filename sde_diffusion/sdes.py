@@ -307,7 +307,7 @@ class VPSDE(SDE):
         """Closed-form inverse of the log-SNR: ``B(t) = log(1 + e^{-2 lambda})``."""
         lam = self._lambda_arg(lam)
         if self.schedule == "linear":
-            B = torch.nn.functional.softplus(-2 * lam)
+            B = torch.nn.functional.softplus(-2 * lam).clamp(max=1e30)   # finite at lambda = -inf
             return self._beta.t_of_integral(B).clamp(0, self.T)
         # alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda); solve cos(a0 + d) = alpha cos(a0)
         # for d = angle - a0 with atan2, free of cancellation near t = 0 (acos loses digits there)
@@ -368,12 +368,12 @@ class SubVPSDE(SDE):
         return -0.5 * beta, beta * (-torch.expm1(-2 * self._beta.integral(t)))
 
     def t_of_lambda(self, lam: TimeLike) -> torch.Tensor:
-        """Closed form: with ``r = e^lambda``, ``alpha`` solves ``r alpha^2 + alpha - r = 0``."""
+        """Closed form: with ``r = e^lambda``, ``alpha`` solves ``r alpha^2 + alpha - r = 0``, so
+        ``alpha = (sqrt(1 + 4 r^2) - 1) / (2 r)`` and ``B(t) = -2 log alpha = 2 asinh(e^{-lambda} / 2)``
+        (the asinh form keeps float32 accurate near t = 0, where alpha rounds to 1)."""
         lam = self._lambda_arg(lam)
-        r = torch.exp(lam)
-        # alpha = (sqrt(1 + 4 r^2) - 1) / (2 r), written without cancellation for small r
-        alpha = 2 * r / (torch.sqrt(1 + 4 * r * r) + 1)
-        return self._beta.t_of_integral(-2 * torch.log(alpha)).clamp(0, self.T)
+        B = torch.where(lam > -15, 2 * torch.asinh(0.5 * torch.exp(-lam.clamp(min=-15))), -2 * lam)
+        return self._beta.t_of_integral(B.clamp(max=1e30)).clamp(0, self.T)
 
 
 class VESDE(SDE):
