@@ -1,0 +1,173 @@
+"""Research workflows on top of the samplers: named oracle problems, solver specs such as
+``ddim:eta=1``, and the solver x NFE comparison (ancestral vs non-Markovian, SDE vs ODE) with the
+same starting noise for every solver, written as Markdown, CSV and an error-vs-NFE plot."""
+from __future__ import annotations
+
+import ast
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ._checks import require
+from .models.wrapper import ScoreModel
+from .oracles import GaussianMixture, random_mixture
+from .samplers import get_solver, sample
+from .sdes import SDE
+
+__all__ = ["SolverSpec", "parse_solver_spec", "parse_solver_list", "named_oracle", "ORACLES",
+           "compare_solvers"]
+
+
+# ---- named oracle problems --------------------------------------------------------------------
+def _ring8(sde: Optional[SDE]) -> GaussianMixture:
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = 0.7 * torch.stack([angles.cos(), angles.sin()], 1)
+    weights = torch.tensor([3.0, 1, 2, 1, 3, 1, 2, 1])
+    stds = torch.tensor([0.05, 0.08, 0.05, 0.1, 0.06, 0.08, 0.05, 0.1])
+    return GaussianMixture(weights, means, stds, sde)
+
+
+ORACLES: Dict[str, Callable[[Optional[SDE]], GaussianMixture]] = {
+    "ring8": _ring8,
+    "gmm2d": lambda sde: random_mixture(2, 8, seed=0, sde=sde),
+    "gmm64": lambda sde: random_mixture(64, 8, seed=0, sde=sde),
+    "image16": lambda sde: random_mixture((1, 16, 16), 4, seed=0, sde=sde, diagonal=True),
+}
+
+
+def named_oracle(name: str, sde: Optional[SDE] = None) -> GaussianMixture:
+    """A built-in oracle mixture: ``ring8`` (2-D ring, unequal weights and widths), ``gmm2d``,
+    ``gmm64`` (the sampler benchmark's 64-D, 8-mode mixture) or ``image16`` (1x16x16 images)."""
+    require(name in ORACLES, f"unknown oracle {name!r}; valid oracles: {', '.join(ORACLES)}")
+    return ORACLES[name](sde)
+
+
+# ---- solver specs -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SolverSpec:
+    """A solver with options, written ``name[:key=value[:key=value]]``, e.g. ``ddim:eta=1``."""
+
+    name: str
+    options: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.name] + [f"{k}={v}" for k, v in self.options.items()])
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_solver_spec(spec: str) -> SolverSpec:
+    """Parse ``name[:key=value...]``; the name must be registered."""
+    parts = [p for p in spec.strip().split(":")]
+    require(parts[0] != "", f"empty solver name in {spec!r}")
+    get_solver(parts[0])
+    options = {}
+    for part in parts[1:]:
+        require("=" in part, f"solver option {part!r} in {spec!r} must be written key=value")
+        key, value = part.split("=", 1)
+        options[key.strip()] = _value(value.strip())
+    return SolverSpec(parts[0], options)
+
+
+def parse_solver_list(text: str) -> List[SolverSpec]:
+    """Comma-separated solver specs: ``ancestral,ddim:eta=0,ddim:eta=1``."""
+    specs = [parse_solver_spec(s) for s in text.split(",") if s.strip()]
+    require(len(specs) > 0, "give at least one solver")
+    return specs
+
+
+# ---- the comparison ---------------------------------------------------------------------------
+def compare_solvers(model: ScoreModel, solvers: Sequence[SolverSpec], nfes: Sequence[int], n: int,
+                    *, reference: Optional[torch.Tensor] = None, oracle: Optional[GaussianMixture] = None,
+                    flow_reference: bool = True, grid: str = "uniform", seed: int = 0,
+                    sample_shape: Optional[Sequence[int]] = None,
+                    progress: Optional[Callable[[str], None]] = None,
+                    keep_samples: bool = False) -> List[dict]:
+    """Run every solver at every NFE budget from the same starting noise.
+
+    Every run starts from the same ``x_T`` and stochastic solvers use the same seed. Each row holds
+    the solver, the NFE actually spent, and the metrics that apply:
+
+    - ``flow_rmse`` (deterministic solvers): RMS distance per coordinate to the exact flow map of
+      ``x_T`` (the model's own probability-flow ODE solved at tight tolerance), i.e. the solver's
+      discretisation error alone;
+    - ``sliced_w``: sliced Wasserstein distance to ``reference`` samples (data, or ``p_eps`` of the
+      oracle), the distributional error of any solver;
+    - with an ``oracle``: ``weight_tv`` and ``var_ratio_err`` (largest ``|variance / true - 1|`` over
+      modes) from :func:`~sde_diffusion.metrics.mode_statistics`;
+    - ``wall_s``: wall time of the sampling call.
+
+    Adaptive solvers (no NFE set in advance) run once, at their own tolerance options.
+    """
+    from .metrics import mode_statistics, sliced_wasserstein
+    from .samplers.reference import exact_flow_map
+
+    require(n >= 2, f"n must be >= 2, got {n!r}")
+    require(len(nfes) > 0 and all(int(k) >= 1 for k in nfes), f"nfes must be positive integers, got {list(nfes)}")
+    sde = model.sde
+    shape = (n,) + tuple(sample_shape if sample_shape is not None else
+                         (oracle.event_shape if oracle is not None else reference.shape[1:]))
+    x_T = sde.prior_sampling(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    flow_target = None
+    if flow_reference and any(not get_solver(s.name).stochastic or _deterministic(s) for s in solvers):
+        flow_target = exact_flow_map(model, x_T)
+    rows = []
+    for spec in solvers:
+        info = get_solver(spec.name)
+        deterministic = _deterministic(spec)
+        for budget in nfes:
+            label = f"{spec.label} @ {budget} NFE"
+            if progress:
+                progress(label)
+            if info.nfe is None:  # adaptive: one run, at its own tolerance
+                if budget != nfes[0]:
+                    continue
+                steps = None
+            else:
+                try:
+                    steps = info.steps_for_nfe(int(budget))
+                except ValueError as err:  # the budget is below the solver's minimum
+                    rows.append({"solver": spec.label, "nfe_budget": int(budget), "skipped": str(err)})
+                    continue
+            start = time.perf_counter()
+            result = sample(model, x_T=x_T.clone(), solver=spec.name, steps=steps or 1, grid=grid,
+                            generator=torch.Generator().manual_seed(seed + 1), **spec.options)
+            wall = time.perf_counter() - start
+            x = result.samples
+            row = {"solver": spec.label, "kind": "deterministic" if deterministic else "stochastic",
+                   "nfe_budget": "adaptive" if steps is None else int(budget), "nfe": result.nfe, "steps": steps, "wall_s": wall}
+            if flow_target is not None and deterministic:
+                row["flow_rmse"] = float(((x - flow_target) ** 2).mean().sqrt())
+            if reference is not None:
+                row["sliced_w"] = float(sliced_wasserstein(x.flatten(1), reference.flatten(1),
+                                                           generator=torch.Generator().manual_seed(seed)))
+            if oracle is not None:
+                stats = mode_statistics(x, oracle)
+                ratio = stats["variance_ratio"]
+                row["weight_tv"] = stats["weight_tv"]
+                row["var_ratio_err"] = float((ratio[~ratio.isnan()] - 1).abs().max())
+            if keep_samples:
+                row["samples"] = x
+            rows.append(row)
+    return rows
+
+
+def _deterministic(spec: SolverSpec) -> bool:
+    """Deterministic solvers, including stochastic ones switched off (``ddim:eta=0``, churn 0)."""
+    info = get_solver(spec.name)
+    if not info.stochastic:
+        return True
+    if spec.name == "ddim":
+        return float(spec.options.get("eta", 0.0)) == 0.0
+    if spec.name == "edm_heun":
+        return float(spec.options.get("churn", spec.options.get("s_churn", 0.0))) == 0.0
+    return False

@@ -1,0 +1,151 @@
+"""Reports of experiments: Markdown tables, CSV files and PNG figures (error vs NFE, samples of
+each solver side by side, 2-D trajectories). Every file is written atomically (temporary file,
+then ``os.replace``)."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ._checks import require
+from .metrics import _atomic_png, _matplotlib
+
+__all__ = ["write_markdown_table", "write_csv", "write_text", "plot_error_vs_nfe",
+           "plot_sample_panels", "plot_trajectories"]
+
+
+_COLUMNS = ["solver", "kind", "nfe_budget", "nfe", "steps", "flow_rmse", "sliced_w", "weight_tv",
+            "var_ratio_err", "wall_s", "skipped"]
+
+
+def _columns(rows: Sequence[dict]) -> List[str]:
+    present = {k for r in rows for k in r if k != "samples"}
+    return [c for c in _COLUMNS if c in present] + sorted(present - set(_COLUMNS))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write_markdown_table(rows: Sequence[dict], path: Optional[str] = None) -> str:
+    """Rows as a Markdown table (returned, and written to ``path`` when given)."""
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        write_text(path, text)
+    return text
+
+
+def write_csv(rows: Sequence[dict], path: str) -> str:
+    cols = _columns(rows)
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_error_vs_nfe(rows: Sequence[dict], metric: str, path: str, title: Optional[str] = None) -> str:
+    """Log-log plot of ``metric`` against NFE, one line per solver; PNG written atomically."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(6.5, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    plotted = 0
+    for s in solvers:
+        pts = sorted((r["nfe"], r[metric]) for r in rows
+                     if r["solver"] == s and metric in r and r[metric] is not None and r[metric] > 0)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            plotted += 1
+    require(plotted > 0, f"no row holds the metric {metric!r}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel(metric)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"{metric} vs NFE")
+    fig.tight_layout()
+    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _grid_of_axes(fig, n: int, ncol: int):
+    nrow = -(-n // ncol)
+    return [fig.add_subplot(nrow, ncol, i + 1) for i in range(n)]
+
+
+def plot_sample_panels(panels: Dict[str, torch.Tensor], path: str,
+                       reference: Optional[torch.Tensor] = None, ncol: int = 4,
+                       lim: float = 1.6) -> str:
+    """One scatter panel per entry of ``panels`` (label -> ``(N, 2)`` samples), over optional
+    ``reference`` points in grey: the samples of each solver side by side."""
+    require(len(panels) > 0, "no samples to plot")
+    Figure, FigureCanvasAgg = _matplotlib()
+    ncol = min(ncol, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig = Figure(figsize=(3.0 * ncol, 3.0 * nrow), dpi=100)
+    FigureCanvasAgg(fig)
+    for ax, (label, pts) in zip(_grid_of_axes(fig, len(panels), ncol), panels.items()):
+        pts = pts.detach().cpu().double()
+        require(pts.ndim == 2 and pts.shape[1] == 2, f"panel {label!r} must hold (N, 2) points")
+        if reference is not None:
+            ref = reference.detach().cpu().double()
+            ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75", linewidths=0)
+        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, c="tab:blue", linewidths=0)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(label, fontsize=8)
+    fig.tight_layout()
+    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_trajectories(trajectories: Dict[str, torch.Tensor], path: str,
+                      reference: Optional[torch.Tensor] = None, lim: float = 2.5) -> str:
+    """2-D paths from noise to data: each entry is ``(steps + 1, N, 2)`` states of one solver
+    (e.g. the reverse SDE next to the probability-flow ODE from the same starting points)."""
+    require(len(trajectories) > 0, "no trajectories to plot")
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(4.0 * len(trajectories), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for ax, (label, traj) in zip(_grid_of_axes(fig, len(trajectories), len(trajectories)),
+                                 trajectories.items()):
+        traj = traj.detach().cpu().double()
+        require(traj.ndim == 3 and traj.shape[2] == 2,
+                f"trajectory {label!r} must have shape (steps + 1, N, 2), got {tuple(traj.shape)}")
+        if reference is not None:
+            ref = reference.detach().cpu().double()
+            ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.8", linewidths=0)
+        for j in range(traj.shape[1]):
+            ax.plot(traj[:, j, 0], traj[:, j, 1], lw=0.6, alpha=0.7)
+        ax.scatter(traj[0, :, 0], traj[0, :, 1], s=6, c="k", marker="x", label="x_T")
+        ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=8, c="tab:red", label="sample")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))
