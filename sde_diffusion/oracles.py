@@ -48,7 +48,8 @@ class GaussianMixture:
                 f"weights must be finite, >= 0 and not all zero, got {w.tolist()}")
         require(m.ndim >= 2 and m.shape[0] == K,
                 f"means must have shape (K={K}, *event_shape), got {tuple(m.shape)}")
-        require(bool(torch.isfinite(m).all()), "means must be finite")
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(f"means must be finite, got {m[~torch.isfinite(m)][0].item()!r}")
         if s.ndim == 0:
             s = s.expand(K)
         if s.ndim == 1:
