@@ -1,4 +1,8 @@
 """Networks and the parameterization wrapper that turns any network into score / eps / x0."""
+from .factory import NETWORKS, build_network
+from .mlp import TimeMLP
+from .unet import UNet
 from .wrapper import NonFiniteError, OracleModel, ScoreModel
 
-__all__ = ["ScoreModel", "OracleModel", "NonFiniteError"]
+__all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "TimeMLP", "UNet", "build_network",
+           "NETWORKS"]

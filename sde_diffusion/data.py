@@ -1,0 +1,407 @@
+r"""Data sets: 2-D toys, sklearn's 8x8 digits, oracle mixtures and a user's own arrays or images.
+
+Every loader returns a float32 tensor scaled to roughly ``[-1, 1]`` (the range the SDE defaults of
+score_sde assume), ``(n, 2)`` for the toys and ``(N, C, H, W)`` for images.
+
+The 2-D toys (each ``(n, generator=None, noise=...) -> (n, 2)``, i.i.d. given the generator):
+
+==================  ============================================================================
+``two_moons``       sklearn's two interleaved half circles (radius 1, centres (0, 0) and (1, 0.5)),
+                    shifted by (-0.5, -0.25) and divided by 1.5: x in [-1, 1], y in [-0.5, 0.5];
+                    Gaussian noise of std ``noise=0.05`` added after scaling.
+``swiss_roll``      sklearn's 2-D roll ``u (cos u, sin u)``, ``u ~ U(1.5 pi, 4.5 pi)``, divided by
+                    ``4.5 pi``: inside the unit disc; noise std 0.02 after scaling.
+``eight_gaussians`` eight N(c_k, 0.08^2 I) with c_k on the circle of radius 0.8 at angles k pi/4.
+``checkerboard``    FFJORD's 4x4 checkerboard on [-2, 2]^2 (8 filled unit squares) divided by 2:
+                    uniform on the filled squares of [-1, 1]^2.
+``rings``           four concentric circles of radii 0.25, 0.5, 0.75, 0.95 (equal counts, as in
+                    FFJORD), radial noise std 0.02.
+==================  ============================================================================
+
+``digits``: sklearn's ``load_digits`` (1797 images, 8x8, values 0..16, shipped with scikit-learn,
+no download) mapped by ``x / 16 * 2 - 1`` to [-1, 1]; ``size=16`` (or any size > 8) is a bilinear
+resize of the 8x8 images (``align_corners=False``; values stay in [-1, 1]). The train/test split
+is fixed: a ``numpy.random.RandomState(0)`` permutation, its first 360 images are ``test`` and
+the other 1437 ``train``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._checks import require
+
+__all__ = ["two_moons", "swiss_roll", "eight_gaussians", "checkerboard", "rings", "digits",
+           "digits_labels", "mixture_dataset", "load_npz", "load_image_folder", "scale_to_unit",
+           "unscale", "get_dataset", "DATASETS", "infinite_batches", "InfiniteBatches",
+           "DIGITS_TEST_SIZE"]
+
+DIGITS_TEST_SIZE = 360
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _check_n(n) -> int:
+    require(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1,
+            f"n must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+def _check_noise(noise) -> float:
+    require(math.isfinite(float(noise)) and float(noise) >= 0, f"noise must be >= 0, got {noise!r}")
+    return float(noise)
+
+
+def _rand(n, generator, *shape):
+    return torch.rand((n,) + shape, generator=generator, dtype=torch.float64)
+
+
+def _randn(n, generator, *shape):
+    return torch.randn((n,) + shape, generator=generator, dtype=torch.float64)
+
+
+# ---- 2-D toys ----------------------------------------------------------------------------------
+def two_moons(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.05) -> torch.Tensor:
+    """Two interleaved half circles, scaled to x in [-1, 1], y in [-0.5, 0.5] (see module doc)."""
+    n, noise = _check_n(n), _check_noise(noise)
+    upper = _rand(n, generator) < 0.5
+    theta = _rand(n, generator) * math.pi
+    x = torch.where(upper, theta.cos(), 1 - theta.cos())
+    y = torch.where(upper, theta.sin(), 0.5 - theta.sin())
+    pts = (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25], dtype=torch.float64)) / 1.5
+    return (pts + noise * _randn(n, generator, 2)).float()
+
+
+def swiss_roll(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.02) -> torch.Tensor:
+    """sklearn's 2-D swiss roll divided by 4.5 pi (inside the unit disc)."""
+    n, noise = _check_n(n), _check_noise(noise)
+    u = 1.5 * math.pi * (1 + 2 * _rand(n, generator))
+    pts = torch.stack([u * u.cos(), u * u.sin()], 1) / (4.5 * math.pi)
+    return (pts + noise * _randn(n, generator, 2)).float()
+
+
+def eight_gaussians(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.08,
+                    radius: float = 0.8) -> torch.Tensor:
+    """Eight equally weighted Gaussians of std ``noise`` on a circle of radius ``radius``."""
+    n, noise = _check_n(n), _check_noise(noise)
+    k = torch.randint(0, 8, (n,), generator=generator)
+    angle = k.double() * (math.pi / 4)
+    centres = radius * torch.stack([angle.cos(), angle.sin()], 1)
+    return (centres + noise * _randn(n, generator, 2)).float()
+
+
+def checkerboard(n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Uniform on the 8 filled cells of a 4x4 checkerboard covering [-1, 1]^2 (FFJORD's / 2)."""
+    n = _check_n(n)
+    x1 = _rand(n, generator) * 4 - 2
+    x2 = _rand(n, generator) - 2 * torch.randint(0, 2, (n,), generator=generator).double()
+    x2 = x2 + torch.floor(x1).remainder(2)
+    return (torch.stack([x1, x2], 1) / 2).float()
+
+
+def rings(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.02) -> torch.Tensor:
+    """Four concentric circles (radii 0.25, 0.5, 0.75, 0.95), equal counts, radial noise."""
+    n, noise = _check_n(n), _check_noise(noise)
+    radii = torch.tensor([0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    r = radii[torch.randint(0, 4, (n,), generator=generator)]
+    angle = _rand(n, generator) * (2 * math.pi)
+    r = r + noise * _randn(n, generator)
+    return (r[:, None] * torch.stack([angle.cos(), angle.sin()], 1)).float()
+
+
+# ---- digits --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - sklearn is a test/bench dependency
+        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from exc
+    d = load_digits()
+    return d.images.astype(np.float32), d.target.astype(np.int64)
+
+
+def _digits_index(split: str) -> np.ndarray:
+    splits = ("train", "test", "all")
+    require(split in splits, f"split must be one of {splits}, got {split!r}")
+    n = _digits_raw()[0].shape[0]
+    perm = np.random.RandomState(0).permutation(n)
+    if split == "all":
+        return np.arange(n)
+    return np.sort(perm[:DIGITS_TEST_SIZE] if split == "test" else perm[DIGITS_TEST_SIZE:])
+
+
+def digits(size: int = 8, split: str = "train", return_labels: bool = False):
+    """sklearn's digits as ``(N, 1, size, size)`` float32 in [-1, 1] (bilinear resize for size > 8).
+
+    ``split``: ``"train"`` (1437 images), ``"test"`` (360) or ``"all"`` (1797), a fixed split (see
+    the module doc). ``return_labels=True`` returns ``(images, labels)`` with labels 0..9.
+    """
+    require(isinstance(size, int) and not isinstance(size, bool) and size >= 8,
+            f"digits size must be an integer >= 8 (8 = native, larger = bilinear resize), got {size!r}")
+    images, labels = _digits_raw()
+    idx = _digits_index(split)
+    x = torch.from_numpy(images[idx]).unsqueeze(1) / 16.0 * 2 - 1
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.clamp(-1, 1).contiguous()
+    return (x, torch.from_numpy(labels[idx])) if return_labels else x
+
+
+def digits_labels(split: str = "train") -> torch.Tensor:
+    """The class labels (0..9) of :func:`digits` for ``split``, in the same order."""
+    return torch.from_numpy(_digits_raw()[1][_digits_index(split)])
+
+
+# ---- oracle and user data ------------------------------------------------------------------------
+def mixture_dataset(mixture, n: int, generator: Optional[torch.Generator] = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` samples of a :class:`~sde_diffusion.oracles.GaussianMixture`'s clean data (t=None)."""
+    require(hasattr(mixture, "sample") and hasattr(mixture, "event_shape"),
+            f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
+    return mixture.sample(_check_n(n), t=None, generator=generator, dtype=dtype)
+
+
+def scale_to_unit(x, low: float, high: float) -> torch.Tensor:
+    """Map ``[low, high]`` affinely onto ``[-1, 1]``: ``2 (x - low) / (high - low) - 1``."""
+    low, high = float(low), float(high)
+    require(math.isfinite(low) and math.isfinite(high) and high > low,
+            f"need finite low < high, got low={low!r}, high={high!r}")
+    x = torch.as_tensor(x)
+    x = x if x.is_floating_point() else x.float()
+    return 2 * (x - low) / (high - low) - 1
+
+
+def unscale(x, low: float, high: float) -> torch.Tensor:
+    """Inverse of :func:`scale_to_unit`: ``[-1, 1]`` back onto ``[low, high]``."""
+    low, high = float(low), float(high)
+    require(math.isfinite(low) and math.isfinite(high) and high > low,
+            f"need finite low < high, got low={low!r}, high={high!r}")
+    return (torch.as_tensor(x) + 1) / 2 * (high - low) + low
+
+
+def load_npz(path: Union[str, os.PathLike], key: str = "x", low: Optional[float] = None,
+             high: Optional[float] = None) -> torch.Tensor:
+    """Array ``key`` of a ``.npz`` (or the array of a ``.npy``) file as a float32 tensor.
+
+    Pickled objects are refused (``allow_pickle=False``). With ``low`` and ``high`` given the values
+    are mapped from ``[low, high]`` to [-1, 1]; ``uint8`` arrays default to ``low=0, high=255``;
+    other arrays are returned as stored (scale them yourself, e.g. with :func:`scale_to_unit`).
+    """
+    path = os.fspath(path)
+    require(os.path.isfile(path), f"no such file: {path!r}")
+    if path.lower().endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+    else:
+        with np.load(path, allow_pickle=False) as loaded:
+            keys = list(loaded.keys())
+            require(key in keys, f"{path!r} has no array {key!r}; its arrays are {keys}")
+            arr = loaded[key]
+    require(arr.dtype.kind in "biuf", f"{path!r} holds {arr.dtype} data; need a numeric array")
+    require(arr.ndim >= 2, f"{path!r} must hold a (N, ...) array with N samples, got shape {arr.shape}")
+    if low is None and high is None and arr.dtype == np.uint8:
+        low, high = 0, 255
+    require((low is None) == (high is None), "give both low and high, or neither")
+    x = torch.from_numpy(np.ascontiguousarray(arr)).float()
+    if low is not None:
+        x = scale_to_unit(x, low, high)
+    require(bool(torch.isfinite(x).all()), f"{path!r} holds NaN or Inf values")
+    return x
+
+
+def _read_image(path: str) -> np.ndarray:
+    """An image as float ``(H, W, C)`` in [0, 1] (PIL if installed, else matplotlib for PNG)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        Image = None
+    if Image is not None:
+        with Image.open(path) as im:
+            im = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    else:  # pragma: no cover - PIL ships with matplotlib
+        require(path.lower().endswith(".png"), f"without Pillow only PNG can be read, got {path!r}")
+        import matplotlib.image as mpimg
+        arr = np.asarray(mpimg.imread(path), dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+
+
+def load_image_folder(path: Union[str, os.PathLike], size: int, channels: int = 3) -> torch.Tensor:
+    """All images in a folder (sorted by name, not recursive) as ``(N, channels, size, size)``
+    float32 in [-1, 1].
+
+    ``channels=1`` converts to grey with the ITU-R 601 luma weights (0.299, 0.587, 0.114);
+    ``channels=3`` keeps RGB (grey images are repeated). Alpha is composited over black. Images are
+    resized to ``size x size`` bilinearly with antialiasing (no cropping: non-square images are
+    stretched). PNG is read with Pillow when installed (it ships with matplotlib), else with
+    ``matplotlib.image``.
+    """
+    path = os.fspath(path)
+    require(os.path.isdir(path), f"no such folder: {path!r}")
+    require(isinstance(size, int) and size >= 1, f"size must be an integer >= 1, got {size!r}")
+    require(channels in (1, 3), f"channels must be 1 or 3, got {channels!r}")
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+    require(files, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path!r}")
+    out = []
+    for name in files:
+        arr = _read_image(os.path.join(path, name))
+        if arr.shape[2] in (2, 4):                  # composite alpha over black
+            arr = arr[:, :, :-1] * arr[:, :, -1:]
+        if channels == 1 and arr.shape[2] == 3:
+            arr = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]
+        elif channels == 3 and arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
+        if img.shape[-2:] != (size, size):
+            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=True)
+        out.append(img)
+    return (torch.cat(out).clamp(0, 1) * 2 - 1).contiguous()
+
+
+# ---- registry --------------------------------------------------------------------------------------
+def _toy(fn):
+    def make(n: int = 10_000, seed: int = 0, generator: Optional[torch.Generator] = None, **kw):
+        gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        return fn(n, gen, **kw)
+    make.__wrapped_toy__ = fn
+    return make
+
+
+def _mixture(mixture, n: int = 10_000, seed: int = 0, generator=None):
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    return mixture_dataset(mixture, n, gen)
+
+
+DATASETS = {
+    "moons": _toy(two_moons), "swiss_roll": _toy(swiss_roll), "8gaussians": _toy(eight_gaussians),
+    "checkerboard": _toy(checkerboard), "rings": _toy(rings), "digits": digits, "npz": load_npz,
+    "images": load_image_folder, "mixture": _mixture,
+}
+
+
+def _accepted(name: str):
+    fn = DATASETS[name]
+    params = list(inspect.signature(fn).parameters)
+    if hasattr(fn, "__wrapped_toy__"):
+        extra = [p for p in inspect.signature(fn.__wrapped_toy__).parameters if p not in ("n", "generator")]
+        params = [p for p in params if p != "kw"] + extra
+    return params
+
+
+def get_dataset(name: str, **kwargs) -> torch.Tensor:
+    """A data set by name, as a tensor (see :data:`DATASETS`).
+
+    - toys ``moons``, ``swiss_roll``, ``8gaussians``, ``checkerboard``, ``rings``: ``n=10000``,
+      ``seed=0`` or ``generator=``, plus the toy's own ``noise``/``radius``;
+    - ``digits``: ``size=8``, ``split="train"``, ``return_labels=False``;
+    - ``npz``: ``path``, ``key="x"``, ``low``, ``high`` (a ``.npy`` path works too);
+    - ``images``: ``path``, ``size``, ``channels=3``;
+    - ``mixture``: ``mixture`` (a GaussianMixture), ``n``, ``seed`` or ``generator``.
+    """
+    require(name in DATASETS, f"unknown data set {name!r}; valid names are {sorted(DATASETS)}")
+    accepted = _accepted(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    require(not unknown, f"data set {name!r} does not take {unknown}; it takes {accepted}")
+    return DATASETS[name](**kwargs)
+
+
+# ---- batching ------------------------------------------------------------------------------------
+class InfiniteBatches:
+    """Endless mini-batches over ``data`` (a tensor, or a tuple of tensors sharing the first dim).
+
+    Each epoch is a fresh permutation drawn from a private generator seeded once from ``generator``
+    at construction; global batches of ``batch_size`` are consecutive slices of it and an epoch's
+    last partial batch is dropped (like ``DataLoader(drop_last=True)``; the dropped samples differ
+    every epoch), so a batch never holds a sample twice. If ``batch_size`` exceeds the data set,
+    batches are cut from the concatenated epochs instead (repeats are then unavoidable). With
+    ``world_size > 1`` every
+    rank must pass an identically seeded generator: all ranks then see the same global batch and
+    rank ``r`` takes its slice ``[r * b, (r + 1) * b)`` with ``b = batch_size // world_size``, so
+    the ranks' batches are disjoint and their concatenation in rank order is the single-process
+    batch.
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore the position exactly (plain tensors
+    and ints, loadable with ``torch.load(weights_only=True)``), for bit-for-bit resumption.
+    """
+
+    def __init__(self, data, batch_size: int, generator: Optional[torch.Generator] = None,
+                 rank: int = 0, world_size: int = 1):
+        tensors = data if isinstance(data, (tuple, list)) else (data,)
+        require(len(tensors) >= 1 and all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in tensors),
+                "data must be a tensor or a tuple of tensors with a leading sample dimension")
+        n = tensors[0].shape[0]
+        require(n >= 1 and all(t.shape[0] == n for t in tensors),
+                f"all tensors in data need the same number of samples >= 1, got "
+                f"{[t.shape[0] for t in tensors]}")
+        require(isinstance(world_size, int) and world_size >= 1, f"world_size must be >= 1, got {world_size!r}")
+        require(isinstance(rank, int) and 0 <= rank < world_size,
+                f"rank must lie in [0, world_size={world_size}), got {rank!r}")
+        require(isinstance(batch_size, int) and batch_size >= 1 and batch_size % world_size == 0,
+                f"batch_size (the global batch) must be a positive multiple of world_size={world_size}, "
+                f"got {batch_size!r}")
+        self._tensors, self._single = tuple(tensors), not isinstance(data, (tuple, list))
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+        self._gen = torch.Generator().manual_seed(seed)
+        self._epoch_state = self._gen.get_state()
+        self._perm = torch.randperm(n, generator=self._gen)
+        self._pos, self.epoch = 0, 0
+
+    def _next_perm(self) -> None:
+        self._epoch_state = self._gen.get_state()
+        self._perm = torch.randperm(self.n, generator=self._gen)
+        self._pos, self.epoch = 0, self.epoch + 1
+
+    def _next_global(self) -> torch.Tensor:
+        if self.batch_size <= self.n:                     # whole batches within an epoch
+            if self._pos + self.batch_size > self.n:
+                self._next_perm()
+            self._pos += self.batch_size
+            return self._perm[self._pos - self.batch_size:self._pos]
+        chunks, need = [], self.batch_size                # a batch longer than an epoch
+        while need:
+            if self._pos == self.n:
+                self._next_perm()
+            take = min(need, self.n - self._pos)
+            chunks.append(self._perm[self._pos:self._pos + take])
+            self._pos += take
+            need -= take
+        return torch.cat(chunks)
+
+    def next_indices(self) -> torch.Tensor:
+        """The indices of this rank's part of the next global batch."""
+        b = self.batch_size // self.world_size
+        return self._next_global()[self.rank * b:(self.rank + 1) * b]
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        idx = self.next_indices()
+        out = tuple(t[idx.to(t.device)] for t in self._tensors)
+        return out[0] if self._single else out
+
+    def state_dict(self) -> dict:
+        return {"epoch_generator_state": self._epoch_state.clone(), "position": self._pos,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._gen.set_state(state["epoch_generator_state"])
+        self._epoch_state = self._gen.get_state()
+        self._perm = torch.randperm(self.n, generator=self._gen)
+        self._pos, self.epoch = int(state["position"]), int(state["epoch"])
+        require(0 <= self._pos <= self.n, f"position {self._pos} is outside this data set of {self.n}")
+
+
+def infinite_batches(data, batch_size: int, generator: Optional[torch.Generator] = None,
+                     rank: int = 0, world_size: int = 1) -> InfiniteBatches:
+    """Endless shuffled (and, for DDP, sharded) mini-batches: see :class:`InfiniteBatches`."""
+    return InfiniteBatches(data, batch_size, generator, rank, world_size)

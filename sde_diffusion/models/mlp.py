@@ -1,0 +1,72 @@
+"""A time-conditioned MLP for low-dimensional data (2-D toys, small mixtures)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._checks import require
+from .embeddings import LabelEmbedding, TimeEmbedding, batch_time, check_label_use, get_activation
+
+__all__ = ["TimeMLP"]
+
+
+class TimeMLP(nn.Module):
+    """``x (B, dim), t (B,) [, y (B,)] -> (B, dim)``.
+
+    Layout: ``h = Linear(dim, hidden)(x)``, then ``depth`` hidden layers, each
+    ``h = act(h + Linear(hidden, hidden)(act(e)))`` followed by ``Linear(hidden, hidden)`` for all but
+    the last, where ``e`` is the time embedding (plus the label embedding when ``num_classes`` is
+    set): so time conditions every hidden layer through its own projection. The output layer
+    ``Linear(hidden, dim)`` starts at zero, so an untrained network outputs 0 (the prior's eps/score
+    mean), as DDPM/score_sde initialise their last layer.
+
+    Args:
+        dim: data dimension.
+        hidden: width of the hidden layers.
+        depth: number of hidden layers (>= 1).
+        time_embedding: ``"fourier"`` or ``"sinusoidal"`` (see :mod:`.embeddings`).
+        embed_dim: size of the raw time features.
+        fourier_scale: std of the Fourier frequencies.
+        num_classes: ``K`` for class conditioning (``K + 1`` labels, ``K`` = null), or ``None``.
+        activation: ``silu`` (default), ``relu``, ``gelu``, ``elu``, ``tanh``, ``softplus``.
+        time_transform, time_scale: how ``t`` is mapped before embedding (see
+            :class:`.embeddings.TimeEmbedding`).
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_embedding: str = "fourier",
+                 embed_dim: int = 64, fourier_scale: float = 16.0, num_classes: Optional[int] = None,
+                 activation: str = "silu", time_transform: str = "identity",
+                 time_scale: Optional[float] = None):
+        super().__init__()
+        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"{name} must be an integer >= 1, got {value!r}")
+        self.dim, self.num_classes = dim, num_classes
+        self.act = get_activation(activation)
+        self.time_embed = TimeEmbedding(time_embedding, embed_dim, hidden, fourier_scale,
+                                        activation, time_transform, time_scale)
+        self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes is not None else None
+        self.inp = nn.Linear(dim, hidden)
+        self.time_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        require(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+                f"x must have shape (batch, {self.dim}), got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_label_use(self.num_classes, y)
+        e = self.time_embed(batch_time(t, x))
+        if self.label_embed is not None:
+            e = e + self.label_embed(y, x.shape[0], x.device)
+        e = self.act(e)
+        h = self.inp(x)
+        for i, proj in enumerate(self.time_proj):
+            h = self.act(h + proj(e))
+            if i < len(self.layers):
+                h = self.layers[i](h)
+        return self.out(h)
