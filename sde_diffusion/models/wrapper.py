@@ -150,8 +150,8 @@ class OracleModel(ScoreModel):
         out = fn(x, t)
         self.nfe += 1
         if self.check_finite and not bool(torch.isfinite(out).all()):
-            raise NonFiniteError(f"the oracle returned NaN/Inf at t={float(t.flatten()[0]):.6g}",
-                                 t=float(t.flatten()[0]))
+            bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
+            raise NonFiniteError(f"the oracle returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
         return out
 
     def eps(self, x, t, **kwargs):

@@ -1,0 +1,294 @@
+"""The parameterization wrapper: eps / x0 / v / score networks built from the exact oracle convert to
+every other view exactly; time inputs; NFE counting; NonFiniteError; validation; dtype/device."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sde_diffusion import VESDE, VPSDE, SubVPSDE, random_mixture
+from sde_diffusion.models import NonFiniteError, OracleModel, ScoreModel
+from sde_diffusion.models.wrapper import PARAMETERIZATIONS, TIME_INPUTS
+
+F64 = torch.float64
+
+SDES = {
+    "vp": lambda: VPSDE(),
+    "vp_cosine": lambda: VPSDE(schedule="cosine"),
+    "subvp": lambda: SubVPSDE(),
+    "ve": lambda: VESDE(),
+}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+PROPERTY = settings(derandomize=True, max_examples=25, deadline=None)
+
+
+def _bcast(v, x):
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def oracle_net(mixture, sde, parameterization):
+    """A 'network' of the given parameterization that is exact: built from the oracle's closed forms.
+    It takes continuous time (time_input="t")."""
+
+    def net(x, t):
+        if parameterization == "eps":
+            return mixture.eps(x, t)
+        if parameterization == "x0":
+            return mixture.x0(x, t)
+        if parameterization == "score":
+            return mixture.score(x, t)
+        a, s = _bcast(sde.alpha(t), x), _bcast(sde.sigma(t), x)
+        return a * mixture.eps(x, t) - s * mixture.x0(x, t)          # v = alpha z - sigma x0
+
+    return net
+
+
+def _setup(sde_name, event=(2,), n=12, seed=0):
+    sde = SDES[sde_name]()
+    mix = random_mixture(dim=event, n_components=4, seed=seed, sde=sde, diagonal=True)
+    t = torch.linspace(0.02, 1.0, n, dtype=F64) * sde.T
+    x = mix.sample(n, t=t, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return sde, mix, x, t
+
+
+# ---- exact conversions ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_each_parameterization_converts_to_every_view_exactly(sde_name, parameterization):
+    sde, mix, x, t = _setup(sde_name, event=(2, 2, 2))
+    model = ScoreModel(oracle_net(mix, sde, parameterization), sde, parameterization)
+    truth = {"eps": mix.eps(x, t), "x0": mix.x0(x, t), "score": mix.score(x, t)}
+    for view, expected in truth.items():
+        got = getattr(model, view)(x, t)
+        assert got.shape == x.shape and got.dtype == F64
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11 * scale,
+                                   msg=lambda m: f"{parameterization} -> {view}: {m}")
+    # a scalar time is broadcast over the batch
+    for view in truth:
+        torch.testing.assert_close(getattr(model, view)(x, 0.5), getattr(mix, view)(x, 0.5),
+                                   rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_oracle_model_views_are_the_closed_forms(sde_name):
+    sde, mix, x, t = _setup(sde_name)
+    model = OracleModel(mix)
+    assert model.sde is sde and model.parameterization == "score"
+    for view in ("eps", "x0", "score"):
+        torch.testing.assert_close(getattr(model, view)(x, t), getattr(mix, view)(x, t), rtol=0, atol=0)
+    torch.testing.assert_close(model.raw(x, t), mix.score(x, t), rtol=0, atol=0)
+    # a mixture without an SDE, or with another one, is diffused by the SDE given here
+    other = VESDE(sigma_max=10.0)
+    m2 = OracleModel(random_mixture(dim=2, n_components=4, seed=0, diagonal=True), sde=other)
+    assert m2.sde is other and m2.mixture.sde is other
+    torch.testing.assert_close(m2.score(x, t), mix.with_sde(other).score(x, t), rtol=0, atol=0)
+
+
+def test_views_are_mutually_consistent_for_any_network():
+    """Whatever a network outputs, the three views satisfy x = alpha x0 + sigma eps and
+    score = -eps / sigma (the conversions are algebraically exact)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+
+    def f(x, t):
+        return net(x) * (1 + t[:, None])
+
+    for sde_name in SDES:
+        sde = SDES[sde_name]()
+        x = torch.randn(6, 3, dtype=F64)
+        t = torch.linspace(0.05, 1.0, 6, dtype=F64)
+        a, s = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+        for p in PARAMETERIZATIONS:
+            model = ScoreModel(f, sde, p)
+            eps, x0, score = model.eps(x, t), model.x0(x, t), model.score(x, t)
+            with torch.no_grad():
+                torch.testing.assert_close(a * x0 + s * eps, x, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(score, -eps / s, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(getattr(model, p if p != "v" else "eps")(x, t),
+                                           f(x, t) if p != "v" else (s * x + a * f(x, t)) / (a * a + s * s))
+
+
+def test_the_wrapper_is_differentiable():
+    sde = VPSDE()
+    net = torch.nn.Linear(2, 2).double()
+    model = ScoreModel(lambda x, t: net(x), sde, "v")
+    x = torch.randn(4, 2, dtype=F64, requires_grad=True)
+    model.score(x, 0.3).sum().backward()
+    assert x.grad is not None and net.weight.grad is not None
+
+
+# ---- time inputs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("time_input", list(TIME_INPUTS) + ["callable"])
+def test_time_input_variants(time_input):
+    sde = VPSDE(N=500)
+    seen = []
+
+    def net(x, t_in):
+        seen.append(t_in)
+        return torch.zeros_like(x)
+
+    mapping = (lambda t: 1000.0 * t) if time_input == "callable" else time_input
+    model = ScoreModel(net, sde, "eps", time_input=mapping)
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=F64)
+    model.eps(torch.zeros(3, 2, dtype=F64), t)
+    expected = {"t": t, "sigma": sde.sigma(t), "index": t * 499, "callable": 1000.0 * t}[time_input]
+    torch.testing.assert_close(seen[-1], expected, rtol=1e-14, atol=0)
+    model.eps(torch.zeros(3, 2, dtype=F64), 0.5)             # scalar times reach the net as (batch,)
+    assert seen[-1].shape == (3,)
+
+
+def test_sigma_time_input_drives_a_sigma_conditioned_network_exactly():
+    """An NCSN-style network conditioned on sigma (VE: t recovered from sigma) gives the oracle."""
+    sde = VESDE()
+    mix = random_mixture(dim=2, n_components=3, seed=1, sde=sde)
+
+    def net(x, sigma):
+        t = torch.log(sigma / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)
+        return mix.score(x, t.clamp(0, 1))
+
+    model = ScoreModel(net, sde, "score", time_input="sigma")
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=F64)
+    x = mix.sample(3, t=t, generator=torch.Generator().manual_seed(0), dtype=F64)
+    torch.testing.assert_close(model.eps(x, t), mix.eps(x, t), rtol=1e-9, atol=1e-12)
+
+
+def test_network_keyword_arguments_pass_through():
+    got = {}
+
+    def net(x, t, y=None):
+        got["y"] = y
+        return x
+
+    model = ScoreModel(net, VPSDE(), "x0")
+    labels = torch.tensor([1, 2])
+    model.score(torch.zeros(2, 2), 0.5, y=labels)
+    assert got["y"] is labels
+
+
+# ---- NFE counting --------------------------------------------------------------------------------
+
+def test_nfe_counts_network_evaluations_not_samples():
+    sde, mix, x, t = _setup("vp")
+    for model in (ScoreModel(oracle_net(mix, sde, "eps"), sde, "eps"), OracleModel(mix)):
+        assert model.nfe == 0
+        model.eps(x, t)
+        model.x0(x[:1], t[:1])
+        model.score(x, 0.3)
+        model.raw(x, t)
+        assert model.nfe == 4
+        model.reset_nfe()
+        assert model.nfe == 0
+        model.score(x, t)
+        assert model.nfe == 1
+
+
+# ---- non-finite outputs --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_output_raises_naming_the_time(bad):
+    def net(x, t):
+        out = torch.zeros_like(x)
+        out[2, 1] = bad
+        return out
+
+    sde = VPSDE()
+    model = ScoreModel(net, sde, "eps")
+    x = torch.zeros(4, 3)
+    t = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    for view in ("eps", "x0", "score", "raw"):
+        with pytest.raises(NonFiniteError, match=r"the model returned NaN/Inf at t=0\.3\b") as info:
+            getattr(model, view)(x, t)
+        assert info.value.t == pytest.approx(0.3) and info.value.step is None
+        assert isinstance(info.value, FloatingPointError)
+    unchecked = ScoreModel(net, sde, "eps", check_finite=False)
+    assert not bool(torch.isfinite(unchecked.eps(x, t)).all())
+
+
+def test_oracle_model_raises_on_non_finite_output():
+    sde, mix, x, t = _setup("ve")
+    x = x.clone()
+    x[5, 0] = math.nan
+    model = OracleModel(mix)
+    with pytest.raises(NonFiniteError, match=rf"the oracle returned NaN/Inf at t={t[5].item():.6g}") as info:
+        model.score(x, t)
+    assert info.value.t == pytest.approx(t[5].item())
+    assert not bool(torch.isfinite(OracleModel(mix, check_finite=False).x0(x, t)).all())
+
+
+def test_non_finite_error_carries_step():
+    err = NonFiniteError("boom", t=0.5, step=7)
+    assert (err.t, err.step, str(err)) == (0.5, 7, "boom")
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+def test_bad_arguments_are_rejected_naming_the_value():
+    sde = VPSDE()
+
+    def net(x, t):
+        return x
+
+    with pytest.raises(ValueError, match=r"parameterization must be one of .*got 'noise'"):
+        ScoreModel(net, sde, "noise")
+    with pytest.raises(ValueError, match=r"time_input must be one of .*got 'log_sigma'"):
+        ScoreModel(net, sde, time_input="log_sigma")
+    with pytest.raises(ValueError, match=r"net must be callable, got NoneType"):
+        ScoreModel(None, sde)
+    with pytest.raises(ValueError, match=r"sde must be an SDE instance, got 'vp'"):
+        ScoreModel(net, "vp")
+    with pytest.raises(ValueError, match=r"shaped like x \(4, 2\), got \(4, 3\)"):
+        ScoreModel(lambda x, t: torch.zeros(4, 3), sde).eps(torch.zeros(4, 2), 0.5)
+    with pytest.raises(ValueError, match=r"shaped like x \(4, 2\), got list"):
+        ScoreModel(lambda x, t: [0.0], sde).x0(torch.zeros(4, 2), 0.5)
+    model = ScoreModel(net, sde)
+    for bad, shown in ((1.5, r"1\.5"), (-0.1, r"-0\.1"), (math.nan, "nan")):
+        with pytest.raises(ValueError, match=rf"t must lie in \[0, T=1\.0\], got {shown}"):
+            model.score(torch.zeros(2, 2), bad)
+    assert model.nfe == 0                                     # rejected calls cost no NFE
+    with pytest.raises(ValueError, match=r"OracleModel needs an SDE"):
+        OracleModel(random_mixture())
+
+
+# ---- dtype and device ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+def test_dtype_and_device_follow_the_input(parameterization, dtype, device):
+    sde, mix, x64, t64 = _setup("vp", n=6)
+    model = ScoreModel(oracle_net(mix, sde, parameterization), sde, parameterization)
+    x, t = x64.to(device=device, dtype=dtype), t64.to(device=device, dtype=dtype)
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for view in ("eps", "x0", "score"):
+        out = getattr(model, view)(x, t)
+        assert out.dtype == dtype and out.device.type == device
+        ref = getattr(mix, view)(x64, t64)
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=tol["rtol"],
+                                   atol=tol["atol"] * (1 + ref.abs().max().item()))
+    oracle = OracleModel(mix)
+    assert oracle.eps(x, 0.5).device.type == device and oracle.eps(x, 0.5).dtype == dtype
+
+
+# ---- property-based ------------------------------------------------------------------------------
+
+@PROPERTY
+@given(sde_name=st.sampled_from(list(SDES)), parameterization=st.sampled_from(PARAMETERIZATIONS),
+       event=st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple), batch=st.integers(1, 5),
+       seed=st.integers(0, 1000), fracs=st.data())
+def test_property_conversions_are_exact(sde_name, parameterization, event, batch, seed, fracs):
+    sde = SDES[sde_name]()
+    mix = random_mixture(dim=event, n_components=3, seed=seed, sde=sde, diagonal=bool(seed % 2))
+    t = torch.tensor(fracs.draw(st.lists(st.floats(0.02, 1.0), min_size=batch, max_size=batch)), dtype=F64)
+    x = mix.sample(batch, t=t, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    model = ScoreModel(oracle_net(mix, sde, parameterization), sde, parameterization)
+    for view in ("eps", "x0", "score"):
+        expected = getattr(mix, view)(x, t)
+        torch.testing.assert_close(getattr(model, view)(x, t), expected, rtol=1e-8,
+                                   atol=1e-10 * (1 + expected.abs().max().item()))
+    assert model.nfe == 3
