@@ -1,0 +1,163 @@
+"""The sde-diffusion command, end to end in subprocesses on tiny settings, error paths included."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sde_diffusion.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_CONFIG = os.path.join(REPO, "configs", "toy", "moons_vp.py")
+
+
+def run(*args, cwd=None, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "sde_diffusion", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("sub", ["", "demo", "train", "sample", "likelihood", "compare"])
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*([sub] if sub else []), "--help"])
+    assert stop.value.code == 0 and "usage: sde-diffusion" in capsys.readouterr().out
+
+
+def test_python_m_entry_point():
+    proc = run("--help")
+    assert proc.returncode == 0 and "usage: sde-diffusion" in proc.stdout
+
+
+def test_sample_oracle_writes_npz_and_scatter(tmp_path):
+    out = tmp_path / "s.npz"
+    proc = run("sample", "--oracle", "ring8", "--solver", "ddim:eta=1", "--steps", "40", "--n", "300",
+               "--seed", "3", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["nfe"] == 40 and info["solver"] == "ddim:eta=1"
+    x = np.load(out)["samples"]
+    assert x.shape == (300, 2) and np.isfinite(x).all()
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    again = tmp_path / "again.npz"
+    run("sample", "--oracle", "ring8", "--solver", "ddim:eta=1", "--steps", "40", "--n", "300",
+        "--seed", "3", "--out", str(again), "--quiet")
+    np.testing.assert_array_equal(np.load(again)["samples"], x)
+
+
+def test_sample_images_write_grid(tmp_path):
+    proc = run("sample", "--oracle", "image16", "--solver", "ddim", "--steps", "10", "--n", "16",
+               "--out", str(tmp_path / "img"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "img.npz")["samples"].shape == (16, 1, 16, 16)
+    assert (tmp_path / "img.png").exists()
+
+
+def test_likelihood_oracle_matches_exact_density():
+    proc = run("likelihood", "--oracle", "gmm2d", "--data", "oracle", "--n", "32", "--exact",
+               "--rtol", "1e-7", "--atol", "1e-7")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["divergence"] == "exact" and info["n"] == 32 and info["dim"] == 2
+    assert abs(info["nll_nats"] - info["exact_nll_nats"]) < 1e-3
+    assert info["max_abs_error_nats"] < 5e-3
+    assert info["bpd_ci95"] > 0
+
+
+def test_compare_oracle_table_csv_plot(tmp_path):
+    proc = run("compare", "--oracle", "gmm2d", "--solvers", "ddim:eta=0,ddim:eta=1,euler_maruyama",
+               "--nfe", "10,40", "--metric", "flow_rmse", "--n", "400", "--out", str(tmp_path), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "compare.md").read_text()
+    assert "| solver |" in md and "ddim:eta=1" in md and "flow_rmse" in md
+    csv_lines = (tmp_path / "compare.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 3 * 2
+    assert (tmp_path / "flow_rmse_vs_nfe.png").stat().st_size > 1000
+    rows = [line.split(",") for line in csv_lines[1:]]
+    header = csv_lines[0].split(",")
+    err = {(r[0], int(r[header.index("nfe")])): r[header.index("flow_rmse")] for r in rows}
+    # the deterministic solver converges: 4x the NFE, smaller error to the exact flow map
+    assert float(err[("ddim:eta=0", 40)]) < float(err[("ddim:eta=0", 10)]) / 2
+
+
+def test_train_then_sample_and_likelihood_from_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    proc = run("train", "--config", TOY_CONFIG, "--workdir", str(workdir), "--quiet",
+               "--config.training.n_iters=30", "--config.training.batch_size=64",
+               "--config.model.hidden=32", "--config.training.snapshot_freq_for_preemption=30")
+    assert proc.returncode == 0, proc.stderr
+    assert any(name.endswith(".pt") for name in os.listdir(workdir))
+    proc = run("sample", "--checkpoint", str(workdir), "--solver", "ddim", "--steps", "5", "--n", "50",
+               "--out", str(tmp_path / "x.npz"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "x.npz")["samples"].shape == (50, 2)
+    proc = run("likelihood", "--checkpoint", str(workdir), "--data", "moons", "--n", "8", "--probes", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["divergence"] == "hutchinson"
+
+
+def test_demo_report_has_every_section_and_picture(tmp_path):
+    out = tmp_path / "demo"
+    proc = run("demo", "--out", str(out), "--iters", "40", "--n", "200", "--nfe", "10,20", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(str(out / "report.md"))
+    report = (out / "report.md").read_text()
+    for section in ("## Training", "## Samplers", "## Likelihood", "### Trajectories"):
+        assert section in report
+    for solver in ("ancestral", "reverse_diffusion", "euler_maruyama", "pc", "ddim:eta=0",
+                   "ddim:eta=1", "ode", "dpm_solver++"):
+        assert f"| {solver} |" in report, solver
+    for picture in ("samples.png", "sliced_w_vs_nfe.png", "flow_error_vs_nfe.png", "trajectories.png"):
+        assert f"({picture})" in report and (out / picture).stat().st_size > 1000, picture
+    for table in ("samplers.csv", "likelihood.csv"):
+        assert (out / table).exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["sample", "--oracle", "nope"], ["unknown oracle 'nope'", "ring8"]),
+    (["sample", "--oracle", "ring8", "--solver", "bogus"], ["unknown solver 'bogus'", "ddim"]),
+    (["sample", "--oracle", "ring8", "--solver", "ddim:eta"], ["key=value"]),
+    (["sample", "--oracle", "ring8", "--solver", "ddim:wobble=1"], ["no option 'wobble'"]),
+    (["sample", "--oracle", "ring8", "--n", "0"], ["--n must be >= 1"]),
+    (["sample", "--checkpoint", "/no/such/file.pt"], ["no such file"]),
+    (["sample", "--oracle", "ring8", "--bogus-flag"], ["unrecognized arguments"]),
+    (["train", "--config", "/no/such/config.py", "--workdir", "w"], ["no such file"]),
+    (["train", "--config", TOY_CONFIG, "--workdir", "w", "--config.optim.nope=1"], ["nope"]),
+    (["train", "--config", TOY_CONFIG, "--workdir", "w", "--config.optim.lr=fast"], ["optim.lr"]),
+    (["likelihood", "--oracle", "gmm2d", "--data", "/no/such.npz"], ["no such file"]),
+    (["likelihood", "--oracle", "gmm2d", "--data", "digits"], ["shape"]),
+    (["compare", "--oracle", "gmm2d", "--nfe", "ten"], ["--nfe must be"]),
+    (["nonsense"], ["invalid choice"]),
+])
+def test_user_errors_are_one_line(args, fragments, tmp_path, monkeypatch, capsys):
+    """In-process for speed; test_user_error_in_a_subprocess checks the process-level behaviour."""
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    captured = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), *fragments)
+
+
+def test_user_error_in_a_subprocess(tmp_path):
+    assert_user_error(run("sample", "--oracle", "ring8", "--solver", "bogus", cwd=tmp_path),
+                      "unknown solver 'bogus'")
+
+
+def test_device_cuda_without_cuda_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code = main(["sample", "--oracle", "ring8", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), "CUDA is not available")
