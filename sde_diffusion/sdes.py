@@ -216,24 +216,29 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 class _LinearBeta:
-    """Linear noise rate ``beta(t) = beta_min + t (beta_max - beta_min)`` and its integral
-    ``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2`` ([SDE] Appendix B)."""
+    """Linear noise rate on the unit time ``u = t / T``: ``beta(t) = (beta_min + u (beta_max - beta_min)) / T``,
+    with integral ``B(t) = beta_min u + (beta_max - beta_min) u^2 / 2`` ([SDE] Appendix B for T = 1).
 
-    def __init__(self, beta_min: float, beta_max: float):
+    ``T`` only rescales time, as for the VE and cosine schedules: ``alpha(T)`` and the DDPM chain's
+    betas ``linspace(beta_min / N, beta_max / N, N)`` do not depend on it."""
+
+    def __init__(self, beta_min: float, beta_max: float, T: float = 1.0):
         self.beta_min, self.beta_max = _check_betas(beta_min, beta_max)
+        self.T = float(T)
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
-        return self.beta_min + t * (self.beta_max - self.beta_min)
+        return (self.beta_min + (t / self.T) * (self.beta_max - self.beta_min)) / self.T
 
     def integral(self, t: torch.Tensor) -> torch.Tensor:
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+        u = t / self.T
+        return self.beta_min * u + 0.5 * (self.beta_max - self.beta_min) * u * u
 
     def t_of_integral(self, B: torch.Tensor) -> torch.Tensor:
         """Positive root of ``B(t) = B`` (the form used by DPM-Solver, Lu et al. 2022, App. D)."""
         db = self.beta_max - self.beta_min
         denom = self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * db * B)
         # B = 0 (lambda = +inf) is t = 0 also when beta_min = 0, where the quotient would be 0/0
-        return torch.where(B > 0, 2 * B / denom, torch.zeros_like(B))
+        return torch.where(B > 0, 2 * B / denom, torch.zeros_like(B)) * self.T
 
 
 class VPSDE(SDE):
@@ -243,7 +248,8 @@ class VPSDE(SDE):
               \quad \alpha(t) = e^{-\frac12\int_0^t\beta},\quad \sigma(t)^2 = 1-\alpha(t)^2 .
 
     ``schedule="linear"``: ``beta(t) = beta_min + t (beta_max - beta_min)`` (score_sde defaults
-    0.1 and 20). ``schedule="cosine"``: Nichol & Dhariwal (2021, eq. 17),
+    0.1 and 20; for ``T != 1``, ``t`` reads ``t / T`` and beta is divided by ``T``: ``T`` only
+    rescales time, for every SDE here). ``schedule="cosine"``: Nichol & Dhariwal (2021, eq. 17),
     ``alpha(t) = cos(pi/2 (t' + s)/(1 + s)) / cos(pi/2 s/(1 + s))`` with ``t' = t * cosine_t_max``;
     ``cosine_t_max < 1`` keeps ``alpha(T) > 0`` (the schedule is singular at ``t' = 1``; 0.9946 is
     the value DPM-Solver uses).
@@ -256,7 +262,7 @@ class VPSDE(SDE):
         require(schedule in ("linear", "cosine"),
                 f"schedule must be 'linear' or 'cosine', got {schedule!r}")
         self.schedule = schedule
-        self._beta = _LinearBeta(beta_min, beta_max)
+        self._beta = _LinearBeta(beta_min, beta_max, self.T)
         self.beta_min, self.beta_max = self._beta.beta_min, self._beta.beta_max
         self.cosine_s = check_positive("cosine_s", cosine_s)
         self.cosine_t_max = float(cosine_t_max)
@@ -351,7 +357,7 @@ class SubVPSDE(SDE):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000,
                  T: float = 1.0, eps: float = 1e-3):
         super().__init__(N=N, T=T, eps=eps)
-        self._beta = _LinearBeta(beta_min, beta_max)
+        self._beta = _LinearBeta(beta_min, beta_max, self.T)
         self.beta_min, self.beta_max = self._beta.beta_min, self._beta.beta_max
 
     def _params(self) -> dict:

@@ -435,6 +435,25 @@ def test_times_outside_the_range_or_nan_are_rejected(sde, bad, shown):
             call()
 
 
+@pytest.mark.parametrize("name", list(SDES))
+def test_T_only_rescales_time(name):
+    """alpha and sigma at t*T equal the T=1 values at t; f and g^2 scale by 1/T; the discrete chains
+    (which see only indices) are the same. (The linear beta used to ignore T.)"""
+    T = 2.5
+    one, scaled = SDES[name](), SDES[name](T=T, eps=1e-3 * T)
+    u = torch.linspace(0, 1, 11, dtype=F64)
+    for fn in ("alpha", "sigma", "lambda_"):
+        torch.testing.assert_close(getattr(scaled, fn)(u * T), getattr(one, fn)(u), rtol=1e-12, atol=1e-14)
+    f1, g1 = one.f_g2(u)
+    fT, gT = scaled.f_g2(u * T)
+    torch.testing.assert_close((fT, gT), (f1 / T, g1 / T), rtol=1e-12, atol=1e-14)
+    lam = one.lambda_(u[1:])
+    torch.testing.assert_close(scaled.t_of_lambda(lam), u[1:] * T, rtol=1e-10, atol=1e-12)
+    x = torch.randn(11, 2, dtype=F64)
+    for a, b in zip(scaled.discretize(x, u * T * 0.999), one.discretize(x, u * 0.999)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_time_range_follows_T():
     sde = VESDE(T=2.0, eps=1e-3)
     assert sde.sigma(2.0).item() == pytest.approx(sde.sigma_max, rel=1e-6)
