@@ -1,0 +1,357 @@
+r"""Sample-quality metrics and pictures: sliced Wasserstein, a digits Fréchet distance, oracle mode
+statistics, image grids and scatter plots.
+
+- :func:`sliced_wasserstein`: ``SW_p(x, y) = (E_theta W_p^p(theta.x, theta.y))^{1/p}`` over random
+  unit directions (Rabin et al. 2011; Bonneel et al. 2015), each 1-D distance computed exactly
+  between the two empirical distributions (any sizes).
+- :func:`frechet_distance`: ``||m_1 - m_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})`` between Gaussian
+  fits of features (Heusel et al. 2017's FID recipe); ``features="digits"`` uses the penultimate
+  layer of a small CNN trained here, deterministically, on sklearn's digits train split.
+- :func:`mode_statistics`: per-component weights, means and variances of samples of an oracle
+  :class:`~sde_diffusion.oracles.GaussianMixture`, against the truth.
+- :func:`save_image_grid`, :func:`save_scatter`: PNG files via matplotlib's Agg canvas, written
+  atomically (temporary file in the same folder, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import require
+
+__all__ = ["sliced_wasserstein", "wasserstein_1d", "frechet_distance", "frechet_distance_from_stats",
+           "gaussian_stats", "digits_classifier", "digits_features", "digits_accuracy",
+           "digits_fd_baselines", "mode_statistics", "save_image_grid", "save_scatter"]
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    require(isinstance(x, torch.Tensor), f"{name} must be a tensor or numpy array, got {type(x).__name__}")
+    require(x.ndim >= 1 and x.shape[0] >= 1, f"{name} must have a leading sample dimension, got {tuple(x.shape)}")
+    x = x.detach().to("cpu", torch.float64)
+    require(bool(torch.isfinite(x).all()), f"{name} holds NaN or Inf values")
+    return x
+
+
+# ---- sliced Wasserstein --------------------------------------------------------------------------
+def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Exact ``W_p^p`` between empirical distributions along the last axis: ``u (..., n)``,
+    ``v (..., m)`` with equal weights, ``n`` and ``m`` arbitrary (integral of
+    ``|F_u^{-1}(s) - F_v^{-1}(s)|^p`` over the merged quantile levels)."""
+    u, v = u.sort(dim=-1).values, v.sort(dim=-1).values
+    n, m = u.shape[-1], v.shape[-1]
+    if n == m:
+        return (u - v).abs().pow(p).mean(-1)
+    levels = torch.cat([torch.arange(1, n + 1, dtype=u.dtype) / n, torch.arange(1, m + 1, dtype=u.dtype) / m])
+    levels = levels.sort().values
+    widths = torch.diff(levels, prepend=levels.new_zeros(1))
+    mid = levels - widths / 2
+    iu = torch.clamp(torch.ceil(mid * n).long() - 1, 0, n - 1)
+    iv = torch.clamp(torch.ceil(mid * m).long() - 1, 0, m - 1)
+    return ((u[..., iu] - v[..., iv]).abs().pow(p) * widths).sum(-1)
+
+
+def sliced_wasserstein(x, y, n_projections: int = 256, generator: Optional[torch.Generator] = None,
+                       p: float = 2.0) -> float:
+    """Sliced ``p``-Wasserstein distance between sample sets ``x (n, ...)`` and ``y (m, ...)``.
+
+    Directions are uniform on the unit sphere of the flattened dimension ``D`` (drawn from
+    ``generator``, or from a fixed seed 0 when ``None``, so the metric is deterministic); for
+    ``D = 1`` the single direction gives the exact ``W_p``. Computed in float64 on the CPU.
+    """
+    x, y = _as_tensor(x, "x").flatten(1), _as_tensor(y, "y").flatten(1)
+    require(x.shape[1] == y.shape[1], f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
+    require(isinstance(n_projections, int) and n_projections >= 1,
+            f"n_projections must be an integer >= 1, got {n_projections!r}")
+    require(p >= 1, f"p must be >= 1, got {p!r}")
+    D = x.shape[1]
+    if D == 1:
+        theta = torch.ones(1, 1, dtype=torch.float64)
+    else:
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        theta = torch.randn(n_projections, D, generator=gen, dtype=torch.float64, device=gen.device).cpu()
+        theta = theta / theta.norm(dim=1, keepdim=True)
+    wp = wasserstein_1d(theta @ x.T, theta @ y.T, p)
+    return float(wp.mean() ** (1.0 / p))
+
+
+# ---- Fréchet distance ----------------------------------------------------------------------------
+def gaussian_stats(features) -> tuple:
+    """Mean and (unbiased) covariance of ``(n, d)`` features, float64 numpy."""
+    f = _as_tensor(features, "features").flatten(1).numpy()
+    require(f.shape[0] >= 2, f"need at least 2 samples for a covariance, got {f.shape[0]}")
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    r"""``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` for PSD ``S1``, ``S2``.
+
+    ``tr (S1 S2)^{1/2}`` is computed as ``sum sqrt(eig(S1^{1/2} S2 S1^{1/2}))``: the matrices are
+    similar, so this equals the trace of ``scipy.linalg.sqrtm(S1 @ S2)`` used by FID code, but the
+    symmetric eigenproblems (``S1^{1/2}`` from ``eigh`` with negative round-off clipped) stay real
+    and exact for the singular covariances that dead ReLU features give.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    require(mu2.shape == (d,) and s1.shape == (d, d) and s2.shape == (d, d),
+            f"need means (d,) and covariances (d, d) of one d, got {mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    evals, evecs = np.linalg.eigh(s1)
+    root1 = (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
+    mid = root1 @ s2 @ root1
+    tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((mid + mid.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_cross, 0.0))
+
+
+class _DigitsNet(nn.Module):
+    """conv(1->16) relu pool conv(16->32) relu pool -> 128 -> Linear 64 relu (features) -> Linear 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                  nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@functools.lru_cache(maxsize=1)
+def digits_classifier(epochs: int = 20, seed: int = 0) -> nn.Module:
+    """The digits classifier, trained once per process (cached) on the train split of
+    :func:`sde_diffusion.data.digits` (8x8, [-1, 1]): Adam (lr 2e-3), batch 64, ``epochs`` epochs,
+    seeded, about 2 s on one CPU core, about 98% test accuracy. Global RNG state is left untouched. Returned in eval mode
+    with gradients off."""
+    from .data import digits
+
+    x, y = digits(8, "train", return_labels=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = _DigitsNet()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    with torch.enable_grad():                     # also when first called under no_grad
+        _fit(net, opt, x, y, epochs, g)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _fit(net, opt, x, y, epochs, g):
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+@functools.lru_cache(maxsize=8)
+def _to_8_matrix(size: int) -> torch.Tensor:
+    """``(8, size)`` least-squares inverse of the 1-D factor of the bilinear 8 -> ``size`` resize
+    that :func:`sde_diffusion.data.digits` applies (the 2-D resize is separable)."""
+    basis = torch.eye(8, dtype=torch.float64)[:, None, :, None].expand(8, 1, 8, 8)
+    up = F.interpolate(basis, size=(size, size), mode="bilinear", align_corners=False)[:, 0, :, 0].T
+    return torch.linalg.pinv(up).float()
+
+
+def _digits_input(images) -> torch.Tensor:
+    x = _as_tensor(images, "images").float()
+    require(x.ndim == 4 and x.shape[1] == 1 and x.shape[2] == x.shape[3] and x.shape[2] >= 8,
+            f"digits images must have shape (N, 1, S, S) with S >= 8, got {tuple(x.shape)}")
+    if x.shape[-1] != 8:
+        down = _to_8_matrix(x.shape[-1])
+        x = down @ x @ down.T
+    return x.clamp(-1, 1)
+
+
+def digits_features(images, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate (64-d) features of the digits classifier for ``(N, 1, S, S)`` images in [-1, 1].
+
+    Images larger than 8x8 are mapped to 8x8 by the least-squares inverse of the bilinear resize
+    of ``digits(S)``, so real digits at any size give the features of their 8x8 originals (up to
+    float round-off); values are clamped to [-1, 1]."""
+    x, net = _digits_input(images), digits_classifier()
+    with torch.no_grad():
+        return torch.cat([net.body(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]).double()
+
+
+def digits_accuracy(split: str = "test") -> float:
+    """Accuracy of the digits classifier on a split of :func:`sde_diffusion.data.digits`."""
+    from .data import digits
+
+    x, y = digits(8, split, return_labels=True)
+    with torch.no_grad():
+        return float((digits_classifier()(x).argmax(1) == y).double().mean())
+
+
+FEATURES = ("digits", "identity")
+
+
+def frechet_distance(samples, reference, features: Union[str, Callable] = "digits") -> float:
+    """Fréchet distance between Gaussian fits of ``features(samples)`` and ``features(reference)``.
+
+    ``features``: ``"digits"`` (penultimate features of :func:`digits_classifier`; images
+    ``(N, 1, S, S)`` in [-1, 1]), ``"identity"`` (the flattened inputs) or a callable mapping a
+    tensor to ``(N, d)`` features. Like FID it is biased upwards for small N: compare numbers
+    computed with the same sample sizes (see :func:`digits_fd_baselines`).
+    """
+    if callable(features):
+        fn = features
+    else:
+        require(features in FEATURES, f"features must be one of {FEATURES} or a callable, got {features!r}")
+        fn = digits_features if features == "digits" else (lambda z: _as_tensor(z, "samples").flatten(1))
+    f1, f2 = fn(samples), fn(reference)
+    return frechet_distance_from_stats(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def digits_fd_baselines(n: Optional[int] = None, size: int = 8, seed: int = 0) -> dict:
+    """Reference points for the digits Fréchet distance, with the test split as reference:
+
+    - ``real_vs_real``: train split (the first ``n`` images, default all 1437) vs test split;
+    - ``real_vs_noise``: ``n`` images of N(0, 1) noise clamped to [-1, 1] (seeded) vs test split;
+    - ``test_accuracy``: the classifier's accuracy on the test split; ``n`` the sample count used.
+    """
+    from .data import digits
+
+    train, test = digits(size, "train"), digits(size, "test")
+    n = train.shape[0] if n is None else int(n)
+    require(2 <= n <= train.shape[0], f"n must lie in [2, {train.shape[0]}], got {n}")
+    noise = torch.randn((n,) + tuple(train.shape[1:]), generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+    return {"real_vs_real": frechet_distance(train[:n], test), "real_vs_noise": frechet_distance(noise, test),
+            "test_accuracy": digits_accuracy("test"), "n": n}
+
+
+# ---- oracle mode statistics ----------------------------------------------------------------------
+def mode_statistics(samples, mixture) -> dict:
+    """Assign each sample to its most responsible component of ``mixture`` (responsibilities of the
+    clean data, ``t=None``) and compare per-mode statistics with the truth.
+
+    Returns a dict of float64 tensors: ``counts (K,)``, ``weights``/``true_weights (K,)``,
+    ``means``/``true_means (K, D)``, ``variances``/``true_variances (K, D)`` (per-coordinate,
+    unbiased; NaN for modes with fewer than 2 samples) and summaries ``weight_tv`` (total variation
+    ``0.5 sum |w - w_true|``), ``max_mean_error`` (largest ``|mean - true| / true_std`` over modes and
+    coordinates) and ``variance_ratio (K,)`` (mean over coordinates of ``variance / true_variance``).
+    With overlapping modes hard assignment biases the variances down; use well separated modes.
+    """
+    x = _as_tensor(samples, "samples")
+    require(tuple(x.shape[1:]) == tuple(mixture.event_shape),
+            f"samples must have shape (N, {', '.join(map(str, mixture.event_shape))}), got {tuple(x.shape)}")
+    K, N = mixture.n_components, x.shape[0]
+    labels = mixture.responsibilities(x, None).argmax(1)
+    flat = x.flatten(1)
+    counts = torch.bincount(labels, minlength=K).double()
+    sums = torch.zeros(K, flat.shape[1], dtype=torch.float64).index_add_(0, labels, flat)
+    means = sums / counts[:, None]
+    sq = torch.zeros_like(sums).index_add_(0, labels, (flat - means[labels]) ** 2)
+    variances = torch.where(counts[:, None] >= 2, sq / (counts[:, None] - 1), torch.full_like(sq, math.nan))
+    true_means = mixture.means.reshape(K, -1).double()
+    true_var = mixture.stds.reshape(K, -1).double() ** 2
+    weights, true_w = counts / N, mixture.weights.double()
+    err = ((means - true_means).abs() / true_var.sqrt())
+    return {"counts": counts, "weights": weights, "true_weights": true_w, "means": means,
+            "true_means": true_means, "variances": variances, "true_variances": true_var,
+            "weight_tv": float(0.5 * (weights - true_w).abs().sum()),
+            "max_mean_error": float(err[counts > 0].max()) if bool((counts > 0).any()) else math.nan,
+            "variance_ratio": (variances / true_var).mean(1)}
+
+
+# ---- pictures ------------------------------------------------------------------------------------
+def _atomic_png(path, write: Callable[[str], None]) -> str:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - matplotlib is a test/bench dependency
+        raise ImportError("saving pictures needs matplotlib: pip install matplotlib") from exc
+    return Figure, FigureCanvasAgg
+
+
+def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Tile ``(N, C, H, W)`` images in [-1, 1] into an ``(rows, cols[, 3])`` array in [0, 1],
+    ``nrow`` images per row, separated by ``padding`` pixels of ``pad_value``."""
+    x = _as_tensor(images, "images")
+    require(x.ndim == 4 and x.shape[1] in (1, 3), f"images must have shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+    require(isinstance(nrow, int) and nrow >= 1, f"nrow must be an integer >= 1, got {nrow!r}")
+    x = ((x.clamp(-1, 1) + 1) / 2).numpy()
+    N, C, H, W = x.shape
+    ncol, nrows = min(nrow, N), -(-N // nrow)
+    grid = np.full((C, padding + nrows * (H + padding), padding + ncol * (W + padding)), pad_value)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (H + padding), padding + c * (W + padding)
+        grid[:, top:top + H, left:left + W] = x[i]
+    return grid[0] if C == 1 else grid.transpose(1, 2, 0)
+
+
+def save_image_grid(images, path, nrow: int = 8, upscale: Optional[int] = None) -> str:
+    """Write ``(N, C, H, W)`` images in [-1, 1] (C = 1 grey or 3 RGB) as one PNG grid with ``nrow``
+    images per row. ``upscale`` enlarges pixels (nearest); default: enough for a >= 256 px wide
+    picture. Atomic write; returns the path."""
+    grid = image_grid(images, nrow)
+    scale = upscale if upscale is not None else max(1, -(-256 // grid.shape[1]))
+    require(isinstance(scale, int) and scale >= 1, f"upscale must be an integer >= 1, got {upscale!r}")
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    Figure, FigureCanvasAgg = _matplotlib()
+    height, width = grid.shape[:2]
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.figimage(grid, cmap="gray", vmin=0.0, vmax=1.0, origin="upper")
+    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def save_scatter(points, path, reference=None, title: Optional[str] = None,
+                 lim: Optional[float] = None) -> str:
+    """Scatter plot of ``(N, 2)`` points (blue) over optional ``reference`` points (orange), equal
+    axes (``[-lim, lim]`` when given), PNG via the Agg canvas, atomic write; returns the path."""
+    pts = _as_tensor(points, "points")
+    require(pts.ndim == 2 and pts.shape[1] == 2, f"points must have shape (N, 2), got {tuple(pts.shape)}")
+    ref = None
+    if reference is not None:
+        ref = _as_tensor(reference, "reference")
+        require(ref.ndim == 2 and ref.shape[1] == 2, f"reference must have shape (M, 2), got {tuple(ref.shape)}")
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(5, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    size = max(1.0, min(8.0, 6000.0 / pts.shape[0]))
+    if ref is not None:
+        ax.scatter(ref[:, 0], ref[:, 1], s=size, c="tab:orange", alpha=0.5, linewidths=0, label="reference")
+    ax.scatter(pts[:, 0], pts[:, 1], s=size, c="tab:blue", alpha=0.5, linewidths=0, label="samples")
+    if lim is not None:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if ref is not None:
+        ax.legend(loc="upper right", markerscale=max(1.0, 4.0 / size))
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))

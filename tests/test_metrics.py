@@ -1,0 +1,169 @@
+"""Metrics: sliced Wasserstein, Fréchet distance (closed form, digits classifier), mode statistics,
+and the PNG writers."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg, stats
+
+from sde_diffusion import GaussianMixture
+from sde_diffusion.data import digits
+from sde_diffusion.metrics import (digits_accuracy, digits_fd_baselines, frechet_distance,
+                                   frechet_distance_from_stats, mode_statistics, save_image_grid, save_scatter,
+                                   sliced_wasserstein, wasserstein_1d)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- sliced Wasserstein -------------------------------------------------------------------------
+def test_sliced_wasserstein_identical_and_fresh_sets():
+    x = torch.randn(3000, 2, generator=gen(0))
+    assert sliced_wasserstein(x, x.clone()) == 0.0
+    assert sliced_wasserstein(x, x[torch.randperm(3000, generator=gen(1))]) < 1e-12   # order-free
+    assert sliced_wasserstein(x, torch.randn(3000, 2, generator=gen(2))) < 0.1
+    assert sliced_wasserstein(x, x + 1.0) > 0.9
+    assert sliced_wasserstein(x, x + 0.3, generator=gen(5)) == sliced_wasserstein(x, x + 0.3, generator=gen(5))
+
+
+def test_sliced_wasserstein_known_shift():
+    x = torch.randn(2000, 1, generator=gen(0), dtype=torch.float64)
+    assert sliced_wasserstein(x, x + 0.7) == pytest.approx(0.7, abs=1e-12)            # 1-D: exact W_2
+    assert sliced_wasserstein(x, x - 0.7, p=1) == pytest.approx(0.7, abs=1e-12)
+    # D dims, shift c: W_2 along theta is |theta . c|, and E (theta . c)^2 = |c|^2 / D on the sphere
+    x = torch.randn(500, 4, generator=gen(1))
+    c = torch.tensor([0.3, -0.4, 1.2, 0.0])
+    sw = sliced_wasserstein(x, x + c, n_projections=4000, generator=gen(2))
+    assert sw == pytest.approx(float(c.norm()) / 2, rel=0.03)
+
+
+def test_wasserstein_1d_unequal_sizes():
+    u, v = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    assert float(wasserstein_1d(u, v, p=1)) == pytest.approx(1 / 6, abs=1e-12)          # by hand
+    assert float(wasserstein_1d(u, v, p=2)) == pytest.approx(1 / 12, abs=1e-12)
+    a = torch.randn(301, generator=gen(0), dtype=torch.float64)
+    b = 0.5 + 2 * torch.randn(457, generator=gen(1), dtype=torch.float64)
+    assert float(wasserstein_1d(a, b, p=1)) == pytest.approx(stats.wasserstein_distance(a, b), rel=1e-10)
+    assert sliced_wasserstein(a[:, None], b[:, None], p=1) == pytest.approx(stats.wasserstein_distance(a, b), rel=1e-10)
+    with pytest.raises(ValueError, match="same dimension, got 2 and 3"):
+        sliced_wasserstein(torch.zeros(5, 2), torch.zeros(5, 3))
+
+
+# ---- Fréchet distance -----------------------------------------------------------------------------
+def random_spd(d, seed):
+    a = np.random.RandomState(seed).randn(d, d)
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_from_stats_matches_closed_form():
+    d = 6
+    rs = np.random.RandomState(0)
+    m1, m2, s1, s2 = rs.randn(d), rs.randn(d), random_spd(d, 1), random_spd(d, 2)
+    closed = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(linalg.sqrtm(s1 @ s2)))
+    assert frechet_distance_from_stats(m1, s1, m2, s2) == pytest.approx(closed, rel=1e-9)
+    assert frechet_distance_from_stats(m2, s2, m1, s1) == pytest.approx(closed, rel=1e-9)
+    assert frechet_distance_from_stats(m1, s1, m1, s1) == pytest.approx(0.0, abs=1e-9)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet_distance_from_stats([1.0], [[4.0]], [-1.0], [[9.0]]) == pytest.approx(4.0 + 1.0, abs=1e-12)
+    # singular covariances (rank-deficient features) stay finite and exact
+    s_sing = np.diag([1.0, 0.0, 2.0])
+    assert frechet_distance_from_stats(np.zeros(3), s_sing, np.zeros(3), s_sing) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_of_gaussian_samples():
+    d, n = 3, 20000
+    rs = np.random.RandomState(3)
+    m1, m2, s1, s2 = rs.randn(d), rs.randn(d), random_spd(d, 4), random_spd(d, 5)
+    x = torch.from_numpy(rs.multivariate_normal(m1, s1, size=n))
+    y = torch.from_numpy(rs.multivariate_normal(m2, s2, size=n))
+    closed = frechet_distance_from_stats(m1, s1, m2, s2)
+    assert frechet_distance(x, y, features="identity") == pytest.approx(closed, rel=0.05)
+    assert frechet_distance(x, y, features=lambda z: z.flatten(1)) == frechet_distance(x, y, features="identity")
+    with pytest.raises(ValueError, match="features must be one of"):
+        frechet_distance(x, y, features="inception")
+
+
+def test_digits_classifier_and_baselines():
+    assert digits_accuracy("test") > 0.9
+    base = digits_fd_baselines()
+    assert base["test_accuracy"] > 0.9 and base["n"] == 1437
+    assert 0 < base["real_vs_real"] < base["real_vs_noise"] / 20
+    # the features undo digits(16)'s bilinear resize: 16x16 real digits look like their 8x8 originals
+    assert frechet_distance(digits(16, "test"), digits(8, "test")) < 1e-6
+    assert digits_fd_baselines(size=16)["real_vs_real"] == pytest.approx(base["real_vs_real"], rel=1e-4)
+    # wrong digit classes are far: ones against everything
+    x, y = digits(8, "train", return_labels=True)
+    assert frechet_distance(x[y == 1], digits(8, "test")) > 5 * base["real_vs_real"]
+    with pytest.raises(ValueError, match=r"\(N, 1, S, S\)"):
+        frechet_distance(torch.zeros(10, 3, 8, 8), torch.zeros(10, 3, 8, 8))
+
+
+# ---- mode statistics ------------------------------------------------------------------------------
+def oracle():
+    return GaussianMixture([0.2, 0.3, 0.5], [[-0.6, 0.0], [0.6, 0.0], [0.0, 0.6]], [[0.05, 0.05], [0.08, 0.08], [0.04, 0.1]])
+
+
+def test_mode_statistics_on_oracle_samples():
+    gm = oracle()
+    n = 20000
+    x = gm.sample(n, generator=gen(0), dtype=torch.float64)
+    st = mode_statistics(x, gm)
+    w = gm.weights
+    assert torch.allclose(st["weights"], w, atol=float(4 * (w * (1 - w) / n).sqrt().max()))
+    assert st["weight_tv"] < 0.02
+    assert st["max_mean_error"] < 4 / math.sqrt(0.2 * n) * 1.5
+    assert torch.allclose(st["variance_ratio"], torch.ones(3, dtype=torch.float64), atol=0.05)
+    assert torch.allclose(st["true_variances"][2], torch.tensor([0.04 ** 2, 0.1 ** 2], dtype=torch.float64))
+    assert int(st["counts"].sum()) == n
+
+
+def test_mode_statistics_sees_a_missing_mode_and_a_wrong_width():
+    gm = oracle()
+    x, labels = gm.sample(6000, generator=gen(1), dtype=torch.float64, return_labels=True)
+    collapsed = x[labels != 0]                                   # mode 0 dropped
+    st = mode_statistics(collapsed, gm)
+    assert st["counts"][0] == 0 and math.isnan(float(st["variances"][0, 0]))
+    assert st["weight_tv"] == pytest.approx(float(gm.weights[0]), abs=0.03)
+    wide = gm.means[labels] + 1.5 * (x - gm.means[labels])      # every mode 1.5x too wide
+    assert torch.allclose(mode_statistics(wide, gm)["variance_ratio"], torch.full((3,), 2.25, dtype=torch.float64),
+                          rtol=0.1)
+    with pytest.raises(ValueError, match=r"samples must have shape \(N, 2\)"):
+        mode_statistics(torch.zeros(4, 3), gm)
+
+
+# ---- pictures ------------------------------------------------------------------------------------
+def test_save_image_grid(tmp_path):
+    import matplotlib.image as mpimg
+
+    imgs = -torch.ones(6, 1, 8, 8)
+    imgs[1] = 1.0                                                 # second image white
+    path = save_image_grid(imgs, tmp_path / "sub" / "grid.png", nrow=3, upscale=2)
+    assert os.listdir(tmp_path / "sub") == ["grid.png"]           # no temporary file left
+    pic = mpimg.imread(path)
+    assert pic.shape[:2] == (2 * (1 + 2 * 9), 2 * (1 + 3 * 9))    # 2 rows x 3 cols of 8 px + 1 px padding
+    grey = pic[..., 0]
+    assert grey[2 * 1 + 4, 2 * 1 + 4] == pytest.approx(0.0, abs=0.01)          # image 0: black
+    assert grey[2 * 1 + 4, 2 * (1 + 9) + 4] == pytest.approx(1.0, abs=0.01)    # image 1: white
+    rgb = torch.zeros(4, 3, 8, 8)
+    rgb[:, 0] = 1.0
+    pic = mpimg.imread(save_image_grid(rgb, tmp_path / "rgb.png", nrow=2))
+    assert pic.shape[1] >= 256                                    # auto upscale
+    scale = -(-256 // 19)                                         # 2 images of 8 px + 3 px padding
+    centre = scale * (1 + 4)
+    assert pic[centre, centre, 0] == pytest.approx(1.0, abs=0.01)
+    assert pic[centre, centre, 1] == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match=r"\(N, 1 or 3, H, W\)"):
+        save_image_grid(torch.zeros(2, 2, 8, 8), tmp_path / "bad.png")
+
+
+def test_save_scatter(tmp_path):
+    pts = torch.randn(500, 2, generator=gen(0))
+    path = save_scatter(pts, tmp_path / "s.png", reference=torch.randn(300, 2, generator=gen(1)), title="moons")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["s.png"]
+    save_scatter(pts, path, lim=1.5)                              # overwrite in place
+    assert os.listdir(tmp_path) == ["s.png"]
+    with pytest.raises(ValueError, match=r"points must have shape \(N, 2\)"):
+        save_scatter(torch.zeros(5, 3), tmp_path / "bad.png")
