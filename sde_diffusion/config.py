@@ -1,0 +1,391 @@
+"""Configuration helpers: load a config file, override fields with type checking, build the SDE.
+
+Configs are ``ml_collections.ConfigDict`` objects in score_sde's layout (``training``, ``sampling``,
+``eval``, ``data``, ``model``, ``optim``, plus ``seed`` and ``device``). A config file is a Python
+file with a ``get_config()`` function (see ``configs/``); :func:`default_config` holds every field
+that the training loop reads, with its default, so a config file only states what it changes.
+
+Overrides use the same dotted names as score_sde's ``--config.optim.lr=1e-3`` flags::
+
+    config = load_config("configs/toy/moons_vp.py")
+    apply_overrides(config, ["--config.optim.lr=1e-3", "training.n_iters=2000"])
+    apply_overrides(config, {"model.ema_rate": 0.999})
+
+An unknown key raises ``ValueError`` listing the closest valid keys; a value of the wrong type
+raises ``ValueError`` naming the key, the expected type and the value.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+
+import ml_collections
+
+from ._checks import require
+from .sdes import SDE, SubVPSDE, VESDE, VPSDE
+
+__all__ = ["default_config", "load_config", "apply_overrides", "parse_overrides", "build_sde",
+           "flatten", "config_to_json", "config_from_json", "network_config", "SDE_NAMES",
+           "MODEL_KEYS", "NULLABLE_FIELDS"]
+
+#: names accepted by ``config.training.sde``.
+SDE_NAMES = ("vpsde", "vpsde_cosine", "subvpsde", "vesde")
+
+#: fields that may be set back to ``None`` after holding a value (``None`` means "off/default").
+NULLABLE_FIELDS = ("num_classes", "embed_dim", "time_scale")
+
+#: keys of ``config.model`` read by the SDE builder and the training loop, not by the network
+#: constructor; :func:`network_config` drops them before calling ``build_network``.
+MODEL_KEYS = ("parameterization", "time_input", "ema_rate", "beta_min", "beta_max", "sigma_min",
+              "sigma_max", "num_scales", "cosine_s", "cosine_t_max", "sde_eps")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field the training loop reads, with score_sde-like defaults (a 2-D toy set-up).
+
+    Config files start from this and change what they need; ``model`` holds only the keys that
+    are not network constructor arguments: a config file adds its network's fields (``name`` plus
+    the constructor arguments of ``TimeMLP`` or ``UNet``).
+    """
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+    config.device = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+
+    config.training = training = ml_collections.ConfigDict()
+    training.sde = "vpsde"               # one of SDE_NAMES
+    training.continuous = True           # continuous-time DSM; False: DDPM (VP) / SMLD (VE) loss
+    training.likelihood_weighting = False  # lambda(t) = g(t)^2 instead of sigma(t)^2
+    training.importance_sampling = False  # t ~ g^2/sigma^2 (uniform in log-SNR), reweighted
+    training.reduce_mean = True          # mean over data dims; False: 0.5 * sum (score_sde)
+    training.eps = 1e-5                  # smallest training time (score_sde: 1e-5)
+    training.batch_size = 512            # global batch, split over DDP ranks
+    training.n_iters = 10000
+    training.log_freq = 100              # loss log (CSV) and NaN check every log_freq steps
+    training.snapshot_freq = 0           # numbered checkpoint_<step>.pt every N steps (0: off)
+    training.snapshot_freq_for_preemption = 1000  # checkpoint_last.pt every N steps
+    training.sample_freq = 0             # preview grid/scatter every N steps (0: off)
+    training.n_preview = 64              # samples per preview
+    training.mixed_precision = "no"      # "no", "bf16" or "fp16" (autocast; GPU only)
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "euler_maruyama"   # a solver name of sde_diffusion.samplers
+    sampling.steps = 500
+    sampling.n_samples = 5000
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.n_samples = 5000
+    evaluate.batch_size = 1000
+    evaluate.metric = "sliced_wasserstein"  # or "frechet_digits"
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "moons"               # a name of sde_diffusion.data.get_dataset
+    data.n_train = 20000                 # size of the training set of the 2-D toys
+    data.image_size = 8                  # digits: 8 or 16
+    data.split = "train"                 # digits split
+    data.path = ""                       # npz / image folder path
+    data.key = "x"                       # npz array name
+    data.num_channels = 1                # image folder channels
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "mlp"
+    model.parameterization = "eps"       # eps | x0 | v | score
+    model.time_input = "t"               # t | sigma | index: what the network receives
+    model.ema_rate = 0.999
+    model.beta_min = 0.1
+    model.beta_max = 20.0
+    model.sigma_min = 0.01
+    model.sigma_max = 50.0
+    model.num_scales = 1000
+    model.cosine_s = 0.008
+    model.cosine_t_max = 0.9946
+    model.sde_eps = 0.0                  # SDE.eps (sampling/likelihood end); 0: the SDE's default
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "Adam"
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 5000                  # linear lr warm-up steps (score_sde)
+    optim.grad_clip = 1.0                # max global grad norm; < 0 disables
+    return config
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_config(path: Union[str, os.PathLike]) -> ml_collections.ConfigDict:
+    """Import the Python file ``path`` and return its ``get_config()``.
+
+    A config file is the user's own Python code: importing it runs that code (as with score_sde's
+    ``--config`` flag). Checkpoints, by contrast, store configs as plain JSON.
+    """
+    path = os.fspath(path)
+    require(os.path.isfile(path), f"config file not found: {path!r}")
+    name = "_sde_diffusion_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    require(spec is not None and spec.loader is not None, f"cannot import config file {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    require(hasattr(module, "get_config"), f"config file {path!r} defines no get_config()")
+    config = module.get_config()
+    require(isinstance(config, ml_collections.ConfigDict),
+            f"get_config() of {path!r} must return an ml_collections.ConfigDict, "
+            f"got {type(config).__name__}")
+    return config
+
+
+# ---- flattening and JSON ----------------------------------------------------------------------
+def flatten(config: Mapping, prefix: str = "") -> Dict[str, Any]:
+    """``{"optim.lr": 2e-4, ...}``: every leaf of a (nested) config by its dotted name."""
+    out: Dict[str, Any] = {}
+    for key in config.keys():
+        value = config[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _tuples(value):
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    """Plain JSON text of a config (tuples become lists), for checkpoints: no pickle."""
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of :func:`config_to_json`; lists come back as tuples (configs use tuples)."""
+    return ml_collections.ConfigDict(_tuples(json.loads(text)))
+
+
+# ---- overrides ----------------------------------------------------------------------------------
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _convert(key: str, current, value, from_string: bool):
+    """``value`` converted to the type of the field's ``current`` value, or ValueError."""
+
+    def bad(expected: str):
+        return ValueError(f"config key {key!r} expects {expected}, got {value!r} "
+                          f"({'a string' if from_string else _type_name(value)})")
+
+    if current is None:  # untyped field (e.g. num_classes=None): take the literal's own type
+        if from_string:
+            return None if value.strip().lower() == "none" else _literal(value)
+        return value
+    if (value is None and not from_string) or (from_string and value.strip().lower() == "none"):
+        if key.rsplit(".", 1)[-1] in NULLABLE_FIELDS:
+            return None
+        raise bad(f"a value of type {_type_name(current)} (None is not allowed here)")
+    if isinstance(current, bool):
+        if from_string:
+            word = value.strip().lower()
+            if word in _TRUE:
+                return True
+            if word in _FALSE:
+                return False
+            raise bad("a bool (true/false)")
+        if isinstance(value, bool):
+            return value
+        raise bad("a bool")
+    if isinstance(current, int):
+        parsed = _literal(value) if from_string else value
+        if isinstance(parsed, bool):
+            raise bad("an int")
+        if isinstance(parsed, int):
+            return parsed
+        if isinstance(parsed, float) and parsed.is_integer() and from_string:
+            return int(parsed)  # "1e4" on the command line
+        raise bad("an int")
+    if isinstance(current, float):
+        parsed = _literal(value) if from_string else value
+        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            return float(parsed)
+        raise bad("a float")
+    if isinstance(current, str):
+        if from_string:
+            parsed = _literal(value)
+            return parsed if isinstance(parsed, str) else value.strip()
+        if isinstance(value, str):
+            return value
+        raise bad("a str")
+    if isinstance(current, (tuple, list)):
+        if from_string:
+            text = value.strip()
+            parsed = _literal(text)
+            if not isinstance(parsed, (tuple, list)):
+                if text in ("", "()", "[]"):
+                    parsed = ()
+                elif "," in text or not isinstance(parsed, str):
+                    parsed = tuple(_literal(p.strip()) for p in text.strip("()[]").split(",")
+                                   if p.strip())
+                else:
+                    raise bad(f"a {_type_name(current)}")
+        else:
+            parsed = value
+        if not isinstance(parsed, (tuple, list)):
+            raise bad(f"a {_type_name(current)}")
+        if len(current) > 0:  # check the element type against the default's elements
+            proto = current[0]
+            parsed = [_convert(f"{key}[{i}]", proto, v, from_string=False)
+                      for i, v in enumerate(parsed)]
+        return type(current)(parsed)
+    # any other type: must match exactly
+    if isinstance(value, type(current)):
+        return value
+    raise bad(f"a {_type_name(current)}")
+
+
+def parse_overrides(overrides: Union[Mapping[str, Any], Iterable[str]]) -> List[Tuple[str, Any, bool]]:
+    """Normalise overrides into ``(dotted_key, value, value_is_string)`` triples.
+
+    Accepts a mapping ``{"optim.lr": 1e-3}`` (typed values) or command-line words:
+    ``--config.optim.lr=1e-3``, ``config.optim.lr=1e-3``, ``optim.lr=1e-3`` or the two-word form
+    ``--config.optim.lr 1e-3``.
+    """
+    if isinstance(overrides, Mapping):
+        return [(str(k), v, False) for k, v in overrides.items()]
+    words = list(overrides)
+    out: List[Tuple[str, Any, bool]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        require(isinstance(word, str), f"an override must be a string, got {word!r}")
+        if "=" in word:
+            key, value = word.split("=", 1)
+            i += 1
+        else:
+            require(i + 1 < len(words),
+                    f"override {word!r} has no value: write {word}=VALUE")
+            key, value = word, words[i + 1]
+            i += 2
+        key = key.lstrip("-")
+        if key.startswith("config."):
+            key = key[len("config."):]
+        require(key != "", f"empty override key in {word!r}")
+        out.append((key, value, True))
+    return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Union[Mapping[str, Any], Iterable[str], None]) -> ml_collections.ConfigDict:
+    """Set fields of ``config`` in place (and return it) from dotted-name overrides.
+
+    Values given as strings (command line) are parsed into the field's type: bools accept
+    ``true/false/1/0/yes/no``, ints reject fractions, floats accept ints, tuples accept
+    ``"(1,2,2)"`` or ``"1,2,2"``; a field whose default is ``None`` takes the literal's own type.
+    Typed values (a mapping) must match the field's type (an int is accepted for a float field).
+    Raises ``ValueError`` for an unknown key (listing the closest valid keys), for a key naming a
+    whole section, and for a value of the wrong type (naming key, expected type and value).
+    """
+    if overrides is None:
+        return config
+    valid = flatten(config)
+    sections = _sections(config)
+    for key, value, from_string in parse_overrides(overrides):
+        if key not in valid:
+            if key in sections:
+                raise ValueError(f"config key {key!r} is a section, not a field: override its "
+                                 f"fields, e.g. {key}.{next(iter(config[key].keys()), 'name')}=...")
+            close = difflib.get_close_matches(key, list(valid), n=5, cutoff=0.5)
+            if not close:  # same last component, other section
+                last = key.rsplit(".", 1)[-1]
+                close = [k for k in valid if k.rsplit(".", 1)[-1] == last][:5]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown config key {key!r}{hint} (valid keys: "
+                             f"{', '.join(sorted(valid))})")
+        new = _convert(key, valid[key], value, from_string)
+        _set(config, key, new)
+        valid[key] = new
+    return config
+
+
+def _sections(config: Mapping, prefix: str = "") -> set:
+    out = set()
+    for key in config.keys():
+        if isinstance(config[key], (ml_collections.ConfigDict, dict)):
+            out.add(prefix + key)
+            out |= _sections(config[key], prefix + key + ".")
+    return out
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value) -> None:
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    if node[last] is None or value is None:
+        # ml_collections types a None field on first assignment; re-create the field to retype it
+        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+            del node[last]
+            node[last] = value
+    else:
+        node[last] = value
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- builders -----------------------------------------------------------------------------------
+def build_sde(config: ml_collections.ConfigDict) -> SDE:
+    """The forward SDE named by ``config.training.sde`` with parameters from ``config.model``
+    (score_sde's layout): ``beta_min``, ``beta_max`` (VP, sub-VP), ``sigma_min``, ``sigma_max``
+    (VE), ``num_scales`` (N of the discrete chains), ``cosine_s``/``cosine_t_max`` (cosine VP) and
+    ``sde_eps`` (the SDE's ``eps``; 0 keeps the SDE's default: 1e-3 VP/sub-VP, 1e-5 VE)."""
+    name = str(config.training.sde).lower()
+    require(name in SDE_NAMES, f"config.training.sde must be one of {SDE_NAMES}, got {name!r}")
+    m = config.model
+    get = lambda key, default: m[key] if key in m else default  # noqa: E731
+    kw = {"N": int(get("num_scales", 1000))}
+    sde_eps = float(get("sde_eps", 0.0) or 0.0)
+    if sde_eps > 0:
+        kw["eps"] = sde_eps
+    if name in ("vpsde", "vpsde_cosine"):
+        return VPSDE(beta_min=get("beta_min", 0.1), beta_max=get("beta_max", 20.0),
+                     schedule="cosine" if name == "vpsde_cosine" else "linear",
+                     cosine_s=get("cosine_s", 0.008), cosine_t_max=get("cosine_t_max", 0.9946), **kw)
+    if name == "subvpsde":
+        return SubVPSDE(beta_min=get("beta_min", 0.1), beta_max=get("beta_max", 20.0), **kw)
+    return VESDE(sigma_min=get("sigma_min", 0.01), sigma_max=get("sigma_max", 50.0), **kw)
+
+
+def network_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.model`` without the keys that are not network constructor arguments
+    (:data:`MODEL_KEYS`): what ``sde_diffusion.models.build_network`` receives."""
+    d = {k: model_config[k] for k in model_config.keys() if k not in MODEL_KEYS}
+    return ml_collections.ConfigDict(d)
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """One ``key = value`` line per field, sorted (for logs)."""
+    return "\n".join(f"{k} = {v!r}" for k, v in sorted(flatten(config).items()))
+

@@ -1,0 +1,675 @@
+"""The training loop: one entry point for one process, several processes (torchrun, DDP) and
+resumed runs.
+
+``train(config, workdir)`` trains the network of ``config.model`` on ``config.data`` with the loss
+of ``config.training`` (:func:`sde_diffusion.losses.get_loss_fn`) and score_sde's optimisation
+(Adam, linear learning-rate warm-up, global gradient-norm clipping, an exponential moving average
+of the weights). It writes into ``workdir``:
+
+- ``checkpoint_last.pt`` every ``training.snapshot_freq_for_preemption`` steps, at the end, and
+  when the process receives SIGINT or SIGTERM; numbered ``checkpoint_<step>.pt`` every
+  ``training.snapshot_freq`` steps (0: none). Written atomically from rank 0.
+- ``loss_log.csv``: ``step, loss, lr, grad_norm, elapsed_s`` every ``training.log_freq`` steps
+  (the loss is the mean over the steps since the previous row and over all ranks).
+- ``samples/step_<step>.png``: EMA-model samples every ``training.sample_freq`` steps.
+- ``config.json``: the run's config.
+
+When ``workdir`` holds a checkpoint the run resumes from it: model, EMA, optimizer, step, the
+RNG states (torch CPU/CUDA, Python, NumPy, the data-order and noise generators) and the position
+in the data order are restored, so an interrupted and resumed run ends with the same weights as
+an uninterrupted one, bit for bit (on the same hardware and thread count).
+
+Launched with ``torchrun --nproc_per_node=K -m sde_diffusion.training --config ...`` the same code
+runs DDP (``nccl`` on GPU, ``gloo`` on CPU): every rank takes a disjoint slice of each global batch
+of ``training.batch_size`` samples and draws the noise of the whole global batch from the same
+seeded generator, so the update equals that of one process with the global batch (up to the
+summation order of the gradient all-reduce).
+
+Command line::
+
+    python -m sde_diffusion.training --config configs/toy/moons_vp.py --workdir runs/moons \\
+        --config.training.n_iters=5000 --config.optim.lr=1e-3
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._checks import require
+from .checkpoints import (LAST_NAME, capture_rng_states, latest_checkpoint, load_checkpoint,
+                          model_from_checkpoint, restore_rng_states, save_checkpoint)
+from .config import (apply_overrides, build_sde, config_to_json, flatten, load_config,
+                     network_config)
+from .losses import get_loss_fn
+from .models.wrapper import ScoreModel
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "load_data",
+           "evaluate_model", "model_from_checkpoint", "load_checkpoint", "main"]
+
+LOG_NAME = "loss_log.csv"
+LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "elapsed_s")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or the weights) became NaN/Inf; ``step`` is the first bad step and
+    ``checkpoint`` the last good checkpoint kept on disk (or ``None``)."""
+
+    def __init__(self, message: str, step: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank)."""
+    step: int                                   # optimisation steps done
+    losses: List[Tuple[int, float]]             # (step, mean loss) of every row logged in this call
+    workdir: str
+    checkpoint: Optional[str]                   # path of checkpoint_last.pt (None if not written)
+    net: nn.Module                              # raw weights (unwrapped from DDP)
+    ema_net: nn.Module                          # EMA weights, eval mode
+    model: ScoreModel                           # the EMA network wrapped for samplers
+    sde: Any
+    config: Any
+    interrupted: Optional[str] = None           # "SIGINT"/"SIGTERM" when stopped by a signal
+    resumed_from: Optional[int] = None          # step of the checkpoint resumed from
+    elapsed_s: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+    sample_paths: List[str] = field(default_factory=list)
+
+
+# ---- building blocks --------------------------------------------------------------------------
+def load_data(config, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The training set named by ``config.data.dataset`` (``sde_diffusion.data.get_dataset``):
+    2-D toys get ``n=config.data.n_train`` samples drawn with ``generator``; ``digits`` gets
+    ``size=image_size`` and ``split``; ``npz`` gets ``path`` and ``key``; ``images`` gets ``path``,
+    ``size=image_size`` and ``channels=num_channels``."""
+    from . import data as data_module
+
+    d = config.data
+    name = str(d.dataset)
+    if name == "digits":
+        kwargs = {"size": int(d.image_size), "split": str(d.split)}
+    elif name == "npz":
+        kwargs = {"path": str(d.path), "key": str(d.key)}
+    elif name == "images":
+        kwargs = {"path": str(d.path), "size": int(d.image_size), "channels": int(d.num_channels)}
+    else:
+        kwargs = {"n": int(d.n_train), "generator": generator}
+    x = data_module.get_dataset(name, **kwargs)
+    require(isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] >= 1,
+            f"dataset {name!r} must be a (N, ...) tensor, got {type(x).__name__}")
+    return x.float()
+
+
+def build_model(config, data_shape: Sequence[int], sde=None) -> Tuple[nn.Module, ScoreModel]:
+    """The network of ``config.model`` for ``data_shape`` and its :class:`ScoreModel` wrapper."""
+    from .models import build_network
+
+    sde = build_sde(config) if sde is None else sde
+    net = build_network(network_config(config.model), tuple(int(s) for s in data_shape))
+    model = ScoreModel(net, sde, parameterization=str(config.model.parameterization),
+                       time_input=str(config.model.time_input))
+    return net, model
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), f"config.device={name!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+class _Distributed:
+    """torch.distributed set-up when launched by torchrun (WORLD_SIZE > 1 in the environment)."""
+
+    def __init__(self, device_name: str):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        if world > 1 or dist.is_initialized():
+            if not dist.is_initialized():
+                device = _resolve_device(device_name, self.local_rank)
+                backend = "nccl" if device.type == "cuda" else "gloo"
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)
+                dist.init_process_group(backend=backend)
+                self.owns_group = True
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world_size = 0, 1
+        self.device = _resolve_device(device_name, self.local_rank)
+        self.enabled = self.world_size > 1
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _EMA:
+    """Exponential moving average of the weights, score_sde's ``ExponentialMovingAverage`` with
+    ``use_num_updates``: decay ``min(rate, (1 + n) / (10 + n))`` at update ``n``."""
+
+    def __init__(self, net: nn.Module, rate: float):
+        require(0.0 <= rate < 1.0, f"config.model.ema_rate must lie in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+        self.net = copy.deepcopy(net).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.src = [p for p in net.parameters()]
+        self.dst = [p for p in self.net.parameters()]
+        self.src_buffers = [b for b in net.buffers()]
+        self.dst_buffers = [b for b in self.net.buffers()]
+
+    @torch.no_grad()
+    def update(self, num_updates: int) -> None:
+        decay = min(self.rate, (1.0 + num_updates) / (10.0 + num_updates))
+        torch._foreach_lerp_(self.dst, self.src, 1.0 - decay)
+        if self.dst_buffers:
+            torch._foreach_copy_(self.dst_buffers, self.src_buffers)
+
+
+def _lr_at(step: int, base_lr: float, warmup: int) -> float:
+    """Learning rate of the update that takes the run from ``step`` to ``step + 1``: linear warm-up
+    over ``warmup`` updates (score_sde uses ``step / warmup``, which makes its first update
+    lr = 0; we use ``(step + 1) / warmup``)."""
+    return base_lr * min((step + 1) / warmup, 1.0) if warmup > 0 else base_lr
+
+
+def _make_optimizer(config, params) -> torch.optim.Optimizer:
+    o = config.optim
+    name = str(o.optimizer).lower()
+    kwargs = dict(lr=float(o.lr), betas=(float(o.beta1), float(o.get("beta2", 0.999))),
+                  eps=float(o.eps), weight_decay=float(o.weight_decay))
+    if name == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    raise ValueError(f"config.optim.optimizer must be 'Adam' or 'AdamW', got {o.optimizer!r}")
+
+
+def _autocast(config, device: torch.device):
+    """(autocast dtype or None, GradScaler or None) for ``config.training.mixed_precision``."""
+    mode = str(config.training.get("mixed_precision", "no")).lower()
+    require(mode in ("no", "bf16", "fp16"),
+            f"config.training.mixed_precision must be 'no', 'bf16' or 'fp16', got {mode!r}")
+    if mode == "no":
+        return None, None
+    if device.type != "cuda":
+        warnings.warn(f"mixed_precision={mode!r} is for GPUs; training in float32 on {device}")
+        return None, None
+    if mode == "bf16":
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+class _SignalCatcher:
+    """SIGINT/SIGTERM set a flag (the loop checkpoints and stops); a second SIGINT interrupts."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log rows after ``step`` (written by a run that went on past its last checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(keep) != len(rows):
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+        os.replace(tmp, path)
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _config_changes(old, new) -> List[str]:
+    a, b = flatten(old), flatten(new)
+    ignore = ("training.n_iters", "training.log_freq", "training.snapshot_freq",
+              "training.snapshot_freq_for_preemption", "training.sample_freq",
+              "training.n_preview", "sampling.", "eval.", "device")
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore):
+            continue
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, list):
+            va = tuple(va)
+        if isinstance(vb, list):
+            vb = tuple(vb)
+        if va != vb:
+            out.append(f"{k}: {va!r} -> {vb!r}")
+    return out
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def train(config, workdir: str, *, quiet: bool = False, resume: bool = True) -> TrainResult:
+    """Train (or resume training) as described in the module docstring; returns a
+    :class:`TrainResult`. Raises :class:`NonFiniteLossError` naming the step when the loss becomes
+    NaN/Inf (the last good checkpoint stays on disk).
+
+    Args:
+        config: an ``ml_collections.ConfigDict`` in the layout of
+            :func:`sde_diffusion.config.default_config`.
+        workdir: output folder; a checkpoint in it is resumed from (unless ``resume=False``).
+        quiet: no progress bar and no messages.
+    """
+    from .data import infinite_batches
+
+    workdir = os.fspath(workdir)
+    ddp = _Distributed(str(config.get("device", "auto")))
+    try:
+        return _train(config, workdir, quiet, resume, ddp, infinite_batches)
+    finally:
+        ddp.close()
+
+
+def _train(config, workdir, quiet, resume, ddp, infinite_batches) -> TrainResult:
+    tr, rank, world, device = config.training, ddp.rank, ddp.world_size, ddp.device
+    is_main = rank == 0
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (is_main and not quiet) else (lambda msg: None)
+    n_iters = int(tr.n_iters)
+    batch_size = int(tr.batch_size)
+    require(n_iters >= 0, f"config.training.n_iters must be >= 0, got {n_iters}")
+    require(batch_size >= 1 and batch_size % world == 0,
+            f"config.training.batch_size={batch_size} must be a positive multiple of the number "
+            f"of processes ({world})")
+    log_freq = max(1, int(tr.log_freq))
+    ckpt_freq = int(tr.snapshot_freq_for_preemption)
+    numbered_freq = int(tr.get("snapshot_freq", 0))
+    sample_freq = int(tr.get("sample_freq", 0))
+    seed = int(config.seed)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+    ddp.barrier()
+    last_path = os.path.join(workdir, LAST_NAME)
+
+    # data, model, optimizer: the same seeds on every rank, so every rank builds the same network
+    data_gen = torch.Generator().manual_seed(seed)          # seeds the data order
+    data = load_data(config, torch.Generator().manual_seed(seed + 1)).to(device)
+    data_shape = tuple(data.shape[1:])
+    sde = build_sde(config)
+    torch.manual_seed(seed)
+    net, _ = build_model(config, data_shape, sde)
+    net.to(device)
+    ema = _EMA(net, float(config.model.ema_rate))
+    optimizer = _make_optimizer(config, net.parameters())
+    amp_dtype, scaler = _autocast(config, device)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    base_lr, warmup = float(config.optim.lr), int(config.optim.warmup)
+    grad_clip = float(config.optim.grad_clip)
+    loss_fn = get_loss_fn(config, sde)
+
+    # resume
+    step, resumed_from = 0, None
+    found = latest_checkpoint(workdir) if resume else None
+    if found is not None:
+        ckpt = load_checkpoint(found, map_location="cpu")
+        changes = _config_changes(ckpt["config"], config)
+        if changes:
+            warnings.warn(f"resuming {found} with a config that differs from the checkpoint's: "
+                          + "; ".join(changes[:10]))
+        require(tuple(ckpt["data_shape"]) == data_shape,
+                f"{found} was trained on data of shape {tuple(ckpt['data_shape'])}, "
+                f"this config gives {data_shape}")
+        net.load_state_dict(ckpt["model"])
+        ema.net.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("grad_scaler") is not None:
+            scaler.load_state_dict(ckpt["grad_scaler"])
+        step = resumed_from = int(ckpt["step"])
+        say(f"resuming from {found} at step {step}")
+    train_net: nn.Module = net
+    if ddp.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = ScoreModel(train_net, sde, parameterization=str(config.model.parameterization),
+                       time_input=str(config.model.time_input), check_finite=False)
+
+    # data order: shuffled indices into the training set, sharded over ranks, restored on resume
+    batches = infinite_batches(data, batch_size, data_gen, rank=rank, world_size=world)
+    if found is not None:
+        restore_rng_states(ckpt["rng"], noise=noise_gen)
+        batches.load_state_dict(ckpt["data_order"])
+        del ckpt
+
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(json.dumps(json.loads(config_to_json(config)), indent=2, sort_keys=True))
+    log_path = os.path.join(workdir, LOG_NAME)
+    if is_main:
+        if step > 0:
+            _truncate_log(log_path, step)
+        new_log = not os.path.isfile(log_path) or step == 0
+        log_file = open(log_path, "w" if new_log else "a", newline="")
+        log_writer = csv.writer(log_file)
+        if new_log:
+            log_writer.writerow(LOG_FIELDS)
+            log_file.flush()
+    else:
+        log_file = log_writer = None
+
+    def checkpoint(path: str) -> None:
+        if is_main:
+            extra = {"data_order": batches.state_dict()}
+            if scaler is not None:
+                extra["grad_scaler"] = scaler.state_dict()
+            save_checkpoint(path, step=step, config=config, data_shape=data_shape,
+                            model_state=net.state_dict(), ema_state=ema.net.state_dict(),
+                            optimizer_state=optimizer.state_dict(),
+                            rng=capture_rng_states(noise=noise_gen), extra=extra)
+        ddp.barrier()
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    pending: List[torch.Tensor] = []      # per-step losses since the last check (device tensors)
+    pending_first_step = step             # step index of pending[0]
+    logged: List[Tuple[int, float]] = []
+    grad_norm = torch.zeros((), device=device)
+    written_last: Optional[str] = last_path if (found and os.path.isfile(last_path)) else None
+    sample_paths: List[str] = []
+    t_start = time.perf_counter()
+
+    def check_finite_losses() -> Optional[torch.Tensor]:
+        """Stacked pending losses (mean over ranks); raise if any is not finite."""
+        nonlocal pending, pending_first_step
+        if not pending:
+            return None
+        stacked = torch.stack(pending).float()
+        if ddp.enabled:
+            dist.all_reduce(stacked)
+            stacked /= world
+        stacked = stacked.cpu()
+        bad = ~torch.isfinite(stacked)
+        if bool(bad.any()):
+            bad_step = pending_first_step + int(bad.nonzero()[0, 0]) + 1  # 1-based update
+            kept = f"{written_last}" if written_last else "none written yet"
+            raise NonFiniteLossError(
+                f"the training loss became {float(stacked[bad][0])} at step {bad_step}; training "
+                f"stopped. Last good checkpoint: {kept}", bad_step, written_last)
+        pending, pending_first_step = [], step
+        return stacked
+
+    def write_log(stacked: torch.Tensor) -> None:
+        lr_now = optimizer.param_groups[0]["lr"]
+        loss = float(stacked.mean())
+        logged.append((step, loss))
+        if is_main:
+            log_writer.writerow([step, f"{loss:.6g}", f"{lr_now:.6g}", f"{float(grad_norm):.6g}",
+                                 f"{time.perf_counter() - t_start:.3f}"])
+            log_file.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    def save_good(path: str) -> None:
+        nonlocal written_last
+        check_finite_losses()
+        if not _all_finite([p.detach() for p in params]):
+            raise NonFiniteLossError(f"the weights are not finite at step {step}; training stopped. "
+                                     f"Last good checkpoint: {written_last or 'none written yet'}",
+                                     step, written_last)
+        checkpoint(path)
+        if path == last_path:
+            written_last = last_path
+
+    bar = None
+    if is_main and not quiet and sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n_iters, initial=min(step, n_iters), desc="train", dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            bar = None
+
+    interrupted = None
+    window_losses: List[torch.Tensor] = []   # losses since the last log row (kept for the log)
+    try:
+        with _SignalCatcher() as signals:
+            net.train()
+            while step < n_iters:
+                x0 = next(batches)
+                if amp_dtype is not None:
+                    with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                        loss = loss_fn(model, x0, noise_gen, rank=rank, world_size=world)
+                else:
+                    loss = loss_fn(model, x0, noise_gen, rank=rank, world_size=world)
+                optimizer.zero_grad(set_to_none=True)
+                lr = _lr_at(step, base_lr, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if grad_clip >= 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                step += 1
+                ema.update(step - 1)
+                loss_d = loss.detach()
+                pending.append(loss_d)
+                window_losses.append(loss_d)
+                if bar is not None:
+                    bar.update(1)
+
+                if step % log_freq == 0 or step == n_iters:
+                    check_finite_losses()
+                    stacked = torch.stack(window_losses).float()
+                    if ddp.enabled:
+                        dist.all_reduce(stacked)
+                        stacked /= world
+                    write_log(stacked.cpu())
+                    window_losses = []
+                if numbered_freq > 0 and step % numbered_freq == 0:
+                    save_good(os.path.join(workdir, f"checkpoint_{step}.pt"))
+                if ckpt_freq > 0 and step % ckpt_freq == 0 and step < n_iters:
+                    save_good(last_path)
+                if sample_freq > 0 and step % sample_freq == 0 and is_main:
+                    path = _preview(config, ema.net, sde, data, data_shape, step, workdir, device)
+                    if path:
+                        sample_paths.append(path)
+                # a signal stops every rank at the same step: ranks agree at log steps under DDP
+                stop = signals.signum
+                if ddp.enabled:
+                    if step % log_freq == 0 or step == n_iters:
+                        flag = torch.tensor([0 if stop is None else stop], device=device)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        stop = int(flag.item()) or None
+                    else:
+                        stop = None
+                if stop is not None:
+                    interrupted = signal.Signals(stop).name
+                    say(f"\n{interrupted} received: checkpointing at step {step} and stopping")
+                    break
+            # final checkpoint (also after an interruption)
+            if step > 0 and (step != resumed_from or not os.path.isfile(last_path)):
+                save_good(last_path)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+
+    net.eval()
+    ema_model = ScoreModel(ema.net, sde, parameterization=str(config.model.parameterization),
+                           time_input=str(config.model.time_input))
+    return TrainResult(step=step, losses=logged, workdir=workdir,
+                       checkpoint=last_path if os.path.isfile(last_path) else None, net=net,
+                       ema_net=ema.net, model=ema_model, sde=sde, config=config,
+                       interrupted=interrupted, resumed_from=resumed_from,
+                       elapsed_s=time.perf_counter() - t_start, rank=rank, world_size=world,
+                       sample_paths=sample_paths)
+
+
+# ---- previews and evaluation ------------------------------------------------------------------
+def _sample(model: ScoreModel, sde, n: int, data_shape, config, generator, device) -> torch.Tensor:
+    from .samplers import sample  # the samplers sit above training's building blocks
+
+    with torch.no_grad():
+        result = sample(model, sde, shape=(n,) + tuple(data_shape),
+                        solver=str(config.sampling.method), steps=int(config.sampling.steps),
+                        generator=generator, device=device, progress=False)
+    return result.samples
+
+
+def _preview(config, ema_net, sde, data, data_shape, step, workdir, device) -> Optional[str]:
+    """Sample ``training.n_preview`` points/images with the EMA weights and save a PNG. Uses its
+    own generator (seeded by step), so previews never change the training's random streams."""
+    try:
+        from .metrics import save_image_grid, save_scatter
+    except ImportError as e:  # pragma: no cover
+        warnings.warn(f"no sample preview: {e}")
+        return None
+    model = ScoreModel(ema_net, sde, parameterization=str(config.model.parameterization),
+                       time_input=str(config.model.time_input))
+    g = torch.Generator(device=device).manual_seed(int(config.seed) * 1000003 + step)
+    n = int(config.training.n_preview)
+    x = _sample(model, sde, n, data_shape, config, g, device).float().cpu()
+    path = os.path.join(workdir, "samples", f"step_{step}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if len(data_shape) == 3:
+        save_image_grid(x.clamp(-1, 1), path, nrow=max(1, int(math.sqrt(n))))
+    elif len(data_shape) == 1 and data_shape[0] == 2:
+        save_scatter(x, path, reference=data[:min(len(data), 2000)].float().cpu())
+    else:
+        return None
+    return path
+
+
+def evaluate_model(model: ScoreModel, config, n_samples: Optional[int] = None,
+                   seed: int = 0, device=None) -> Dict[str, float]:
+    """Sample ``n_samples`` (default ``config.eval.n_samples``) with ``config.sampling`` and score
+    them against fresh data:
+
+    - 2-D toys: sliced Wasserstein distance to a fresh data set of the same size, and the
+      baseline distance between two fresh data sets (``sw``, ``sw_baseline``, ``sw_ratio``);
+    - digits: Fréchet distance on the digits classifier's features to the test split
+      (``fd``), with ``digits_fd_baselines()`` (``fd_real``, ``fd_noise``).
+    """
+    from . import data as data_module
+    from . import metrics
+
+    n = int(n_samples or config.eval.n_samples)
+    if device is None:
+        params = list(model.net.parameters()) if isinstance(model.net, nn.Module) else []
+        device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    name = str(config.data.dataset)
+    if name == "digits":
+        ref = data_module.get_dataset("digits", size=int(config.data.image_size), split="test")
+        shape = tuple(ref.shape[1:])
+    else:
+        ref = None
+        shape = (2,)
+    chunks = []
+    bs = int(config.eval.batch_size)
+    for start in range(0, n, bs):
+        chunks.append(_sample(model, model.sde, min(bs, n - start), shape, config, g, device).cpu())
+    x = torch.cat(chunks).float()
+    if name == "digits":
+        fd = float(metrics.frechet_distance(x.clamp(-1, 1), ref, features="digits"))
+        base = metrics.digits_fd_baselines()
+        out = {"fd": fd, "n": n}
+        out.update({f"fd_{k}": float(v) for k, v in dict(base).items()})
+        return out
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    fresh1 = data_module.get_dataset(name, n=n, generator=gen)
+    fresh2 = data_module.get_dataset(name, n=n, generator=gen)
+    pg = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    sw = float(metrics.sliced_wasserstein(x, fresh1, generator=pg(seed + 1)))
+    base = float(metrics.sliced_wasserstein(fresh2, fresh1, generator=pg(seed + 1)))
+    return {"sw": sw, "sw_baseline": base, "sw_ratio": sw / base, "n": n}
+
+
+# ---- command line -------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m sde_diffusion.training --config FILE --workdir DIR [--config.KEY=VALUE ...]``
+    (or under ``torchrun``). Exit status 0 when done, 128 + signal number when stopped by a signal
+    (after checkpointing), 3 when the loss became NaN/Inf."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sde_diffusion.training",
+        description="Train a score model. Any config field can be overridden: "
+                    "--config.optim.lr=1e-3 --config.training.n_iters=2000 ...")
+    parser.add_argument("--config", required=True, help="a config file with get_config()")
+    parser.add_argument("--workdir", required=True, help="output folder (resumed if it holds a checkpoint)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    parser.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in workdir")
+    parser.add_argument("--eval", action="store_true", help="evaluate the EMA model at the end")
+    args, rest = parser.parse_known_args(argv)
+    config = load_config(args.config)
+    try:
+        apply_overrides(config, rest)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        result = train(config, args.workdir, quiet=args.quiet, resume=not args.no_resume)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if result.interrupted:
+        return 128 + int(getattr(signal, result.interrupted))
+    if args.eval and result.rank == 0:
+        scores = evaluate_model(result.model, config)
+        print(json.dumps(scores), flush=True)
+        with open(os.path.join(args.workdir, "eval.json"), "w") as f:
+            json.dump(scores, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The training loop: logging, exact resumption, signals, NaN handling, DDP equivalence."""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sde_diffusion.checkpoints import load_checkpoint, model_from_checkpoint
+from sde_diffusion.config import apply_overrides, load_config
+from sde_diffusion.training import NonFiniteLossError, evaluate_model, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOONS = os.path.join(ROOT, "configs", "toy", "moons_vp.py")
+DIGITS = os.path.join(ROOT, "configs", "digits", "vp.py")
+
+TINY = {"training.batch_size": 32, "training.log_freq": 5, "training.snapshot_freq_for_preemption": 7,
+        "model.hidden": 16, "model.depth": 2, "model.embed_dim": 16, "data.n_train": 256,
+        "optim.warmup": 4, "sampling.steps": 8}
+TINY_UNET = {"training.batch_size": 8, "training.log_freq": 2, "training.snapshot_freq_for_preemption": 3,
+             "training.sample_freq": 0, "model.base_channels": 8, "model.channel_mults": (1,),
+             "model.num_res_blocks": 1, "model.attn_resolutions": (), "model.dropout": 0.3,
+             "optim.warmup": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(n_iters, path=MOONS, base=TINY, **over):
+    c = load_config(path)
+    apply_overrides(c, {**base, "training.n_iters": n_iters, **over})
+    return c
+
+
+def _overrides_as_args(over):
+    out = []
+    for k, v in over.items():
+        out.append(f"--config.{k}={v!r}" if isinstance(v, (str, tuple)) else f"--config.{k}={v}")
+    return out
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+def _read_log(workdir):
+    with open(os.path.join(workdir, "loss_log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_state(a, b, exact=True):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if exact:
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_short_run_writes_log_checkpoint_and_config(tmp_path):
+    result = train(tiny(20), tmp_path, quiet=True)
+    assert result.step == 20 and result.interrupted is None and result.resumed_from is None
+    rows = _read_log(tmp_path)
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    assert [s for s, _ in result.losses] == [5, 10, 15, 20]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    assert float(rows[0]["lr"]) == pytest.approx(load_config(MOONS).optim.lr)
+    assert os.path.isfile(tmp_path / "config.json")
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pt")
+    assert ckpt["step"] == 20 and ckpt["config"].model.hidden == 16
+    model, sde, cfg = model_from_checkpoint(tmp_path)
+    _assert_same_state(model.net, result.ema_net)
+    # the EMA differs from the raw weights, and training again does nothing
+    assert any(not torch.equal(p, q) for p, q in zip(result.net.parameters(), result.ema_net.parameters()))
+    again = train(tiny(20), tmp_path, quiet=True)
+    assert again.step == 20 and again.resumed_from == 20 and again.losses == []
+
+
+def _scramble_global_rngs():
+    torch.manual_seed(12345), random.seed(12345), np.random.seed(12345)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet_dropout"])
+def test_resume_is_bit_for_bit(tmp_path, kind):
+    """N steps straight == N/2 steps, a fresh reload from the checkpoint, N/2 more steps."""
+    make = (lambda n: tiny(n)) if kind == "mlp" else (lambda n: tiny(n, DIGITS, TINY_UNET))
+    n = 12 if kind == "mlp" else 6
+    straight = train(make(n), tmp_path / "a", quiet=True)
+    train(make(n // 2), tmp_path / "b", quiet=True)
+    _scramble_global_rngs()                       # a fresh process would start elsewhere
+    resumed = train(make(n), tmp_path / "b", quiet=True)
+    assert resumed.resumed_from == n // 2 and resumed.step == n
+    _assert_same_state(straight.net, resumed.net)
+    _assert_same_state(straight.ema_net, resumed.ema_net)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint_last.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint_last.pt")
+    for k, v in a["optimizer"]["state"].items():
+        for name in v:
+            assert torch.equal(v[name], b["optimizer"]["state"][k][name])
+    # the log: the same rows at multiples of log_freq, plus the first run's final row
+    la, lb = _read_log(tmp_path / "a"), _read_log(tmp_path / "b")
+    assert {r["step"] for r in lb} == {r["step"] for r in la} | {str(n // 2)}
+    assert la[0] == {**lb[0], "elapsed_s": la[0]["elapsed_s"]}
+
+
+def test_resume_from_a_periodic_checkpoint_after_a_crash(tmp_path):
+    """A run killed without a final checkpoint resumes from the last periodic one; log rows
+    written after that checkpoint are dropped and rewritten."""
+    straight = train(tiny(16), tmp_path / "a", quiet=True)
+    train(tiny(14), tmp_path / "b", quiet=True)
+    # simulate a crash after step 14: the last periodic checkpoint is step 7
+    ckpt = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["step"] == 14
+    train(tiny(7), tmp_path / "c", quiet=True)
+    os.replace(tmp_path / "c" / "checkpoint_last.pt", tmp_path / "b" / "checkpoint_last.pt")
+    resumed = train(tiny(16), tmp_path / "b", quiet=True)
+    assert resumed.resumed_from == 7
+    _assert_same_state(straight.net, resumed.net)
+    assert [r["step"] for r in _read_log(tmp_path / "b")] == ["5", "10", "15", "16"]
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+    over = {**TINY, "training.n_iters": 100000, "training.log_freq": 1,
+            "training.snapshot_freq_for_preemption": 0}
+    cmd = [sys.executable, "-m", "sde_diffusion.training", "--config", MOONS, "--workdir",
+           str(tmp_path), "--quiet"] + _overrides_as_args(over)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        log = tmp_path / "loss_log.csv"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= 4:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    step = load_checkpoint(tmp_path / "checkpoint_last.pt")["step"]
+    assert step >= 3
+    result = train(tiny(step + 3), tmp_path, quiet=True)
+    assert result.resumed_from == step and result.step == step + 3
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from sde_diffusion import training
+    real = training.get_loss_fn
+
+    def poisoned(config, sde):
+        fn, calls = real(config, sde), [0]
+
+        def loss_fn(*a, **k):
+            calls[0] += 1
+            loss = fn(*a, **k)
+            return loss * float("nan") if calls[0] == 10 else loss
+        return loss_fn
+
+    monkeypatch.setattr(training, "get_loss_fn", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 10") as info:
+        train(tiny(40, **{"training.log_freq": 3, "training.snapshot_freq_for_preemption": 4}),
+              tmp_path, quiet=True)
+    assert info.value.step == 10
+    assert info.value.checkpoint.endswith("checkpoint_last.pt")
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pt")
+    assert ckpt["step"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) == one process with the same global batch. Equality
+    is up to float rounding: the gradient all-reduce sums in another order than one process."""
+    over = {**TINY, "training.n_iters": 10, "training.batch_size": 32}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sde_diffusion.training", "--config", MOONS, "--workdir", str(tmp_path / "ddp"),
+           "--quiet", "--config.device=cpu"] + _overrides_as_args(over)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    single = train(tiny(10, **{"training.batch_size": 32}), tmp_path / "one", quiet=True)
+    ddp_model, _, _ = model_from_checkpoint(tmp_path / "ddp", use_ema=False)
+    _assert_same_state(single.net, ddp_model.net, exact=False)
+    ddp_ema, _, _ = model_from_checkpoint(tmp_path / "ddp")
+    _assert_same_state(single.ema_net, ddp_ema.net, exact=False)
+    la, lb = _read_log(tmp_path / "one"), _read_log(tmp_path / "ddp")
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    np.testing.assert_allclose([float(r["loss"]) for r in la], [float(r["loss"]) for r in lb], rtol=1e-5)
+
+
+def test_previews_and_evaluation(tmp_path):
+    result = train(tiny(6, **{"training.sample_freq": 3, "training.n_preview": 16}), tmp_path,
+                   quiet=True)
+    assert [os.path.basename(p) for p in result.sample_paths] == ["step_3.png", "step_6.png"]
+    assert all(os.path.getsize(p) > 0 for p in result.sample_paths)
+    scores = evaluate_model(result.model, result.config, n_samples=200)
+    assert scores["sw"] > 0 and scores["sw_baseline"] > 0 and scores["n"] == 200
+
+
+def test_previews_do_not_change_the_training(tmp_path):
+    a = train(tiny(6), tmp_path / "a", quiet=True)
+    b = train(tiny(6, **{"training.sample_freq": 2, "training.n_preview": 8}), tmp_path / "b", quiet=True)
+    _assert_same_state(a.net, b.net)
+
+
+def test_mixed_precision_on_cpu_warns_and_trains_in_float32(tmp_path):
+    with pytest.warns(UserWarning, match="for GPUs"):
+        result = train(tiny(3, **{"training.mixed_precision": "bf16"}), tmp_path, quiet=True)
+    assert result.step == 3 and next(result.net.parameters()).dtype == torch.float32
+
+
+def test_bad_settings_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision"):
+        train(tiny(3, **{"training.mixed_precision": "fp8"}), tmp_path / "a", quiet=True)
+    with pytest.raises(ValueError, match="optimizer"):
+        train(tiny(3, **{"optim.optimizer": "SGD"}), tmp_path / "b", quiet=True)
+    with pytest.raises(ValueError, match="ema_rate"):
+        train(tiny(3, **{"model.ema_rate": 1.5}), tmp_path / "c", quiet=True)
+
+
+@pytest.mark.gpu
+def test_cuda_training_with_bf16(tmp_path):
+    result = train(tiny(10, **{"training.mixed_precision": "bf16", "device": "cuda"}), tmp_path,
+                   quiet=True)
+    assert result.step == 10 and next(result.net.parameters()).is_cuda
+    assert all(np.isfinite(loss) for _, loss in result.losses)
