@@ -30,7 +30,7 @@ import functools
 import inspect
 import math
 import os
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch

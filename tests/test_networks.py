@@ -101,7 +101,7 @@ def test_label_conditioning_and_null_label(make, shape):
     assert not torch.allclose(out, net(x, t, (y + 1) % K))
     assert torch.equal(net(x, t), net(x, t, torch.full((6,), K)))      # y=None is the null label K
     assert not torch.allclose(net(x, t), out)
-    assert net.label_embed.table.num_embeddings == K + 1
+    assert net.cond.label.table.num_embeddings == K + 1
     with pytest.raises(ValueError, match="labels must lie in"):
         net(x, t, torch.tensor([0, 1, 2, 3, 4, 0]))
     with pytest.raises(ValueError, match="integer"):
@@ -218,7 +218,7 @@ def test_build_network_from_config():
     cfg = ml_collections.ConfigDict(dict(name="mlp", hidden=24, depth=2))
     net = build_network(cfg, (3,))
     assert isinstance(net, TimeMLP) and net.inp.in_features == 3 and net.inp.out_features == 24
-    assert len(net.time_proj) == 2 and net.time_embed.kind == "fourier"            # default kept
+    assert len(net.time_proj) == 2 and net.cond.time.kind == "fourier"            # default kept
     cfg = ml_collections.ConfigDict(dict(name="unet", base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
                                          attn_resolutions=(4,), num_classes=10, embed_dim=None, dropout=0.0,
                                          skip_rescale=True, resblock_updown=False, time_embedding="fourier",
@@ -240,3 +240,21 @@ def test_build_network_errors():
         build_network({"name": "unet"}, (1, 8, 16))
     with pytest.raises(ValueError, match="contradicts data_shape"):
         build_network({"name": "unet", "image_size": 16}, (1, 8, 8))
+
+
+@pytest.mark.gpu
+def test_networks_follow_the_device_on_cuda():
+    from sde_diffusion.data import infinite_batches
+    from sde_diffusion.metrics import sliced_wasserstein
+
+    dev = torch.device("cuda")
+    for net, shape in ((TimeMLP(2, hidden=16, num_classes=3), (4, 2)), (tiny_unet(num_classes=3), (4, 1, 8, 8))):
+        net = randomize_zero_params(net).to(dev)
+        x, t, y = torch.randn(shape, device=dev), torch.rand(4, device=dev), torch.tensor([0, 1, 2, 3], device=dev)
+        out = net(x, t, y)
+        assert out.device.type == "cuda" and out.shape == x.shape
+        out.square().mean().backward()
+        assert torch.allclose(out.cpu(), net.cpu()(x.cpu(), t.cpu(), y.cpu()), atol=1e-4)
+    batches = infinite_batches(torch.arange(10, device=dev), 4, torch.Generator().manual_seed(0))
+    assert next(batches).device.type == "cuda"
+    assert sliced_wasserstein(torch.zeros(5, 2, device=dev), torch.zeros(5, 2)) == 0.0

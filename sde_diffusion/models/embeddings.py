@@ -29,7 +29,7 @@ from .._checks import require
 
 __all__ = ["ACTIVATIONS", "TIME_EMBEDDINGS", "TIME_TRANSFORMS", "get_activation",
            "GaussianFourierProjection", "sinusoidal_embedding", "TimeEmbedding", "LabelEmbedding",
-           "batch_time"]
+           "Conditioning", "batch_time"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU,
                "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
@@ -103,7 +103,7 @@ class TimeEmbedding(nn.Module):
         embed_dim: size of the raw features (even for Fourier).
         out_dim: size of the returned embedding.
         fourier_scale: std of the Fourier frequencies.
-        time_transform: ``"identity"`` or ``"log"`` (``log(max(t, 1e-20))``, for sigma inputs).
+        time_transform: ``"identity"`` or ``"log"`` (``log t``, clamped at the dtype's tiny, for sigma inputs).
         time_scale: multiplier applied after the transform; ``None`` means 1000 for sinusoidal
             (continuous ``t`` to DDPM's index range) and 1 for Fourier.
     """
@@ -127,7 +127,7 @@ class TimeEmbedding(nn.Module):
                                  nn.Linear(out_dim, out_dim))
 
     def features(self, t: torch.Tensor) -> torch.Tensor:
-        s = t.clamp_min(1e-20).log() if self.time_transform == "log" else t
+        s = t.clamp_min(torch.finfo(t.dtype).tiny).log() if self.time_transform == "log" else t
         s = s * self.time_scale
         if self.fourier is not None:
             return self.fourier(s)
@@ -168,7 +168,24 @@ class LabelEmbedding(nn.Module):
         return self.table(y)
 
 
-def check_label_use(num_classes: Optional[int], y) -> None:
-    """Clear error when labels reach a network built without ``num_classes``."""
-    require(y is None or num_classes is not None,
-            "this network is unconditional (num_classes=None) but labels y were given")
+class Conditioning(nn.Module):
+    """The conditioning vector of a network: ``act(time_embedding(t) + label_embedding(y))`` of size
+    ``out_dim``; each layer or block then adds its own ``Linear`` projection of it (DDPM, score_sde).
+    Label embedding only with ``num_classes``; ``y=None`` is the null label."""
+
+    def __init__(self, out_dim: int, time_embedding: str = "fourier", embed_dim: int = 64,
+                 fourier_scale: float = 16.0, num_classes: Optional[int] = None, activation: str = "silu",
+                 time_transform: str = "identity", time_scale: Optional[float] = None):
+        super().__init__()
+        self.time = TimeEmbedding(time_embedding, embed_dim, out_dim, fourier_scale, activation,
+                                  time_transform, time_scale)
+        self.label = LabelEmbedding(num_classes, out_dim) if num_classes is not None else None
+        self.act = get_activation(activation)
+
+    def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        require(y is None or self.label is not None,
+                "this network is unconditional (num_classes=None) but labels y were given")
+        e = self.time(batch_time(t, x))
+        if self.label is not None:
+            e = e + self.label(y, x.shape[0], x.device)
+        return self.act(e)

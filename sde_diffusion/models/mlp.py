@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .._checks import require
-from .embeddings import LabelEmbedding, TimeEmbedding, batch_time, check_label_use, get_activation
+from .embeddings import Conditioning, get_activation
 
 __all__ = ["TimeMLP"]
 
@@ -45,9 +45,8 @@ class TimeMLP(nn.Module):
                     f"{name} must be an integer >= 1, got {value!r}")
         self.dim, self.num_classes = dim, num_classes
         self.act = get_activation(activation)
-        self.time_embed = TimeEmbedding(time_embedding, embed_dim, hidden, fourier_scale,
-                                        activation, time_transform, time_scale)
-        self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes is not None else None
+        self.cond = Conditioning(hidden, time_embedding, embed_dim, fourier_scale, num_classes, activation,
+                                 time_transform, time_scale)
         self.inp = nn.Linear(dim, hidden)
         self.time_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
@@ -59,11 +58,7 @@ class TimeMLP(nn.Module):
         require(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
                 f"x must have shape (batch, {self.dim}), got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        check_label_use(self.num_classes, y)
-        e = self.time_embed(batch_time(t, x))
-        if self.label_embed is not None:
-            e = e + self.label_embed(y, x.shape[0], x.device)
-        e = self.act(e)
+        e = self.cond(x, t, y)
         h = self.inp(x)
         for i, proj in enumerate(self.time_proj):
             h = self.act(h + proj(e))

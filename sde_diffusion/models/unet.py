@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import require
-from .embeddings import LabelEmbedding, TimeEmbedding, batch_time, check_label_use, get_activation
+from .embeddings import Conditioning, get_activation
 
 __all__ = ["UNet", "ResBlock", "AttnBlock"]
 
@@ -194,9 +194,8 @@ class UNet(nn.Module):
         nf, temb_dim = base_channels, 4 * base_channels
         embed_dim = nf if embed_dim is None else embed_dim
         self.act = get_activation(activation)
-        self.time_embed = TimeEmbedding(time_embedding, embed_dim, temb_dim, fourier_scale,
-                                        activation, time_transform, time_scale)
-        self.label_embed = LabelEmbedding(num_classes, temb_dim) if num_classes is not None else None
+        self.cond = Conditioning(temb_dim, time_embedding, embed_dim, fourier_scale, num_classes, activation,
+                                 time_transform, time_scale)
 
         def block(cin, cout, **kw):
             return ResBlock(cin, cout, temb_dim, dropout, skip_rescale, activation, **kw)
@@ -237,11 +236,7 @@ class UNet(nn.Module):
                 f"x must have shape (batch, {', '.join(map(str, expected))}) for this U-Net "
                 f"(in_channels={self.in_channels}, image_size={self.image_size}), got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        check_label_use(self.num_classes, y)
-        temb = self.time_embed(batch_time(t, x))
-        if self.label_embed is not None:
-            temb = temb + self.label_embed(y, x.shape[0], x.device)
-        temb = self.act(temb)          # every consumer applies Linear(act(temb)), as in score_sde
+        temb = self.cond(x, t, y)      # act(temb): every block applies Linear(act(temb)), as score_sde
 
         h = self.conv_in(x)
         hs = [h]
