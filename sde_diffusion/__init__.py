@@ -1,7 +1,17 @@
-"""sde_diffusion: score-based generative modelling with SDEs (Song et al., 2021)."""
+"""sde_diffusion: score-based generative modelling with SDEs (Song et al., 2021).
+
+The public API: the forward SDEs, the exact Gaussian-mixture oracle, the model wrapper, one
+sampling entry point with a registry of solvers, and the probability-flow log-likelihood.
+Training lives in :mod:`sde_diffusion.training`, networks in :mod:`sde_diffusion.models`.
+"""
+from .likelihood import image_log_likelihood, log_likelihood
 from .models import OracleModel, ScoreModel
 from .oracles import GaussianMixture, random_mixture
-from .samplers import available_solvers, sample
+from .samplers import available_solvers, make_grid, sample
 from .sdes import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
 
 __version__ = "0.1.0"
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture", "random_mixture",
+           "ScoreModel", "OracleModel", "sample", "available_solvers", "make_grid", "log_likelihood",
+           "image_log_likelihood"]
