@@ -16,7 +16,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# One thread per test process: tests are small, and several threads on a shared 2-core machine
+# slow them down many times over (CI runs two processes with pytest-xdist instead).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
