@@ -1,0 +1,496 @@
+"""Sampler benchmark on an exact Gaussian-mixture oracle: our solvers against k-diffusion's samplers
+and diffusers' schedulers, side by side, at the same NFE, from the same starting noise.
+
+    python benchmarks/samplers.py               # full run (~10 min on 2 cores), writes
+                                                # benchmarks/results/samplers.{md,csv} and
+                                                # samplers_error_vs_nfe.png
+    python benchmarks/samplers.py --quick       # smoke run (< 2 min)
+    python benchmarks/samplers.py --device cuda --image-batch 256   # GPU: overhead vs model time
+                                                # on a (B, 3, 32, 32) mixture
+
+What is measured (see docs/samplers.md, "Benchmark"):
+
+- Data: ``random_mixture(64, 8, seed)`` (unequal weights and widths, means in [-0.6, 0.6]) under
+  the VP SDE (beta 0.1 -> 20), sampled from ``T = 1`` to ``eps = 1e-3``; every solver starts from
+  the same ``x_T``; stochastic ones share one seed.
+- Deterministic solvers: RMS error (over samples and coordinates) of ``x_eps`` against the exact
+  flow map of the probability-flow ODE (``exact_flow_map``: float64, DOP853, rtol = atol = 1e-10)
+  of the same ``x_T``, at NFE 10, 20, 50, 100, 200, 1000 (a solver whose NFE per step does not
+  divide the budget uses the largest grid within it; the NFE actually spent is reported).
+- All solvers: mode statistics of the samples against ``p_eps`` (the mixture at ``t = eps``): total
+  variation of the mode weights, the largest per-mode mean error in units of the mode's std, and the
+  largest per-mode variance error ``max_k |var_k / var_k,true - 1|`` (samples assigned to modes by
+  the oracle's responsibilities; the modes are far apart in 64-D so the assignment is exact). A row
+  of exact ``p_eps`` samples of the same size shows the statistical floor.
+- Time: wall time of each run, the time spent inside the oracle (timed call by call, with
+  ``torch.cuda.synchronize`` on CUDA) and the overhead ``wall - model`` per step and per NFE. The
+  oracle is written for speed here (isotropic components, matrix products, float64) and checked
+  against the package's oracle at start-up, so the overhead is not hidden behind model time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sde_diffusion import VPSDE, GaussianMixture, random_mixture  # noqa: E402
+from sde_diffusion.metrics import mode_statistics  # noqa: E402
+from sde_diffusion.samplers import available_solvers, sample  # noqa: E402
+from sde_diffusion.samplers.focus_grid import focus_grid  # noqa: E402
+from sde_diffusion.samplers.reference import exact_flow_map  # noqa: E402
+
+NFES = (10, 20, 50, 100, 200, 1000)
+
+
+# ---- a fast, timed oracle ---------------------------------------------------------------------------
+class TimedMixture(GaussianMixture):
+    """The same isotropic mixture with ``x0``, ``eps``, ``score`` computed by matrix products in
+    float64 (exact to round-off), each call timed (``seconds``, ``calls``)."""
+
+    def __init__(self, base: GaussianMixture, device="cpu"):
+        super().__init__(base.weights, base.means, base.stds, base.sde)
+        K = self.n_components
+        flat_s = self.stds.reshape(K, -1)
+        if not bool((flat_s == flat_s[:, :1]).all()):
+            raise ValueError("TimedMixture needs isotropic components")
+        self.device = torch.device(device)
+        self._M = self.means.reshape(K, -1).to(self.device)
+        self._s2 = (flat_s[:, 0] ** 2).to(self.device)
+        self._m2 = (self._M * self._M).sum(1)
+        self._logw = self.weights.log().to(self.device)
+        self._D = self._M.shape[1]
+        self.seconds, self.calls = 0.0, 0
+        self._cuda = self.device.type == "cuda"
+
+    def reset_clock(self):
+        self.seconds, self.calls = 0.0, 0
+
+    def _sync(self):
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _parts(self, x, t):
+        B = x.shape[0]
+        xf = x.reshape(B, -1).to(torch.float64)
+        tt = self.sde._time(t, x).to(torch.float64)
+        a = self.sde._log_alpha(tt).exp()[:, None]
+        s2 = (2 * self.sde._log_sigma(tt)).exp()[:, None]
+        v = a * a * self._s2[None] + s2
+        d2 = (xf * xf).sum(1, keepdim=True) - 2 * a * (xf @ self._M.T) + a * a * self._m2[None]
+        logj = self._logw[None] - 0.5 * (d2 / v + self._D * torch.log(2 * math.pi * v))
+        return xf, torch.softmax(logj, dim=1), a, s2, v
+
+    def _timed(self, compute, x, t):
+        self._sync()
+        start = time.perf_counter()
+        out = compute(x, t).to(x.dtype).reshape(x.shape)
+        self._sync()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def _x0(self, x, t):
+        xf, r, a, s2, v = self._parts(x, t)
+        c = (r * (a * self._s2[None] / v)).sum(1, keepdim=True)
+        return c * xf + (r * (s2 / v)) @ self._M
+
+    def _score(self, x, t):
+        xf, r, a, s2, v = self._parts(x, t)
+        rv = r / v
+        return -xf * rv.sum(1, keepdim=True) + a * (rv @ self._M)
+
+    def _eps(self, x, t):
+        xf, r, a, s2, v = self._parts(x, t)
+        rv = r / v
+        return s2.sqrt() * (xf * rv.sum(1, keepdim=True) - a * (rv @ self._M))
+
+    def x0(self, x, t=None):
+        return self._timed(self._x0, x, t)
+
+    def score(self, x, t=None):
+        return self._timed(self._score, x, t)
+
+    def eps(self, x, t=None):
+        return self._timed(self._eps, x, t)
+
+
+def p_eps_mixture(mix: GaussianMixture, t: float) -> GaussianMixture:
+    """The law of ``x_t``: means ``alpha m_k``, stds ``sqrt(alpha^2 s_k^2 + sigma^2)``."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    a, s = float(mix.sde._log_alpha(tt).exp()), float(mix.sde._log_sigma(tt).exp())
+    return GaussianMixture(mix.weights, a * mix.means, (a * a * mix.stds ** 2 + s * s).sqrt())
+
+
+# ---- what is run ------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    name: str
+    library: str
+    stochastic: bool
+    schedule: str
+    steps_for_nfe: Callable[[int], Optional[int]]
+    run: Callable  # run(steps, x_T, generator) -> (samples, nfe)
+    family: str = ""
+
+
+# The grid rule for our solvers (docs/samplers.md, "Choosing a grid"): the log-SNR solvers (DDIM,
+# DPM-Solver, DPM-Solver++, UniPC, SDE-DPM-Solver++) use ``focus_grid`` with sigma_data = the data's
+# RMS standard deviation (EDM's definition of sigma_data); two of them are also shown on the plain
+# log-SNR-uniform grid of Lu et al.; EDM's samplers use EDM's Karras rho=7 spacing; the solvers in t
+# (score_sde's) score_sde's uniform grid in t.
+OUR_SOLVERS = [
+    # label, solver, grid, options
+    ("ddim", "ddim", "focus", {}),
+    ("dpm_solver_2", "dpm_solver_2", "focus", {}),
+    ("dpm_solver_3", "dpm_solver_3", "focus", {}),
+    ("dpm_solver++_2m", "dpm_solver++_2m", "focus", {}),
+    ("dpm_solver++_3m", "dpm_solver++_3m", "focus", {}),
+    ("dpm_solver++_3m/logsnr", "dpm_solver++_3m", "logsnr", {}),
+    ("unipc_2", "unipc", "focus", {"order": 2}),
+    ("unipc_3", "unipc", "focus", {"order": 3}),
+    ("unipc_2/logsnr", "unipc", "logsnr", {"order": 2}),
+    ("edm_heun", "edm_heun", "karras", {}),
+    ("ode_heun", "ode_heun", "uniform", {}),
+    ("ode_rk4", "ode_rk4", "uniform", {}),
+    # stochastic
+    ("euler_maruyama", "euler_maruyama", "uniform", {}),
+    ("reverse_diffusion", "reverse_diffusion", "uniform", {}),
+    ("ancestral", "ancestral", "uniform", {}),
+    ("ddim(eta=1)", "ddim", "focus", {"eta": 1.0}),
+    ("pc(rd+langevin)", "pc", "uniform", {"predictor": "reverse_diffusion", "corrector": "langevin"}),
+    ("sde_dpm_solver++", "sde_dpm_solver++", "focus", {}),
+    ("sde_dpm_solver++/logsnr", "sde_dpm_solver++", "logsnr", {}),
+    ("edm_heun(churn)", "edm_heun", "karras", {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0,
+                                                "S_noise": 1.0}),
+]
+QUICK_OURS = {"ddim", "dpm_solver++_3m", "unipc_2", "unipc_3", "edm_heun", "sde_dpm_solver++",
+              "edm_heun(churn)"}
+QUICK_PEERS = {"k:heun", "k:dpmpp_2m", "k:dpmpp_3m", "k:dpmpp_2m_sde", "d:UniPC(3)",
+               "d:DPMSolverMultistep(3M)"}
+
+
+def data_std(mix: GaussianMixture) -> float:
+    """RMS per-coordinate standard deviation of the clean data (EDM's sigma_data)."""
+    return float(mix.covariance().diagonal().mean().sqrt())
+
+
+def our_entries(oracle: TimedMixture, names=None) -> List[Entry]:
+    registry = available_solvers()
+    sigma_data = data_std(oracle)
+    entries = []
+    for label, solver, grid, options in OUR_SOLVERS:
+        if names is not None and label not in names:
+            continue
+        if solver not in registry:
+            print(f"note: solver {solver!r} is not registered here; skipped")
+            continue
+        info = registry[solver]
+        if info.nfe is None:
+            continue
+        stochastic = info.stochastic and (solver != "ddim" or options.get("eta", 0) > 0) and \
+            (solver not in ("edm_heun", "edm_euler") or options.get("S_churn", 0) > 0)
+
+        def steps_for(nfe, info=info):
+            try:
+                return info.steps_for_nfe(nfe)
+            except ValueError:
+                return None
+
+        def run(steps, x_T, generator, solver=solver, grid=grid, options=options):
+            if grid == "focus":
+                grid = focus_grid(oracle.sde, steps, sigma_data=sigma_data)
+            res = sample(oracle, oracle.sde, x_T=x_T, solver=solver, steps=steps, grid=grid,
+                         generator=generator, progress=False, **options)
+            return res.samples, res.nfe
+
+        label_grid = f"focus (sigma_data={sigma_data:.2f})" if grid == "focus" else grid
+        entries.append(Entry(label, "ours", stochastic, label_grid, steps_for, run))
+    return entries
+
+
+def peer_entries(oracle: TimedMixture, names=None, libraries=("k-diffusion", "diffusers")) -> List[Entry]:
+    from peers import available_peers
+    entries = []
+    for p in available_peers(oracle.sde, libraries):
+        if names is not None and p.name not in names:
+            continue
+
+        def run(steps, x_T, generator, p=p):
+            calls = oracle.calls
+            out = p.run(oracle, x_T, steps, generator)
+            return out, oracle.calls - calls
+
+        entries.append(Entry(p.name, p.library, p.stochastic, p.schedule,
+                             lambda nfe, p=p: p.steps_for_nfe(nfe), run))
+    return entries
+
+
+# ---- measuring --------------------------------------------------------------------------------------
+def stats_row(samples: torch.Tensor, target: GaussianMixture) -> Dict[str, float]:
+    st = mode_statistics(samples.detach().to("cpu", torch.float64), target)
+    ok = st["counts"] >= 2
+    var_err = float((st["variance_ratio"][ok] - 1).abs().max()) if bool(ok.any()) else math.nan
+    return {"weight_tv": st["weight_tv"], "mean_err": st["max_mean_error"], "var_err": var_err}
+
+
+def run_benchmark(args) -> List[Dict]:
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    sde = VPSDE()
+    event = (3, 32, 32) if args.image_batch else args.dim
+    base = random_mixture(event, args.modes, seed=args.seed, sde=sde)
+    oracle = TimedMixture(base, device=dev)
+    # the fast oracle agrees with the package's
+    probe = torch.randn(8, *base.event_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for t in (0.01, 0.3, 0.9):
+        for name in ("x0", "eps", "score"):
+            want = getattr(base, name)(probe, t)
+            got = getattr(oracle, name)(probe.to(dev), t).cpu()
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), f"fast oracle {name} disagrees"
+    batch = args.image_batch or args.batch
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x_T = torch.randn(batch, *base.event_shape, generator=g, dtype=torch.float64)
+    target = p_eps_mixture(base, sde.eps)
+    rows: List[Dict] = []
+    ref = None
+    n_err = min(args.error_batch, batch)
+    if not args.image_batch:
+        t0 = time.perf_counter()
+        ref = exact_flow_map(oracle, x_T[:n_err].to(dev)).cpu()
+        print(f"reference flow map of {n_err} samples: {time.perf_counter() - t0:.1f}s")
+        exact = target.sample(batch, generator=torch.Generator().manual_seed(args.seed + 2))
+        rows.append(dict(solver="exact p_eps samples", library="-", kind="-", schedule="-",
+                         nfe_target=0, nfe=0, steps=0, **stats_row(exact, target)))
+    x_T = x_T.to(dev, dtype)
+    ours = our_entries(oracle, QUICK_OURS if args.quick else None)
+    peers = [] if args.no_peers else peer_entries(oracle, QUICK_PEERS if args.quick else None)
+    entries = ours + peers
+    if args.only:
+        keep = set(args.only.split(","))
+        entries = [e for e in entries if e.name in keep]
+    nfes = [int(n) for n in args.nfe.split(",")]
+    for e in entries:
+        for nfe in nfes:
+            steps = e.steps_for_nfe(nfe)
+            if steps is None or steps < 1:
+                continue
+            repeats = args.timing_repeats if nfe == args.timing_nfe else 1
+            best = None
+            for _ in range(repeats):
+                gen = torch.Generator(device=dev).manual_seed(args.seed + 3)
+                oracle.reset_clock()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                start = time.perf_counter()
+                try:
+                    with torch.no_grad():
+                        out, used = e.run(steps, x_T, gen)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                except Exception as err:  # noqa: BLE001 - a failing peer is reported, not fatal
+                    print(f"  {e.name} at NFE {nfe}: failed ({type(err).__name__}: {err})")
+                    best = None
+                    break
+                wall = time.perf_counter() - start
+                if best is None or wall - oracle.seconds < best[0] - best[1]:
+                    best = (wall, oracle.seconds)
+            if best is None:
+                continue
+            wall, model = best
+            row = dict(solver=e.name, library=e.library, kind="SDE" if e.stochastic else "ODE",
+                       schedule=e.schedule, nfe_target=nfe, nfe=used, steps=steps,
+                       wall_s=wall, model_s=model,
+                       overhead_ms_per_step=1e3 * (wall - model) / steps,
+                       overhead_ms_per_nfe=1e3 * (wall - model) / max(used, 1))
+            out = out.detach().to("cpu", torch.float64)
+            if not bool(torch.isfinite(out).all()):
+                row["note"] = "non-finite samples"
+            elif not args.image_batch:
+                if not e.stochastic:
+                    row["rms_error"] = float(((out[:n_err] - ref) ** 2).mean().sqrt())
+                row.update(stats_row(out, target))
+            rows.append(row)
+            err_s = f"{row.get('rms_error', math.nan):.3e}"
+            print(f"  {e.name:28s} NFE {used:5d}  err {err_s}  var_err {row.get('var_err', math.nan):.3f}"
+                  f"  wall {wall:7.3f}s  overhead/step {row['overhead_ms_per_step']:.3f} ms", flush=True)
+    return rows
+
+
+# ---- reporting --------------------------------------------------------------------------------------
+def best_by_nfe(rows, library_pred, nfe_target):
+    cands = [r for r in rows if library_pred(r["library"]) and r["kind"] == "ODE"
+             and r["nfe_target"] == nfe_target and "rms_error" in r]
+    return min(cands, key=lambda r: r["rms_error"]) if cands else None
+
+
+def write_results(rows, args, out_dir: Path, elapsed: float):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name
+    cols = ["solver", "library", "kind", "schedule", "nfe_target", "nfe", "steps", "rms_error",
+            "weight_tv", "mean_err", "var_err", "wall_s", "model_s", "overhead_ms_per_step",
+            "overhead_ms_per_nfe", "note"]
+    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    nfes = [int(n) for n in args.nfe.split(",")]
+    lines = [f"# Sampler benchmark ({'quick' if args.quick else 'full'} run)", "",
+             f"`python benchmarks/samplers.py{' --quick' if args.quick else ''}` on {args.device} "
+             f"({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}; "
+             f"{elapsed / 60:.1f} min. Data: `random_mixture({args.dim}, {args.modes}, seed={args.seed})` "
+             f"under VPSDE (beta 0.1 -> 20), T = 1 -> eps = 1e-3, batch {args.batch} "
+             f"(error over the first {min(args.error_batch, args.batch)} against the exact flow map). "
+             "How the peers are driven: docs/samplers.md (Benchmark) and benchmarks/peers.py.", ""]
+    if not args.image_batch:
+        lines += ["## Deterministic solvers: RMS error against the exact flow map", "",
+                  "| solver | library | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                  "|---|---|---|" + "---|" * len(nfes)]
+        names = []
+        for r in rows:
+            if r["kind"] == "ODE" and (r["solver"], r["library"]) not in names:
+                names.append((r["solver"], r["library"]))
+        for name, lib in names:
+            cells = []
+            for n in nfes:
+                rr = [r for r in rows if r["solver"] == name and r["nfe_target"] == n and "rms_error" in r]
+                cells.append(f"{rr[0]['rms_error']:.2e}" + (f" ({rr[0]['nfe']})" if rr[0]['nfe'] != n else "")
+                             if rr else "-")
+            sched = next(r["schedule"] for r in rows if r["solver"] == name)
+            lines.append(f"| {name} | {lib} | {sched} | " + " | ".join(cells) + " |")
+        lines += ["", "(NFE actually spent in parentheses where it differs from the budget.)", "",
+                  "## Target: our best vs the best peer (deterministic)", "",
+                  "| NFE | ours best | error | peer best | error | ratio ours/peer |", "|---|---|---|---|---|---|"]
+        for n in nfes:
+            a = best_by_nfe(rows, lambda lib: lib == "ours", n)
+            b = best_by_nfe(rows, lambda lib: lib not in ("ours", "-"), n)
+            if a and b:
+                lines.append(f"| {n} | {a['solver']} | {a['rms_error']:.2e} | {b['solver']} | "
+                             f"{b['rms_error']:.2e} | {a['rms_error'] / b['rms_error']:.2f} |")
+        lines += ["", "## Sample statistics against p_eps (all solvers)", "",
+                  "Largest per-mode variance error `max_k |var_k/var_true - 1|`, then weight TV and "
+                  "the largest per-mode mean error (in mode stds), per NFE.", "",
+                  "| solver | kind | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                  "|---|---|" + "---|" * len(nfes)]
+        seen = []
+        for r in rows:
+            if (r["solver"], r["library"]) in seen:
+                continue
+            seen.append((r["solver"], r["library"]))
+            cells = []
+            for n in (nfes if r["solver"] != "exact p_eps samples" else [0]):
+                rr = [q for q in rows if q["solver"] == r["solver"] and q["library"] == r["library"]
+                      and q["nfe_target"] == n and "var_err" in q]
+                cells.append(f"{rr[0]['var_err']:.3f} / {rr[0]['weight_tv']:.3f} / {rr[0]['mean_err']:.2f}"
+                             if rr else "-")
+            if r["solver"] == "exact p_eps samples":
+                cells = cells + [""] * (len(nfes) - 1)
+            lines.append(f"| {r['solver']} | {r['kind']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Time", "",
+              f"Overhead = wall time minus time inside the oracle, at NFE {args.timing_nfe} (the "
+              f"least of {args.timing_repeats} repeats), per step and per NFE; model time per NFE "
+              "for scale.", "",
+              "| solver | library | NFE/step | overhead ms/step | overhead ms/NFE | model ms/NFE | wall s |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["nfe_target"] != args.timing_nfe or "wall_s" not in r:
+            continue
+        lines.append(f"| {r['solver']} | {r['library']} | {r['nfe'] / r['steps']:.3g} | "
+                     f"{r['overhead_ms_per_step']:.3f} | {r['overhead_ms_per_nfe']:.3f} | "
+                     f"{1e3 * r['model_s'] / max(r['nfe'], 1):.3f} | {r['wall_s']:.3f} |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    if not args.image_batch:
+        plot(rows, out_dir / f"{stem}_error_vs_nfe.png")
+    return lines
+
+
+def plot(rows, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib missing; no plot")
+        return
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    names = []
+    for r in rows:
+        if r["kind"] == "ODE" and "rms_error" in r and (r["solver"], r["library"]) not in names:
+            names.append((r["solver"], r["library"]))
+    styles = {"ours": "-", "k-diffusion": "--", "diffusers": ":"}
+    for name, lib in names:
+        rr = sorted((r for r in rows if r["solver"] == name and r["library"] == lib and "rms_error" in r),
+                    key=lambda r: r["nfe"])
+        ax.loglog([r["nfe"] for r in rr], [r["rms_error"] for r in rr], styles.get(lib, "-"),
+                  marker="o", ms=3, label=f"{name}" + ("" if lib == "ours" else f" [{lib}]"),
+                  lw=2 if lib == "ours" else 1)
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("RMS error vs exact flow map")
+    ax.set_title("Probability-flow ODE solvers on a 64-D 8-mode oracle (VP)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6.5, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a < 2 min smoke run")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--modes", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=4096, help="samples per run (statistics)")
+    ap.add_argument("--error-batch", type=int, default=512,
+                    help="samples compared with the exact flow map")
+    ap.add_argument("--nfe", default=",".join(map(str, NFES)))
+    ap.add_argument("--image-batch", type=int, default=0,
+                    help="B > 0: time the samplers on a (B, 3, 32, 32) mixture (no errors)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated solver names to run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: steadier timings on a shared machine; 0: torch's default)")
+    ap.add_argument("--timing-nfe", type=int, default=100, help="NFE budget whose runs are timed repeatedly")
+    ap.add_argument("--timing-repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--name", default="", help="output file stem (default samplers[_quick|_image])")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.batch, args.error_batch = min(args.batch, 1024), min(args.error_batch, 256)
+        if args.nfe == ",".join(map(str, NFES)):
+            args.nfe = "10,20,50,100"
+    if args.image_batch and args.nfe == ",".join(map(str, NFES)):
+        args.nfe = "20,100"
+    if str(args.timing_nfe) not in args.nfe.split(","):
+        args.timing_nfe = int(args.nfe.split(",")[-1])
+    if not args.name:
+        args.name = "samplers" + ("_quick" if args.quick else "") + ("_image" if args.image_batch else "")
+    start = time.perf_counter()
+    rows = run_benchmark(args)
+    lines = write_results(rows, args, Path(args.out), time.perf_counter() - start)
+    print("\n".join(lines))
+    print(f"wrote {args.out}/{args.name}.md, .csv" + ("" if args.image_batch else ", _error_vs_nfe.png"))
+
+
+if __name__ == "__main__":
+    main()
