@@ -16,6 +16,16 @@ from sde_diffusion.models import OracleModel, ScoreModel
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The exact divergence runs many small backward passes: one thread is fastest, and several
+    threads on a busy 2-core machine are tens of times slower (OpenMP spinning). Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _exact_prior(mix, sde):
     return lambda z: mix.log_prob(z, sde.T)
 
