@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -155,7 +155,7 @@ def _check_tol(name: str, value) -> float:
     return value
 
 
-def _check_solver(solver: str, method: Optional[str], per_sample: bool) -> str:
+def _check_solver(solver: str, method: Optional[str]) -> str:
     require(solver in SOLVERS, f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "scipy":
         method = "RK45" if method is None else method
@@ -321,8 +321,7 @@ def _solve_dopri5_per_sample(fn: _FlowField, x: torch.Tensor, t0: float, t1: flo
         d1 = _per_sample_norm(fx / sx, fl / sl).to(dt64)
         h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
         h0 = h0.clamp(max=span)
-        x1 = xs + (direction * h0).to(x.dtype)[:, None] * fx
-        l1 = ls + (direction * h0).to(x.dtype) * fl
+        x1 = xs + (direction * h0).to(x.dtype)[:, None] * fx     # the field does not depend on logp
         f1x, f1l = F(t + direction * h0, x1, every)
         n_fe += 2
         d2 = _per_sample_norm((f1x - fx) / sx, (f1l - fl) / sl).to(dt64) / h0
@@ -447,7 +446,7 @@ def log_likelihood(model, sde: Optional[SDE], x: torch.Tensor, *, divergence: st
     require(isinstance(n_probes, int) and not isinstance(n_probes, bool) and n_probes >= 1,
             f"n_probes must be an integer >= 1, got {n_probes!r}")
     rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
-    method = _check_solver(solver, method, per_sample)
+    method = _check_solver(solver, method)
     require(isinstance(per_sample, bool), f"per_sample must be True or False, got {per_sample!r}")
     require(isinstance(max_steps, int) and max_steps >= 1, f"max_steps must be an integer >= 1, got {max_steps!r}")
     t0, t1 = _time_bounds(sde, sde.eps if eps is None else eps, sde.T if T is None else T)
@@ -493,7 +492,7 @@ def integrate_flow(model, sde: Optional[SDE], x: torch.Tensor, t_start: float, t
     model = _as_model(model, sde)
     _check_x(x, model)
     rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
-    method = _check_solver(solver, method, per_sample)
+    method = _check_solver(solver, method)
     t0, t1 = _time_bounds(model.sde, t_start, t_end)
     fn = _FlowField(model, None, None, None)
     nfe0 = model.nfe
