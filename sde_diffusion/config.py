@@ -28,7 +28,7 @@ import ml_collections
 from ._checks import require
 from .sdes import SDE, SubVPSDE, VESDE, VPSDE
 
-__all__ = ["default_config", "load_config", "apply_overrides", "parse_overrides", "build_sde",
+__all__ = ["default_config", "toy_config", "digits_config", "TOY_DATASETS", "load_config", "apply_overrides", "parse_overrides", "build_sde",
            "flatten", "config_to_json", "config_from_json", "network_config", "SDE_NAMES",
            "MODEL_KEYS", "NULLABLE_FIELDS"]
 
@@ -113,6 +113,120 @@ def default_config() -> ml_collections.ConfigDict:
     optim.weight_decay = 0.0
     optim.warmup = 5000                  # linear lr warm-up steps (score_sde)
     optim.grad_clip = 1.0                # max global grad norm; < 0 disables
+    return config
+
+
+TOY_DATASETS = ("moons", "swiss_roll", "8gaussians", "checkerboard", "rings")
+
+
+def toy_config(dataset: str = "moons", sde: str = "vpsde") -> ml_collections.ConfigDict:
+    """The 2-D toy set-up (``configs/toy/*.py``): a :class:`~sde_diffusion.models.TimeMLP` with eps
+    parameterization, continuous DSM with score_sde's weighting, Adam with a short warm-up.
+    Trains in about a minute on two CPU cores; see docs/training.md for the measured quality.
+
+    ``sde`` is one of :data:`SDE_NAMES`; for VE, ``sigma_max = 4`` (Song & Ermon 2020, technique
+    1: about the largest distance between two training points, which lie in roughly [-1, 1]^2).
+    """
+    require(dataset in TOY_DATASETS, f"dataset must be one of {TOY_DATASETS}, got {dataset!r}")
+    require(sde in SDE_NAMES, f"sde must be one of {SDE_NAMES}, got {sde!r}")
+    config = default_config()
+    config.seed = 0
+
+    training = config.training
+    training.sde = sde
+    training.continuous = True
+    training.batch_size = 512
+    training.n_iters = 6000
+    training.log_freq = 100
+    training.snapshot_freq_for_preemption = 1000
+    training.sample_freq = 0
+    training.n_preview = 1000
+
+    config.sampling.method = "euler_maruyama"
+    config.sampling.steps = 500
+    config.eval.n_samples = 5000
+    config.eval.batch_size = 5000
+    config.eval.metric = "sliced_wasserstein"
+
+    config.data.dataset = dataset
+    config.data.n_train = 20000
+
+    model = config.model
+    model.name = "mlp"
+    model.parameterization = "eps"
+    model.time_input = "t"
+    model.ema_rate = 0.999
+    model.sigma_min = 0.01
+    model.sigma_max = 4.0
+    # TimeMLP constructor arguments
+    model.hidden = 256
+    model.depth = 3
+    model.time_embedding = "fourier"
+    model.embed_dim = 64
+    model.fourier_scale = 16.0
+    model.num_classes = None
+    model.activation = "silu"
+
+    optim = config.optim
+    optim.lr = 2e-3
+    optim.warmup = 200
+    optim.grad_clip = 1.0
+    return config
+
+
+def digits_config(sde: str = "vpsde") -> ml_collections.ConfigDict:
+    """sklearn's 8x8 digits (``configs/digits/*.py``) with a small DDPM++-style
+    :class:`~sde_diffusion.models.UNet`, sized to train on a CPU."""
+    require(sde in SDE_NAMES, f"sde must be one of {SDE_NAMES}, got {sde!r}")
+    config = default_config()
+    config.seed = 0
+
+    training = config.training
+    training.sde = sde
+    training.continuous = True
+    training.reduce_mean = True
+    training.batch_size = 128
+    training.n_iters = 20000
+    training.log_freq = 100
+    training.snapshot_freq = 5000
+    training.snapshot_freq_for_preemption = 1000
+    training.sample_freq = 5000
+    training.n_preview = 64
+
+    config.sampling.method = "euler_maruyama"
+    config.sampling.steps = 500
+    config.eval.n_samples = 2000
+    config.eval.batch_size = 500
+    config.eval.metric = "frechet_digits"
+
+    config.data.dataset = "digits"
+    config.data.image_size = 8
+    config.data.split = "train"
+
+    model = config.model
+    model.name = "unet"
+    model.parameterization = "eps"
+    model.time_input = "t"
+    model.ema_rate = 0.999
+    model.sigma_max = 12.0   # ~ the largest distance between two 8x8 digits scaled to [-1, 1]
+    # UNet constructor arguments
+    model.base_channels = 32
+    model.channel_mults = (1, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (4,)
+    model.dropout = 0.1
+    model.time_embedding = "fourier"
+    model.embed_dim = None
+    model.fourier_scale = 16.0
+    model.skip_rescale = True
+    model.num_classes = None
+    model.resblock_updown = False
+    model.activation = "silu"
+
+    optim = config.optim
+    optim.lr = 1e-3
+    optim.warmup = 500
+    optim.grad_clip = 1.0
     return config
 
 

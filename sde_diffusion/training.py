@@ -294,7 +294,8 @@ def _config_changes(old, new) -> List[str]:
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def train(config, workdir: str, *, quiet: bool = False, resume: bool = True) -> TrainResult:
+def train(config, workdir: str, *, quiet: bool = False, resume: bool = True,
+          net: Optional[nn.Module] = None, data: Optional[torch.Tensor] = None) -> TrainResult:
     """Train (or resume training) as described in the module docstring; returns a
     :class:`TrainResult`. Raises :class:`NonFiniteLossError` naming the step when the loss becomes
     NaN/Inf (the last good checkpoint stays on disk).
@@ -304,18 +305,25 @@ def train(config, workdir: str, *, quiet: bool = False, resume: bool = True) -> 
             :func:`sde_diffusion.config.default_config`.
         workdir: output folder; a checkpoint in it is resumed from (unless ``resume=False``).
         quiet: no progress bar and no messages.
+        resume: resume from a checkpoint in ``workdir`` (default); ``False`` starts afresh.
+        net: your own network (``forward(x, t, y=None)``, output shaped like ``x``) instead of
+            the one ``config.model`` names; it is trained in place. ``config.model`` still gives
+            ``parameterization``, ``time_input``, ``ema_rate`` and the SDE parameters. Rebuild it
+            yourself to load a checkpoint (``load_checkpoint(path)["ema"]`` is its state dict).
+        data: your own training set, a ``(N, ...)`` tensor scaled to about [-1, 1], instead of
+            ``config.data``.
     """
     from .data import infinite_batches
 
     workdir = os.fspath(workdir)
     ddp = _Distributed(str(config.get("device", "auto")))
     try:
-        return _train(config, workdir, quiet, resume, ddp, infinite_batches)
+        return _train(config, workdir, quiet, resume, ddp, infinite_batches, net, data)
     finally:
         ddp.close()
 
 
-def _train(config, workdir, quiet, resume, ddp, infinite_batches) -> TrainResult:
+def _train(config, workdir, quiet, resume, ddp, infinite_batches, user_net, user_data) -> TrainResult:
     tr, rank, world, device = config.training, ddp.rank, ddp.world_size, ddp.device
     is_main = rank == 0
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (is_main and not quiet) else (lambda msg: None)
@@ -337,11 +345,21 @@ def _train(config, workdir, quiet, resume, ddp, infinite_batches) -> TrainResult
 
     # data, model, optimizer: the same seeds on every rank, so every rank builds the same network
     data_gen = torch.Generator().manual_seed(seed)          # seeds the data order
-    data = load_data(config, torch.Generator().manual_seed(seed + 1)).to(device)
+    if user_data is not None:
+        require(isinstance(user_data, torch.Tensor) and user_data.is_floating_point()
+                and user_data.ndim >= 2 and user_data.shape[0] >= 1,
+                "data must be a floating (N, ...) tensor")
+        data = user_data.to(device)
+    else:
+        data = load_data(config, torch.Generator().manual_seed(seed + 1)).to(device)
     data_shape = tuple(data.shape[1:])
     sde = build_sde(config)
     torch.manual_seed(seed)
-    net, _ = build_model(config, data_shape, sde)
+    if user_net is not None:
+        require(isinstance(user_net, nn.Module), f"net must be a torch.nn.Module, got {type(user_net).__name__}")
+        net = user_net
+    else:
+        net, _ = build_model(config, data_shape, sde)
     net.to(device)
     ema = _EMA(net, float(config.model.ema_rate))
     optimizer = _make_optimizer(config, net.parameters())

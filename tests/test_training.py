@@ -236,3 +236,24 @@ def test_cuda_training_with_bf16(tmp_path):
                    quiet=True)
     assert result.step == 10 and next(result.net.parameters()).is_cuda
     assert all(np.isfinite(loss) for _, loss in result.losses)
+
+
+def test_your_own_network_and_data(tmp_path):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x, t, y=None):
+            return self.lin(torch.cat([x, t[:, None]], 1))
+
+    points = torch.randn(100, 3, generator=torch.Generator().manual_seed(0)) * 0.5
+    net = Tiny()
+    before = net.lin.weight.detach().clone()
+    result = train(tiny(5), tmp_path, quiet=True, net=net, data=points)
+    assert result.step == 5 and result.net is net and not torch.equal(before, net.lin.weight)
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pt")
+    assert ckpt["data_shape"] == [3]
+    fresh = Tiny()
+    fresh.load_state_dict(ckpt["ema"])
+    _assert_same_state(fresh, result.ema_net)
