@@ -47,8 +47,10 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         shape: ``(batch, ...)`` of the samples, when ``x_T`` is not given (then drawn from the prior).
         x_T: the starting state; its dtype and device are used throughout.
         solver: a registered solver name (see :func:`~sde_diffusion.samplers.available_solvers`).
-        steps: number of grid intervals (default ``sde.N``); or give ``nfe``, a budget of network
-            evaluations, and the largest grid within it is used.
+        steps: number of grid intervals (default ``sde.N``; for an adaptive solver 1, the single
+            interval ``[t_end, t_start]``: more intervals make it stop and report at every grid
+            time); or give ``nfe``, a budget of network evaluations, and the largest grid within
+            it is used (with the solver's options, e.g. PC's corrector steps).
         grid: ``uniform``, ``logsnr``, ``karras``, ``quadratic``, or a decreasing tensor of times.
         generator: ``None``, an int seed, a ``torch.Generator``, or one generator per sample.
         denoise: finish with one Tweedie step ``x <- E[x0 | x_eps]`` (score_sde's noise removal).
@@ -62,8 +64,11 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     sde = model.sde
     require((shape is None) != (x_T is None), "give exactly one of shape and x_T")
     require(steps is None or nfe is None, "give steps or nfe, not both")
+    _check_options(info, options)
     if nfe is not None:
-        steps = info.steps_for_nfe(int(nfe))
+        steps = info.steps_for_nfe(int(nfe), **options)
+    if steps is None:
+        steps = 1 if info.adaptive else sde.N
     if x_T is not None:
         require(isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and x_T.ndim >= 1,
                 "x_T must be a floating-point tensor of shape (batch, ...)")
@@ -85,8 +90,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         require(0 < float(times[-1]) and float(times[0]) <= sde.T,
                 f"a custom grid must lie in (0, T={sde.T}], got [{float(times[-1])}, {float(times[0])}]")
     else:
-        times = make_grid(sde, sde.N if steps is None else steps, grid, t_start, t_end, rho)
-    _check_options(info, options)
+        times = make_grid(sde, steps, grid, t_start, t_end, rho)
     ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0])
     nfe_before = model.nfe
     x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,

@@ -18,21 +18,33 @@ from .._checks import require
 from .base import SolverContext
 from .registry import register
 
+__all__ = ["ddim_step", "check_eta"]
+
+
+def check_eta(eta) -> float:
+    eta = float(eta)
+    require(0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta!r}")
+    return eta
+
+
+def ddim_step(ctx: SolverContext, i: int, x, eta: float):
+    """One DDIM step from ``t_i`` to the next grid time ``t_{i+1}`` (one NFE)."""
+    a, s, lam = float(ctx.alphas[i]), float(ctx.sigmas[i]), float(ctx.lambdas[i])
+    a1, s1, lam1 = float(ctx.alphas[i + 1]), float(ctx.sigmas[i + 1]), float(ctx.lambdas[i + 1])
+    eps = ctx.model.eps(x, ctx.t(i))
+    x0 = (x - s * eps) / a
+    noise_std = eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (lam - lam1))))
+    x = a1 * x0 + math.sqrt(max(0.0, s1 * s1 - noise_std * noise_std)) * eps
+    if noise_std > 0:
+        x = x + noise_std * ctx.noise.randn()
+    return x
+
 
 @register("ddim", stochastic=True, order=1, summary="DDIM with eta (0: deterministic; 1: ancestral)")
 def ddim(ctx: SolverContext, x, eta: float = 0.0):
     """DDIM; ``eta`` in [0, 1] scales the injected noise (``eta=0``: probability-flow-like and
-    deterministic; ``eta=1``: DDPM ancestral sampling)."""
-    eta = float(eta)
-    require(0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta!r}")
-    model = ctx.model
+    deterministic; ``eta=1``: DDPM ancestral sampling with the posterior variance)."""
+    eta = check_eta(eta)
     for i in range(ctx.steps):
-        a, s, lam = float(ctx.alphas[i]), float(ctx.sigmas[i]), float(ctx.lambdas[i])
-        a1, s1, lam1 = float(ctx.alphas[i + 1]), float(ctx.sigmas[i + 1]), float(ctx.lambdas[i + 1])
-        eps = model.eps(x, ctx.t(i))
-        x0 = (x - s * eps) / a
-        noise_std = eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (lam - lam1))))
-        x = a1 * x0 + math.sqrt(max(0.0, s1 * s1 - noise_std * noise_std)) * eps
-        if noise_std > 0:
-            x = x + noise_std * ctx.noise.randn()
+        x = ddim_step(ctx, i, x, eta)
         yield x

@@ -50,5 +50,5 @@ def make_grid(sde: SDE, steps: int, kind: str = "uniform", t_start: Optional[flo
             s_max, s_min = torch.exp(-lam_start) ** (1 / rho), torch.exp(-lam_end) ** (1 / rho)
             lam = -rho * torch.log(s_max + (s_min - s_max) * u)
         grid = sde.t_of_lambda(lam).to(torch.float64)
-        grid[0], grid[-1] = t_start, t_end  # exact ends, free of round-off in the inverse
+    grid[0], grid[-1] = t_start, t_end  # exact ends, free of round-off (in the inverse, in t)
     return grid

@@ -26,7 +26,7 @@ from ..oracles import GaussianMixture
 from ..sdes import SDE
 from .api import as_model
 
-__all__ = ["exact_flow_map"]
+__all__ = ["exact_flow_map", "mixture_at"]
 
 
 def exact_flow_map(model: Union[ScoreModel, GaussianMixture], x_T: torch.Tensor,
@@ -95,3 +95,14 @@ def exact_flow_map(model: Union[ScoreModel, GaussianMixture], x_T: torch.Tensor,
     finally:
         model.nfe = nfe_before
     return out.to(device=x_T.device, dtype=x_T.dtype)
+
+
+def mixture_at(mixture: GaussianMixture, t: float, sde: Optional[SDE] = None) -> GaussianMixture:
+    """The law ``p_t`` of an oracle mixture as a mixture of its own (components ``N(alpha m_k,
+    alpha^2 s_k^2 + sigma^2)``, no SDE attached): what a sampler stopping at ``t`` should
+    reproduce, e.g. for :func:`sde_diffusion.metrics.mode_statistics` at ``t = eps``."""
+    sde = mixture.sde if sde is None else sde
+    require(sde is not None, "mixture_at needs an SDE: pass sde=... or a mixture that has one")
+    t64 = torch.tensor([float(t)], dtype=torch.float64)
+    a, s = float(sde._log_alpha(t64).exp()), float(sde._log_sigma(t64).exp())
+    return GaussianMixture(mixture.weights, a * mixture.means, torch.sqrt(a * a * mixture.stds ** 2 + s * s))

@@ -1,6 +1,7 @@
 """Name -> solver registry, so configs and the command line can swap solvers."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -14,8 +15,10 @@ class SolverInfo:
     """A registered solver.
 
     ``fn(ctx, x, **options)`` is a generator: it yields the state after each step (an adaptive
-    solver may yield once). ``nfe_per_step(steps)`` gives the network evaluations it spends on a
-    grid of ``steps`` intervals (``None`` when adaptive). ``stochastic`` says whether it draws noise.
+    solver may yield once per grid interval). ``nfe(steps)`` gives the network evaluations it
+    spends on a grid of ``steps`` intervals (``None`` when adaptive); where the cost depends on the
+    solver's options (e.g. corrector steps), ``nfe(steps, **options)`` may take them as keyword
+    arguments with the solver's defaults. ``stochastic`` says whether it draws noise.
     """
 
     name: str
@@ -25,12 +28,27 @@ class SolverInfo:
     nfe: Optional[Callable[[int], int]]
     summary: str
 
-    def steps_for_nfe(self, nfe: int) -> int:
-        """Largest grid size whose cost does not exceed ``nfe`` network evaluations."""
+    @property
+    def adaptive(self) -> bool:
+        """Whether the solver chooses its own steps (its NFE is not known in advance)."""
+        return self.nfe is None
+
+    def cost(self, steps: int, **options) -> int:
+        """Network evaluations on a grid of ``steps`` intervals with these solver options."""
         require(self.nfe is not None, f"solver {self.name!r} is adaptive: its NFE is not set in advance")
-        require(nfe >= self.nfe(1), f"solver {self.name!r} needs at least {self.nfe(1)} NFE, got {nfe}")
+        params = inspect.signature(self.nfe).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return int(self.nfe(steps, **options))
+        accepted = {p.name for p in params}
+        return int(self.nfe(steps, **{k: v for k, v in options.items() if k in accepted}))
+
+    def steps_for_nfe(self, nfe: int, **options) -> int:
+        """Largest grid size whose cost does not exceed ``nfe`` network evaluations."""
+        least = self.cost(1, **options)
+        require(least >= 1, f"solver {self.name!r} with options {options} evaluates no network")
+        require(nfe >= least, f"solver {self.name!r} needs at least {least} NFE, got {nfe}")
         steps = 1
-        while self.nfe(steps + 1) <= nfe:
+        while self.cost(steps + 1, **options) <= nfe:
             steps += 1
         return steps
 

@@ -1,0 +1,156 @@
+r"""Solvers of the probability-flow ODE ([SDE] Song et al. 2021, eq. 13), in the time ``t``:
+
+.. math:: \frac{dx}{dt} = F(x, t) = f(t)\,x - \tfrac12 g(t)^2\, s(x, t),
+
+integrated from ``t_start`` (T) down to ``t_end`` (eps). Deterministic: the same ``x_T`` gives the
+same sample, and the map ``x_T -> x_eps`` is the flow that :func:`~.reference.exact_flow_map`
+computes to round-off.
+
+Fixed step, on the grid ``t_0 > ... > t_S`` with ``h_i = t_{i+1} - t_i < 0``:
+
+- ``ode_euler`` (order 1, 1 NFE/step): ``x' = x + h F(x, t)``.
+- ``ode_heun``  (order 2, 2 NFE/step; Heun's method, the explicit trapezoidal rule):
+  ``k1 = F(x, t)``, ``k2 = F(x + h k1, t')``, ``x' = x + h (k1 + k2)/2``. Heun on every step, the
+  last one too: EDM (Karras et al. 2022, Alg. 1) takes an Euler last step because its grid ends at
+  ``sigma = 0`` where the score is undefined; ours ends at ``eps > 0``.
+- ``ode_rk4``   (order 4, 4 NFE/step): the classical Runge–Kutta method (midpoint time
+  ``(t + t')/2``).
+
+Adaptive (yield once per grid interval; with the default grid of one interval, once):
+
+- ``ode``: torchdiffeq ``odeint`` (``method="dopri5"`` by default, ``rtol = atol = 1e-5``).
+- ``ode_scipy``: scipy ``solve_ivp`` (``RK45`` by default, ``rtol = atol = 1e-5``, as score_sde's
+  ``ode_sampler``), state moved to float64 NumPy and back on every evaluation.
+
+``ode_scipy`` and ``ode(per_sample=True)`` with dopri5 go through
+:func:`sde_diffusion.likelihood.integrate_flow` (the likelihood's probability-flow integrator);
+``ode`` otherwise calls torchdiffeq here, with the time clamped to the interval (see
+``_torchdiffeq_solve``). ``per_sample=False`` (default) solves the batch as one ODE system with
+one step size, so a sample's result depends (within the tolerance) on its batch companions.
+``per_sample=True`` gives every sample its own error control: for ``ode`` with ``dopri5`` a
+vectorised Dormand–Prince with one step-size controller per sample (each stage is one network call
+on the samples still running, so the NFE is that of the slowest sample, and the per-call batch
+shrinks as samples finish); for other methods and for ``ode_scipy``, the samples are solved one
+after the other (``batch`` times the network calls, each on one sample).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import expand_to, require
+from .base import SolverContext
+from .registry import register
+
+__all__ = ["pf_drift"]
+
+
+def pf_drift(ctx: SolverContext, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The probability-flow drift ``f(t) x - g(t)^2 s(x, t) / 2`` (one NFE)."""
+    f, g2 = ctx.sde._f_g2(t)
+    return expand_to(f, x) * x - expand_to(0.5 * g2, x) * ctx.model.score(x, t)
+
+
+@register("ode_euler", stochastic=False, order=1, nfe=lambda steps: steps,
+          summary="probability-flow ODE, Euler (order 1)")
+def ode_euler(ctx: SolverContext, x):
+    """Euler's method on the probability-flow ODE in ``t`` (1 NFE per step)."""
+    for i in range(ctx.steps):
+        h = float(ctx.times[i + 1] - ctx.times[i])
+        x = x + h * pf_drift(ctx, x, ctx.t(i))
+        yield x
+
+
+@register("ode_heun", stochastic=False, order=2, nfe=lambda steps: 2 * steps,
+          summary="probability-flow ODE, Heun (order 2)")
+def ode_heun(ctx: SolverContext, x):
+    """Heun's method (explicit trapezoidal rule) on the probability-flow ODE in ``t``, on every
+    step including the last (2 NFE per step)."""
+    for i in range(ctx.steps):
+        h = float(ctx.times[i + 1] - ctx.times[i])
+        k1 = pf_drift(ctx, x, ctx.t(i))
+        k2 = pf_drift(ctx, x + h * k1, ctx.t(i + 1))
+        x = x + (0.5 * h) * (k1 + k2)
+        yield x
+
+
+@register("ode_rk4", stochastic=False, order=4, nfe=lambda steps: 4 * steps,
+          summary="probability-flow ODE, classical Runge–Kutta (order 4)")
+def ode_rk4(ctx: SolverContext, x):
+    """The classical fourth-order Runge–Kutta method on the probability-flow ODE in ``t``
+    (4 NFE per step)."""
+    for i in range(ctx.steps):
+        t0, t1 = float(ctx.times[i]), float(ctx.times[i + 1])
+        h = t1 - t0
+        tm = ctx.vec(t0 + 0.5 * h)
+        k1 = pf_drift(ctx, x, ctx.t(i))
+        k2 = pf_drift(ctx, x + (0.5 * h) * k1, tm)
+        k3 = pf_drift(ctx, x + (0.5 * h) * k2, tm)
+        k4 = pf_drift(ctx, x + h * k3, ctx.t(i + 1))
+        x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+        yield x
+
+
+def _torchdiffeq_solve(ctx: SolverContext, x: torch.Tensor, t0: float, t1: float, method: str,
+                       rtol: float, atol: float) -> torch.Tensor:
+    """One torchdiffeq solve of the batch ``x`` from ``t0`` down to ``t1``. The right-hand side
+    clamps the time into ``[t1, t0]``: torchdiffeq's initial-step heuristic probes ``t0 + h0``
+    with an unclipped ``h0``, which near ``T`` (small drift) lies beyond the interval and outside
+    ``[0, T]``; the steps themselves are made to land on ``t1`` (``step_t``)."""
+    from torchdiffeq import odeint
+
+    def rhs(t, y):
+        tv = torch.full((y.shape[0],), min(max(float(t), t1), t0), dtype=y.dtype, device=y.device)
+        return pf_drift(ctx, y, tv)
+
+    options = {"step_t": torch.tensor([t1], dtype=torch.float64)} if method in _STEP_T_METHODS else {}
+    ts = torch.tensor([t0, t1], dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        return odeint(rhs, x, ts, rtol=rtol, atol=atol, method=method, options=options)[-1]
+
+
+_STEP_T_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _adaptive(ctx: SolverContext, x, solver: str, method: str, rtol, atol, per_sample):
+    from ..likelihood import integrate_flow
+
+    require(isinstance(per_sample, bool), f"per_sample must be True or False, got {per_sample!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                f"{name} must be a finite number > 0, got {value!r}")
+    if solver == "torchdiffeq":
+        from torchdiffeq._impl.odeint import SOLVERS as known
+        require(method in known, f"unknown torchdiffeq method {method!r}; valid: {', '.join(known)}")
+    own = solver == "torchdiffeq" and not (per_sample and method == "dopri5")
+    for i in range(ctx.steps):
+        t0, t1 = float(ctx.times[i]), float(ctx.times[i + 1])
+        if not own:
+            x, _ = integrate_flow(ctx.model, ctx.sde, x, t0, t1, solver=solver, method=method,
+                                  rtol=rtol, atol=atol, per_sample=per_sample)
+        elif per_sample:
+            x = torch.cat([_torchdiffeq_solve(ctx, x[j:j + 1], t0, t1, method, rtol, atol)
+                           for j in range(x.shape[0])])
+        else:
+            x = _torchdiffeq_solve(ctx, x, t0, t1, method, rtol, atol)
+        yield x
+
+
+@register("ode", stochastic=False, order=None, nfe=None,
+          summary="probability-flow ODE, adaptive (torchdiffeq, dopri5)")
+def ode(ctx: SolverContext, x, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
+        per_sample: bool = False):
+    """Adaptive probability-flow ODE through torchdiffeq ``odeint`` (any of its methods;
+    ``dopri5`` by default) with ``rtol``/``atol``; ``per_sample=True`` controls the error of every
+    sample separately (see the module docstring for the cost)."""
+    yield from _adaptive(ctx, x, "torchdiffeq", method, rtol, atol, per_sample)
+
+
+@register("ode_scipy", stochastic=False, order=None, nfe=None,
+          summary="probability-flow ODE, adaptive (scipy solve_ivp, RK45)")
+def ode_scipy(ctx: SolverContext, x, method: str = "RK45", rtol: float = 1e-5, atol: float = 1e-5,
+              per_sample: bool = False):
+    """Adaptive probability-flow ODE through scipy ``solve_ivp`` (``RK45`` by default, as
+    score_sde's ``ode_sampler``); ``per_sample=True`` solves the samples one after the other."""
+    yield from _adaptive(ctx, x, "scipy", method, rtol, atol, per_sample)

@@ -1,0 +1,230 @@
+"""The entry point ``sample`` and what every registered solver owes it: shapes, dtypes, devices,
+seeding, per-sample generators, NaN reporting, NFE accounting, progress, callback, trajectory."""
+import math
+
+import pytest
+import torch
+
+from sde_diffusion import ScoreModel, VPSDE, random_mixture, sample
+from sde_diffusion.models import NonFiniteError
+from sde_diffusion.samplers import available_solvers, get_solver, make_grid
+
+SDE = VPSDE()
+MIX = random_mixture((2, 3), 3, seed=1, sde=SDE)          # event shape (2, 3): "batch of any shape"
+SOLVERS = sorted(available_solvers())
+STEPS = 4
+# options that make a solver's samples independent of their batch companions
+BATCH_FREE = {"ode": {"per_sample": True}, "ode_scipy": {"per_sample": True},
+              "pc": {"snr_norm": "sample"}}
+
+
+def _gens(seeds, device="cpu"):
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_shape_dtype_device_and_nfe(solver, dtype):
+    info = get_solver(solver)
+    steps = None if info.adaptive else STEPS
+    result = sample(MIX, shape=(3, 2, 3), solver=solver, steps=steps, generator=0, dtype=dtype,
+                    device="cpu")
+    assert result.samples.shape == (3, 2, 3)
+    assert result.samples.dtype == dtype and result.samples.device.type == "cpu"
+    assert bool(torch.isfinite(result.samples).all())
+    assert result.solver == solver and result.trajectory is None
+    if not info.adaptive:
+        assert result.nfe == info.cost(STEPS), "the registry's NFE cost must match the real count"
+        assert len(result.times) == STEPS + 1
+    else:
+        assert result.nfe > 0 and len(result.times) == 2    # default grid: one interval
+    x_T = torch.randn(3, 2, 3, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    again = sample(MIX, x_T=x_T, solver=solver, steps=steps, generator=0)
+    assert again.samples.shape == x_T.shape and again.samples.dtype == dtype
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_seeds_reproduce(solver):
+    info = get_solver(solver)
+    kw = dict(shape=(4, 2, 3), solver=solver, steps=STEPS, dtype=torch.float64)
+    a = sample(MIX, generator=7, **kw).samples
+    b = sample(MIX, generator=torch.Generator().manual_seed(7), **kw).samples
+    assert torch.equal(a, b)
+    c = sample(MIX, generator=8, **kw).samples
+    assert not torch.equal(a, c)
+    x_T = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    d = sample(MIX, x_T=x_T, solver=solver, steps=STEPS, generator=1).samples
+    e = sample(MIX, x_T=x_T, solver=solver, steps=STEPS, generator=2).samples
+    if not info.stochastic:
+        assert torch.equal(d, e), "a deterministic solver must not draw noise"
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_per_sample_generators_make_samples_batch_independent(solver):
+    options = BATCH_FREE.get(solver, {})
+    kw = dict(solver=solver, steps=STEPS, dtype=torch.float64, **options)
+    big = sample(MIX, shape=(5, 2, 3), generator=_gens([10, 11, 12, 13, 14]), **kw).samples
+    small = sample(MIX, shape=(2, 2, 3), generator=_gens([10, 11]), **kw).samples
+    torch.testing.assert_close(small, big[:2], rtol=0, atol=1e-12)
+    alone = sample(MIX, shape=(1, 2, 3), generator=_gens([12]), **kw).samples
+    torch.testing.assert_close(alone, big[2:3], rtol=0, atol=1e-12)
+
+
+def _nan_below(t_bad: float) -> ScoreModel:
+    """The score of N(0, I) that turns NaN for t < t_bad."""
+    def net(x, t):
+        bad = (t < t_bad).reshape((-1,) + (1,) * (x.ndim - 1))
+        return torch.where(bad, torch.full_like(x, math.nan), -x)
+    return ScoreModel(net, SDE, parameterization="score")
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_nonfinite_model_output_names_step_and_time(solver):
+    with pytest.raises(NonFiniteError) as info:
+        sample(_nan_below(0.5), shape=(3, 2), solver=solver, steps=10, generator=0)
+    err = info.value
+    message = str(err)
+    assert solver in message and "step" in message and "t=" in message
+    assert err.step is not None and 1 <= err.step <= 10
+    assert err.t is not None and err.t < 0.5
+
+
+def test_nonfinite_step_and_time_are_the_failing_ones():
+    with pytest.raises(NonFiniteError, match=r"ode_euler: step 7 of 10 \(from t=0\.4006") as info:
+        sample(_nan_below(0.5), shape=(3, 2), solver="ode_euler", steps=10, generator=0)
+    assert info.value.step == 7 and math.isclose(info.value.t, 1 - 6 * (1 - 1e-3) / 10, rel_tol=1e-6)
+
+
+def test_unknown_solver_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown solver 'rk45'; valid solvers: ") as info:
+        sample(MIX, shape=(2, 2, 3), solver="rk45")
+    for name in ("euler_maruyama", "reverse_diffusion", "ancestral", "pc", "ddim", "ode", "ode_heun"):
+        assert name in str(info.value)
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="solver 'ddim' has no option 'order'; its options: eta"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", steps=3, order=2)
+    with pytest.raises(ValueError, match="its options: none"):
+        sample(MIX, shape=(2, 2, 3), solver="ode_euler", steps=3, eta=1.0)
+    with pytest.raises(ValueError, match="predictor, corrector, snr, n_steps, snr_norm, eta"):
+        sample(MIX, shape=(2, 2, 3), solver="pc", steps=3, corector="langevin")
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="exactly one of shape and x_T"):
+        sample(MIX, solver="ddim", steps=3)
+    with pytest.raises(ValueError, match="exactly one of shape and x_T"):
+        sample(MIX, shape=(2, 2, 3), x_T=torch.zeros(2, 2, 3), solver="ddim", steps=3)
+    with pytest.raises(ValueError, match="floating-point"):
+        sample(MIX, x_T=torch.zeros(2, 2, 3, dtype=torch.long), solver="ddim", steps=3)
+    with pytest.raises(ValueError, match="steps or nfe, not both"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", steps=3, nfe=3)
+    with pytest.raises(ValueError, match="positive sizes"):
+        sample(MIX, shape=(0, 2, 3), solver="ddim", steps=3)
+
+
+def test_progress_bar_off_without_terminal_on_when_forced(monkeypatch):
+    import tqdm.auto
+
+    made = []
+    real = tqdm.auto.tqdm
+
+    def recording(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    sample(MIX, shape=(2, 2, 3), solver="ddim", steps=3, generator=0)
+    assert made == []                                  # not a terminal: silent
+    result = sample(MIX, shape=(2, 2, 3), solver="ddim", steps=3, generator=0, progress=True)
+    assert len(made) == 1 and made[0]["total"] == 3 and made[0]["desc"] == "ddim"
+    assert result.samples.shape == (2, 2, 3)
+    sample(MIX, shape=(2, 2, 3), solver="ode", generator=0, progress=True)   # adaptive: no crash
+    assert made[-1]["total"] == 1
+    sample(MIX, shape=(2, 2, 3), solver="ddim", steps=3, generator=0, progress=False)
+    assert len(made) == 2
+
+
+@pytest.mark.parametrize("solver", ["ode_euler", "pc", "ode"])
+def test_callback_and_trajectory(solver):
+    steps = 1 if solver == "ode" else 5
+    seen = []
+    result = sample(MIX, shape=(3, 2, 3), solver=solver, steps=steps, generator=0,
+                    dtype=torch.float64, return_trajectory=True,
+                    callback=lambda i, t, x: seen.append((i, t, x.clone())))
+    traj = result.trajectory
+    assert traj.shape == (steps + 1, 3, 2, 3) and traj.dtype == torch.float64
+    assert torch.equal(traj[-1], result.samples)
+    assert [i for i, _, _ in seen] == list(range(1, steps + 1))
+    assert [t for _, t, _ in seen] == [float(v) for v in result.times[1:]]
+    for i, _, x in seen:
+        assert torch.equal(x, traj[i])
+    if solver != "pc":
+        again = sample(MIX, x_T=traj[0], solver=solver, steps=steps)
+        assert torch.equal(again.samples, result.samples)
+
+
+def test_adaptive_solver_reports_at_every_grid_time():
+    grid = make_grid(SDE, 3, "uniform")
+    result = sample(MIX, shape=(2, 2, 3), solver="ode", steps=3, dtype=torch.float64, generator=0,
+                    return_trajectory=True, rtol=1e-8, atol=1e-8)
+    assert result.trajectory.shape[0] == 4 and torch.equal(result.times, grid)
+    one = sample(MIX, x_T=result.trajectory[0], solver="ode", rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(one.samples, result.samples, rtol=0, atol=1e-5)
+
+
+def test_nfe_budget_picks_the_largest_grid_within_it():
+    r = sample(MIX, shape=(2, 2, 3), solver="ode_heun", nfe=11, generator=0)
+    assert r.nfe == 10 and len(r.times) == 6
+    r = sample(MIX, shape=(2, 2, 3), solver="ode_rk4", nfe=12, generator=0)
+    assert r.nfe == 12 and len(r.times) == 4
+    # the cost depends on the options: PC with 2 corrector steps spends 3 NFE per step
+    r = sample(MIX, shape=(2, 2, 3), solver="pc", nfe=31, n_steps=2, generator=0)
+    assert r.nfe == 30 and len(r.times) == 11
+    r = sample(MIX, shape=(2, 2, 3), solver="pc", nfe=9, predictor="none", n_steps=3, generator=0)
+    assert r.nfe == 9 and len(r.times) == 4
+    r = sample(MIX, shape=(2, 2, 3), solver="pc", nfe=5, corrector="none", generator=0)
+    assert r.nfe == 5
+    with pytest.raises(ValueError, match="needs at least 2 NFE, got 1"):
+        sample(MIX, shape=(2, 2, 3), solver="ode_heun", nfe=1)
+    with pytest.raises(ValueError, match="adaptive"):
+        sample(MIX, shape=(2, 2, 3), solver="ode", nfe=100)
+
+
+def test_denoise_adds_one_tweedie_step():
+    x_T = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain = sample(MIX, x_T=x_T, solver="ddim", steps=5)
+    den = sample(MIX, x_T=x_T, solver="ddim", steps=5, denoise=True)
+    assert den.nfe == plain.nfe + 1
+    torch.testing.assert_close(den.samples, MIX.x0(plain.samples, SDE.eps))
+
+
+def test_model_and_sde_must_agree():
+    from sde_diffusion import OracleModel, VESDE
+
+    with pytest.raises(ValueError, match="built for"):
+        sample(OracleModel(MIX), VESDE(), shape=(2, 2, 3), solver="ddim", steps=2)
+    with pytest.raises(ValueError, match="ScoreModel or a GaussianMixture"):
+        sample(lambda x, t: x, SDE, shape=(2, 2, 3), solver="ddim", steps=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["ddim", "ode_heun", "ode", "euler_maruyama", "pc", "ancestral"])
+def test_cuda_matches_cpu(solver):
+    """On CUDA with CPU per-sample generators (the same noise), every solver gives the CPU
+    samples to float64 round-off, on the device of the input."""
+    x_T = torch.randn(6, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    options = {"rtol": 1e-9, "atol": 1e-9} if solver == "ode" else {}
+    cpu = sample(MIX, x_T=x_T, solver=solver, steps=20, generator=_gens(range(6)), **options)
+    gpu = sample(MIX, x_T=x_T.cuda(), solver=solver, steps=20, generator=_gens(range(6)), **options)
+    assert gpu.samples.device.type == "cuda" and gpu.samples.dtype == torch.float64
+    assert gpu.nfe == cpu.nfe or solver == "ode"
+    torch.testing.assert_close(gpu.samples.cpu(), cpu.samples, rtol=1e-7, atol=1e-7)
+    seeded = sample(MIX, shape=(6, 2, 3), solver=solver, steps=5, device="cuda", generator=3,
+                    dtype=torch.float32, **options)
+    assert seeded.samples.device.type == "cuda" and seeded.samples.dtype == torch.float32
+    again = sample(MIX, shape=(6, 2, 3), solver=solver, steps=5, device="cuda", generator=3,
+                   dtype=torch.float32, **options)
+    assert torch.equal(seeded.samples, again.samples)
