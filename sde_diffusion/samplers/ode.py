@@ -3,8 +3,8 @@ r"""Solvers of the probability-flow ODE ([SDE] Song et al. 2021, eq. 13), in the
 .. math:: \frac{dx}{dt} = F(x, t) = f(t)\,x - \tfrac12 g(t)^2\, s(x, t),
 
 integrated from ``t_start`` (T) down to ``t_end`` (eps). Deterministic: the same ``x_T`` gives the
-same sample, and the map ``x_T -> x_eps`` is the flow that :func:`~.reference.exact_flow_map`
-computes to round-off.
+same sample, and the map ``x_T -> x_eps`` approximates the flow that
+:func:`~.reference.exact_flow_map` computes at a tight tolerance (the tests' reference).
 
 Fixed step, on the grid ``t_0 > ... > t_S`` with ``h_i = t_{i+1} - t_i < 0``:
 
@@ -16,7 +16,9 @@ Fixed step, on the grid ``t_0 > ... > t_S`` with ``h_i = t_{i+1} - t_i < 0``:
 - ``ode_rk4``   (order 4, 4 NFE/step): the classical Runge–Kutta method (midpoint time
   ``(t + t')/2``).
 
-Adaptive (yield once per grid interval; with the default grid of one interval, once):
+Adaptive (yield once per grid interval; the default grid for them is the single interval
+``[t_end, t_start]``; with more intervals they stop at every grid time and restart there, with a
+fresh initial step, which costs a few NFE per interval):
 
 - ``ode``: torchdiffeq ``odeint`` (``method="dopri5"`` by default, ``rtol = atol = 1e-5``).
 - ``ode_scipy``: scipy ``solve_ivp`` (``RK45`` by default, ``rtol = atol = 1e-5``, as score_sde's

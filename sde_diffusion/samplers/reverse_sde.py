@@ -77,11 +77,14 @@ def reverse_diffusion(ctx: SolverContext, x):
     .. math:: x_{i+1} = x_i - f_i(x_i) + G_i^2\,s(x_i, t_i) + G_i z,
 
     with the forward chain taken between the actual grid times (see the module docstring):
-    ``f_i(x) = (r - 1) x``, ``G_i^2 = sigma^2 - r^2 sigma'^2``. On score_sde's uniform N-step grid
-    this is its predictor for VP (``x' = (2 - sqrt(1 - beta_i)) x + beta_i s + sqrt(beta_i) z``)
-    and for VE (``x' = x + (sigma_i^2 - sigma_{i-1}^2) s + sqrt(...) z``), and it serves sub-VP
-    and any affine SDE alike. First order in the step (``2 - r`` stands for ``1/r``), like
-    Euler–Maruyama; for the exact posterior step at large steps use ``ddim`` with ``eta=1``.
+    ``f_i(x) = (r - 1) x``, ``G_i^2 = sigma^2 - r^2 sigma'^2``. For VP this is score_sde's
+    ``x' = (2 - sqrt(1 - beta_i)) x + beta_i s + sqrt(beta_i) z`` and for VE its
+    ``x' = x + (sigma_i^2 - sigma_{i-1}^2) s + sqrt(sigma_i^2 - sigma_{i-1}^2) z``, with
+    ``beta_i`` and ``sigma_i`` of the actual grid step (score_sde reads them from its fixed N-step
+    chain, ``discrete_betas`` / ``discrete_sigmas``: on the uniform N-step grid the two agree to
+    first order in ``1/N``); it serves sub-VP and any affine SDE alike. First order in the step
+    (``2 - r`` stands for ``1/r``), like Euler–Maruyama; for the exact posterior step at large
+    steps use ``ddim`` with ``eta=1``.
     """
     for i in range(ctx.steps):
         x = reverse_diffusion_step(ctx, i, x)
@@ -119,7 +122,8 @@ def ancestral_step(ctx: SolverContext, i: int, x: torch.Tensor, kind: str) -> to
           summary="ancestral sampling: DDPM for VP, SMLD for VE ([SDE] eq. 47)")
 def ancestral(ctx: SolverContext, x):
     r"""score_sde's ``AncestralSamplingPredictor`` on the actual grid (``beta_i = 1 - r^2``,
-    ``sigma, sigma'`` the noise levels of consecutive grid times):
+    ``sigma, sigma'`` the noise levels of consecutive grid times, where score_sde reads them from
+    its fixed N-step chain):
 
     - VP, DDPM (Ho et al. 2020, eq. 11 with ``sigma_t^2 = beta_t``; [SDE] eq. 47):
       ``x' = (x + beta_i s) / sqrt(1 - beta_i) + sqrt(beta_i) z``;
