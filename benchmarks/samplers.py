@@ -22,10 +22,13 @@ What is measured (see docs/samplers.md, "Benchmark"):
   largest per-mode variance error ``max_k |var_k / var_k,true - 1|`` (samples assigned to modes by
   the oracle's responsibilities; the modes are far apart in 64-D so the assignment is exact). A row
   of exact ``p_eps`` samples of the same size shows the statistical floor.
-- Time: wall time of each run, the time spent inside the oracle (timed call by call, with
-  ``torch.cuda.synchronize`` on CUDA) and the overhead ``wall - model`` per step and per NFE. The
-  oracle is written for speed here (isotropic components, matrix products, float64) and checked
-  against the package's oracle at start-up, so the overhead is not hidden behind model time.
+- Time: the run time of each run, the time spent inside the oracle (timed call by call) and the
+  overhead ``run - model`` per step and per NFE (at ``--timing-nfe``, the least of
+  ``--timing-repeats`` runs). On the CPU these are the process's CPU time with one torch thread
+  (``--threads 1``; wall time on a shared machine is unreliable), on CUDA wall times with
+  ``torch.cuda.synchronize``. The oracle is written for speed here (isotropic components, matrix
+  products, float64) and checked against the package's oracle at start-up, so the overhead is not
+  hidden behind model time.
 """
 from __future__ import annotations
 
@@ -60,8 +63,9 @@ class TimedMixture(GaussianMixture):
     """The same isotropic mixture with ``x0``, ``eps``, ``score`` computed by matrix products in
     float64 (exact to round-off), each call timed (``seconds``, ``calls``)."""
 
-    def __init__(self, base: GaussianMixture, device="cpu"):
+    def __init__(self, base: GaussianMixture, device="cpu", clock=time.perf_counter):
         super().__init__(base.weights, base.means, base.stds, base.sde)
+        self.clock = clock
         K = self.n_components
         flat_s = self.stds.reshape(K, -1)
         if not bool((flat_s == flat_s[:, :1]).all()):
@@ -95,10 +99,10 @@ class TimedMixture(GaussianMixture):
 
     def _timed(self, compute, x, t):
         self._sync()
-        start = time.perf_counter()
+        start = self.clock()
         out = compute(x, t).to(x.dtype).reshape(x.shape)
         self._sync()
-        self.seconds += time.perf_counter() - start
+        self.seconds += self.clock() - start
         self.calls += 1
         return out
 
@@ -253,7 +257,10 @@ def run_benchmark(args) -> List[Dict]:
     sde = VPSDE()
     event = (3, 32, 32) if args.image_batch else args.dim
     base = random_mixture(event, args.modes, seed=args.seed, sde=sde)
-    oracle = TimedMixture(base, device=dev)
+    # time: CPU time of this process on the CPU (steady on a shared machine, and with one torch
+    # thread equal to the time spent), wall time with synchronisation on CUDA
+    clock = time.process_time if dev.type == "cpu" else time.perf_counter
+    oracle = TimedMixture(base, device=dev, clock=clock)
     # the fast oracle agrees with the package's
     probe = torch.randn(8, *base.event_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for t in (0.01, 0.3, 0.9):
@@ -295,7 +302,7 @@ def run_benchmark(args) -> List[Dict]:
                 oracle.reset_clock()
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                start = time.perf_counter()
+                start = clock()
                 try:
                     with torch.no_grad():
                         out, used = e.run(steps, x_T, gen)
@@ -303,9 +310,13 @@ def run_benchmark(args) -> List[Dict]:
                         torch.cuda.synchronize(dev)
                 except Exception as err:  # noqa: BLE001 - a failing peer is reported, not fatal
                     print(f"  {e.name} at NFE {nfe}: failed ({type(err).__name__}: {err})")
+                    rows.append(dict(solver=e.name, library=e.library,
+                                     kind="SDE" if e.stochastic else "ODE", schedule=e.schedule,
+                                     nfe_target=nfe, nfe=0, steps=steps,
+                                     note=f"failed: {type(err).__name__}: {str(err)[:80]}"))
                     best = None
                     break
-                wall = time.perf_counter() - start
+                wall = clock() - start
                 if best is None or wall - oracle.seconds < best[0] - best[1]:
                     best = (wall, oracle.seconds)
             if best is None:
@@ -326,7 +337,7 @@ def run_benchmark(args) -> List[Dict]:
             rows.append(row)
             err_s = f"{row.get('rms_error', math.nan):.3e}"
             print(f"  {e.name:28s} NFE {used:5d}  err {err_s}  var_err {row.get('var_err', math.nan):.3f}"
-                  f"  wall {wall:7.3f}s  overhead/step {row['overhead_ms_per_step']:.3f} ms", flush=True)
+                  f"  time {wall:7.3f}s  overhead/step {row['overhead_ms_per_step']:.3f} ms", flush=True)
     return rows
 
 
@@ -349,12 +360,16 @@ def write_results(rows, args, out_dir: Path, elapsed: float):
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     nfes = [int(n) for n in args.nfe.split(",")]
-    lines = [f"# Sampler benchmark ({'quick' if args.quick else 'full'} run)", "",
+    kind = "image-batch timing" if args.image_batch else ("quick" if args.quick else "full")
+    lines = [f"# Sampler benchmark ({kind} run)", "",
              f"`python benchmarks/samplers.py{' --quick' if args.quick else ''}` on {args.device} "
              f"({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}; "
-             f"{elapsed / 60:.1f} min. Data: `random_mixture({args.dim}, {args.modes}, seed={args.seed})` "
-             f"under VPSDE (beta 0.1 -> 20), T = 1 -> eps = 1e-3, batch {args.batch} "
-             f"(error over the first {min(args.error_batch, args.batch)} against the exact flow map). "
+             f"{elapsed / 60:.1f} min wall. Data: "
+             + (f"`random_mixture((3, 32, 32), {args.modes}, seed={args.seed})`, batch {args.image_batch} "
+                "(image-shaped, for timing only) " if args.image_batch else
+                f"`random_mixture({args.dim}, {args.modes}, seed={args.seed})`, batch {args.batch} "
+                f"(error over the first {min(args.error_batch, args.batch)} against the exact flow map) ")
+             + "under VPSDE (beta 0.1 -> 20), T = 1 -> eps = 1e-3. "
              "How the peers are driven: docs/samplers.md (Benchmark) and benchmarks/peers.py.", ""]
     if not args.image_batch:
         lines += ["## Deterministic solvers: RMS error against the exact flow map", "",
@@ -368,11 +383,17 @@ def write_results(rows, args, out_dir: Path, elapsed: float):
             cells = []
             for n in nfes:
                 rr = [r for r in rows if r["solver"] == name and r["nfe_target"] == n and "rms_error" in r]
+                failed = any(r["solver"] == name and r["nfe_target"] == n and
+                             str(r.get("note", "")).startswith("failed") for r in rows)
                 cells.append(f"{rr[0]['rms_error']:.2e}" + (f" ({rr[0]['nfe']})" if rr[0]['nfe'] != n else "")
-                             if rr else "-")
+                             if rr else ("failed" if failed else "-"))
             sched = next(r["schedule"] for r in rows if r["solver"] == name)
             lines.append(f"| {name} | {lib} | {sched} | " + " | ".join(cells) + " |")
-        lines += ["", "(NFE actually spent in parentheses where it differs from the budget.)", "",
+        notes = sorted({f"{r['solver']} at NFE {r['nfe_target']}: {r['note']}" for r in rows
+                        if str(r.get("note", "")).startswith("failed")})
+        lines += ["", "(NFE actually spent in parentheses where it differs from the budget.)"]
+        lines += [""] + [f"- {n}" for n in notes] if notes else []
+        lines += ["",
                   "## Target: our best vs the best peer (deterministic)", "",
                   "| NFE | ours best | error | peer best | error | ratio ours/peer |", "|---|---|---|---|---|---|"]
         for n in nfes:
@@ -401,17 +422,21 @@ def write_results(rows, args, out_dir: Path, elapsed: float):
                 cells = cells + [""] * (len(nfes) - 1)
             lines.append(f"| {r['solver']} | {r['kind']} | " + " | ".join(cells) + " |")
     lines += ["", "## Time", "",
-              f"Overhead = wall time minus time inside the oracle, at NFE {args.timing_nfe} (the "
+              f"Overhead = run time minus time inside the oracle, at NFE {args.timing_nfe} (the "
               f"least of {args.timing_repeats} repeats), per step and per NFE; model time per NFE "
-              "for scale.", "",
-              "| solver | library | NFE/step | overhead ms/step | overhead ms/NFE | model ms/NFE | wall s |",
-              "|---|---|---|---|---|---|---|"]
+              "for scale. Times are " + ("CPU time of the process (one torch thread: the time "
+              "spent, steady on a shared machine)" if args.device == "cpu" else
+              "wall times with device synchronisation") + ".", "",
+              "| solver | library | NFE/step | overhead ms/step | overhead ms/NFE | model ms/NFE | "
+              "overhead / model | run s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["nfe_target"] != args.timing_nfe or "wall_s" not in r:
             continue
         lines.append(f"| {r['solver']} | {r['library']} | {r['nfe'] / r['steps']:.3g} | "
                      f"{r['overhead_ms_per_step']:.3f} | {r['overhead_ms_per_nfe']:.3f} | "
-                     f"{1e3 * r['model_s'] / max(r['nfe'], 1):.3f} | {r['wall_s']:.3f} |")
+                     f"{1e3 * r['model_s'] / max(r['nfe'], 1):.3f} | "
+                     f"{(r['wall_s'] - r['model_s']) / max(r['model_s'], 1e-12):.1%} | {r['wall_s']:.3f} |")
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     if not args.image_batch:
         plot(rows, out_dir / f"{stem}_error_vs_nfe.png")
@@ -432,10 +457,12 @@ def plot(rows, path: Path):
         if r["kind"] == "ODE" and "rms_error" in r and (r["solver"], r["library"]) not in names:
             names.append((r["solver"], r["library"]))
     styles = {"ours": "-", "k-diffusion": "--", "diffusers": ":"}
-    for name, lib in names:
+    colors = plt.cm.tab20.colors
+    for idx, (name, lib) in enumerate(names):
         rr = sorted((r for r in rows if r["solver"] == name and r["library"] == lib and "rms_error" in r),
                     key=lambda r: r["nfe"])
         ax.loglog([r["nfe"] for r in rr], [r["rms_error"] for r in rr], styles.get(lib, "-"),
+                  color=colors[idx % len(colors)],
                   marker="o", ms=3, label=f"{name}" + ("" if lib == "ours" else f" [{lib}]"),
                   lw=2 if lib == "ours" else 1)
     ax.set_xlabel("NFE")
@@ -458,7 +485,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--modes", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=4096, help="samples per run (statistics)")
+    ap.add_argument("--batch", type=int, default=2048, help="samples per run (statistics)")
     ap.add_argument("--error-batch", type=int, default=512,
                     help="samples compared with the exact flow map")
     ap.add_argument("--nfe", default=",".join(map(str, NFES)))

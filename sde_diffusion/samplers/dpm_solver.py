@@ -145,27 +145,36 @@ def _phi3(h: float) -> float:
     return (math.expm1(-h) + h - 0.5 * h * h) / (h * h)
 
 
-def _pp_update(x, order: int, s_prev: float, a_t: float, s_t: float, h: float, x0s: List, hs: List,
-               solver_type: str):
-    """One multistep DPM-Solver++ step of ``order`` (1-3) from the previous grid point (scale
-    ``s_prev``) to ``(a_t, s_t)`` with step ``h``; ``x0s[-1]`` is the newest data prediction and
-    ``hs[-1]``, ``hs[-2]`` the previous log-SNR steps."""
-    phi1 = -math.expm1(-h)              # 1 - e^{-h}
-    out = (s_t / s_prev) * x + (a_t * phi1) * x0s[-1]
+def combine(x, cx: float, terms) -> torch.Tensor:
+    """``cx * x + sum_k c_k * m_k`` for ``terms = [(c_k, m_k), ...]`` in one fresh tensor (one pass
+    per term, no temporaries): the update of every linear multistep solver here."""
+    out = torch.mul(x, cx)
+    for c, m in terms:
+        if c != 0.0:
+            out.add_(m, alpha=c)
+    return out
+
+
+def _pp_coefficients(order: int, s_prev: float, a_t: float, s_t: float, h: float, hs: List[float],
+                     solver_type: str):
+    """Coefficients ``(c_x, [c_0, c_1, c_2])`` of ``x_{i+1} = c_x x_i + sum_k c_k m_k`` for one
+    DPM-Solver++ step of ``order`` (``m_0`` the newest data prediction), equivalent to the
+    divided-difference form in :func:`dpm_solver_pp`'s docstring."""
+    cx = s_t / s_prev
+    c = [a_t * -math.expm1(-h), 0.0, 0.0]          # alpha_t (1 - e^{-h}) m_0
     if order == 1:
-        return out
+        return cx, c
     r0 = hs[-1] / h
-    d1_0 = (x0s[-1] - x0s[-2]) / r0
     if order == 2:
-        if solver_type == "midpoint":   # DPM-Solver++(2M), Lu et al. 2022b Alg. 2
-            return out + (0.5 * a_t * phi1) * d1_0
-        # taylor: alpha_t * phi_2(h) * D1, the exact weight of the linear term of x0 in lambda
-        return out + (a_t * _phi2(h)) * d1_0
+        # D_1 = (m_0 - m_1)/r_0 with weight alpha_t phi_2 (taylor) or alpha_t (1 - e^{-h})/2
+        w = a_t * (_phi2(h) if solver_type == "taylor" else -0.5 * math.expm1(-h))
+        return cx, [c[0] + w / r0, -w / r0, 0.0]
     r1 = hs[-2] / h
-    d1_1 = (x0s[-2] - x0s[-3]) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)      # ~ h   x0'
-    d2 = (d1_0 - d1_1) * (2.0 / (r0 + r1))             # ~ h^2 x0''
-    return out + (a_t * _phi2(h)) * d1 - (a_t * _phi3(h)) * d2
+    q = r0 / (r0 + r1)
+    p2, p3 = a_t * _phi2(h), a_t * _phi3(h) * 2.0 / (r0 + r1)
+    A = p2 * (1 + q) - p3            # weight of D_1^(0) = (m_0 - m_1)/r_0
+    B = -p2 * q + p3                 # weight of D_1^(1) = (m_1 - m_2)/r_1
+    return cx, [c[0] + A / r0, -A / r0 + B / r1, -B / r1]
 
 
 @register("dpm_solver++", stochastic=False, order=3, summary=(
@@ -200,21 +209,20 @@ def dpm_solver_pp(ctx: SolverContext, x, order: int = 3, lower_order_final: bool
             f"solver_type must be 'taylor' or 'midpoint', got {solver_type!r}")
     model = ctx.model
     alphas, sigmas, lambdas = _grid(ctx)
-    x0s: List[torch.Tensor] = []
+    x0s: List[torch.Tensor] = []    # newest first
     hs: List[float] = []
     n = ctx.steps
     for i in range(n):
-        x0s.append(model.x0(x, ctx.t(i)))
-        if len(x0s) > 3:
-            x0s.pop(0)
+        x0s.insert(0, model.x0(x, ctx.t(i)))
+        del x0s[3:]
         h = lambdas[i + 1] - lambdas[i]
         k = min(order, i + 1)
         if lower_order_final:
             k = min(k, n - i)
-        x = _pp_update(x, k, sigmas[i], alphas[i + 1], sigmas[i + 1], h, x0s, hs, solver_type)
+        cx, cs = _pp_coefficients(k, sigmas[i], alphas[i + 1], sigmas[i + 1], h, hs, solver_type)
+        x = combine(x, cx, list(zip(cs[:k], x0s[:k])))
         hs.append(h)
-        if len(hs) > 3:
-            hs.pop(0)
+        del hs[:-3]
         yield x
 
 
@@ -260,15 +268,16 @@ def sde_dpm_solver_pp(ctx: SolverContext, x, order: int = 2, solver_type: str = 
         h = lambdas[i + 1] - lambdas[i]
         x0 = model.x0(x, ctx.t(i))
         e2 = -math.expm1(-2 * h)           # 1 - e^{-2h}
-        new = (s_t / s * math.exp(-h)) * x + (a_t * e2) * x0
+        terms = [(a_t * e2, x0)]
         if order == 2 and prev_x0 is not None:
-            d1 = (x0 - prev_x0) * (h / prev_h)
             if solver_type == "midpoint":
-                new = new + (0.5 * a_t * e2) * d1
+                w = 0.5 * a_t * e2
             else:
                 # 2 int_0^h e^{-2(h-u)} u/h du = 1 - (1 - e^{-2h})/(2h)
-                coef = a_t * (e2 / (-2 * h) + 1) if h > 1e-4 else a_t * (h - 2 * h * h / 3)
-                new = new + coef * d1
-        x = new + (s_t * math.sqrt(e2)) * ctx.noise.randn()
+                w = a_t * (e2 / (-2 * h) + 1) if h > 1e-4 else a_t * (h - 2 * h * h / 3)
+            r = prev_h / h                 # D_1 = (x0 - prev_x0)/r with weight w
+            terms = [(a_t * e2 + w / r, x0), (-w / r, prev_x0)]
+        terms.append((s_t * math.sqrt(e2), ctx.noise.randn()))
+        x = combine(x, s_t / s * math.exp(-h), terms)
         prev_x0, prev_h = x0, h
         yield x

@@ -20,6 +20,7 @@ import torch
 
 from .._checks import require
 from .base import SolverContext
+from .dpm_solver import combine
 from .registry import register
 
 __all__ = ["edm_heun", "edm_euler"]
@@ -50,31 +51,34 @@ def _edm(ctx: SolverContext, x, heun: bool, S_churn, S_tmin, S_tmax, S_noise):
     model = ctx.model
     alphas = ctx.alphas.tolist()
     sig_e = torch.exp(-ctx.lambdas).tolist()          # sigma_e = sigma / alpha on the grid
-    x_e = x / alphas[0]
+    # The state is kept in our variable x = alpha x_e (the model's input, no rescaling pass);
+    # each update below is [EDM]'s, written for x.
     for i in range(ctx.steps):
         s_cur, s_next = sig_e[i], sig_e[i + 1]
-        t_cur, a_cur = ctx.t(i), alphas[i]
+        t_cur, a_cur, a_next = ctx.t(i), alphas[i], alphas[i + 1]
         gamma = gamma_max if S_tmin <= s_cur <= S_tmax else 0.0
         if gamma > 0:
-            # [EDM] Alg. 2 lines 4-6: raise the noise level to sigma_hat and add matching noise
+            # [EDM] Alg. 2 lines 4-6: raise the noise level to sigma_hat, add the matching noise:
+            # x_e <- x_e + S_noise sqrt(sigma_hat^2 - sigma^2) z, at the time t_hat of sigma_hat
             log_hat = min(math.log(s_cur) + math.log1p(gamma), log_smax)
-            th, a_cur, s_hat = _level(ctx, log_hat)
+            t_hat, a_hat, s_hat = _level(ctx, log_hat)
             if s_hat > s_cur:
-                x_e = x_e + (S_noise * math.sqrt(s_hat * s_hat - s_cur * s_cur)) * ctx.noise.randn()
-                s_cur, t_cur = s_hat, ctx.vec(th)
-            else:
-                a_cur = alphas[i]
-        # Euler step (Alg. 2 lines 7-8): d = (x_e - D) / sigma_e
-        den = model.x0(a_cur * x_e, t_cur)
-        d = (x_e - den) / s_cur
-        x_next = x_e + (s_next - s_cur) * d
+                std = S_noise * math.sqrt(s_hat * s_hat - s_cur * s_cur)
+                x = combine(x, a_hat / a_cur, [(a_hat * std, ctx.noise.randn())])
+                s_cur, t_cur, a_cur = s_hat, ctx.vec(t_hat), a_hat
+        # Euler step (Alg. 2 lines 7-8): x_e' = x_e + (sigma' - sigma) (x_e - D) / sigma
+        den = model.x0(x, t_cur)
+        r = (s_next - s_cur) / s_cur
+        x_next = combine(x, a_next / a_cur * (1 + r), [(-a_next * r, den)])
         if heun:
-            # second-order correction (Alg. 2 lines 9-11); our grid never reaches sigma_e = 0
-            den2 = model.x0(alphas[i + 1] * x_next, ctx.t(i + 1))
-            d2 = (x_next - den2) / s_next
-            x_next = x_e + (0.5 * (s_next - s_cur)) * (d + d2)
-        x_e = x_next
-        yield alphas[i + 1] * x_e
+            # trapezoidal correction (Alg. 2 lines 9-11); our grid never reaches sigma_e = 0:
+            # x_e'' = x_e + (sigma' - sigma)/2 [(x_e - D)/sigma + (x_e' - D')/sigma']
+            den2 = model.x0(x_next, ctx.t(i + 1))
+            r2 = (s_next - s_cur) / s_next
+            x_next = combine(x, a_next / a_cur * (1 + 0.5 * r),
+                             [(-0.5 * a_next * r, den), (0.5 * r2, x_next), (-0.5 * a_next * r2, den2)])
+        x = x_next
+        yield x
 
 
 @register("edm_heun", stochastic=True, order=2, nfe=lambda steps: 2 * steps,

@@ -45,6 +45,7 @@ import torch
 
 from .._checks import require
 from .base import SolverContext
+from .dpm_solver import combine
 from .registry import register
 
 __all__ = ["unipc", "exp_weights"]
@@ -110,9 +111,8 @@ def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,
             h = lambdas[i] - lambdas[i - 1]
             w = exp_weights([lambdas[j] - lambdas[i - 1] for j in idx], h)
             vals = ms[-k:] + [m]
-            x = (sigmas[i] / sigmas[i - 1]) * x_prev
-            for wk, mk in zip(w.tolist(), vals):
-                x = x + (alphas[i] * wk) * mk
+            x = combine(x_prev, sigmas[i] / sigmas[i - 1],
+                        [(alphas[i] * wk, mk) for wk, mk in zip(w.tolist(), vals)])
         preds.append(i)
         ms.append(m)
         if len(ms) > order:
@@ -124,8 +124,6 @@ def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,
         h = lambdas[i + 1] - lambdas[i]
         w = exp_weights([lambdas[j] - lambdas[i] for j in preds[-p:]], h)
         x_prev = x
-        x_new = (sigmas[i + 1] / sigmas[i]) * x
-        for wk, mk in zip(w.tolist(), ms[-p:]):
-            x_new = x_new + (alphas[i + 1] * wk) * mk
-        x = x_new
+        x = combine(x, sigmas[i + 1] / sigmas[i],
+                    [(alphas[i + 1] * wk, mk) for wk, mk in zip(w.tolist(), ms[-p:])])
         yield x
