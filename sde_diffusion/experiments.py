@@ -125,9 +125,6 @@ def compare_solvers(model: ScoreModel, solvers: Sequence[SolverSpec], nfes: Sequ
         info = get_solver(spec.name)
         deterministic = _deterministic(spec)
         for budget in nfes:
-            label = f"{spec.label} @ {budget} NFE"
-            if progress:
-                progress(label)
             if info.nfe is None:  # adaptive: one run, at its own tolerance
                 if budget != nfes[0]:
                     continue
@@ -138,6 +135,8 @@ def compare_solvers(model: ScoreModel, solvers: Sequence[SolverSpec], nfes: Sequ
                 except ValueError as err:  # the budget is below the solver's minimum
                     rows.append({"solver": spec.label, "nfe_budget": int(budget), "skipped": str(err)})
                     continue
+            if progress:
+                progress(f"{spec.label} @ {'adaptive' if steps is None else budget} NFE")
             start = time.perf_counter()
             result = sample(model, x_T=x_T.clone(), solver=spec.name, steps=steps or 1, grid=grid,
                             generator=torch.Generator().manual_seed(seed + 1), **spec.options)

@@ -21,8 +21,9 @@ _COLUMNS = ["solver", "kind", "nfe_budget", "nfe", "steps", "flow_rmse", "sliced
 
 
 def _columns(rows: Sequence[dict]) -> List[str]:
-    present = {k for r in rows for k in r if k != "samples"}
-    return [c for c in _COLUMNS if c in present] + sorted(present - set(_COLUMNS))
+    """The known columns in their usual order, then any others in the order they first appear."""
+    present = list(dict.fromkeys(k for r in rows for k in r if k != "samples"))
+    return [c for c in _COLUMNS if c in present] + [c for c in present if c not in _COLUMNS]
 
 
 def _fmt(v) -> str:
