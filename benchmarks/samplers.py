@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sde_diffusion import VPSDE, GaussianMixture, random_mixture  # noqa: E402
 from sde_diffusion.metrics import mode_statistics  # noqa: E402
 from sde_diffusion.samplers import available_solvers, sample  # noqa: E402
-from sde_diffusion.samplers.focus_grid import focus_grid  # noqa: E402
+from sde_diffusion.samplers.grids import focus_grid  # noqa: E402
 from sde_diffusion.samplers.reference import exact_flow_map  # noqa: E402
 
 NFES = (10, 20, 50, 100, 200, 1000)

@@ -61,3 +61,9 @@ def expand_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def flat_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension but the first (batch)."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite. Checks the sum first (one cheap reduction; NaN and
+    Inf propagate into it) and only looks element-wise when the sum is not finite (overflow)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())

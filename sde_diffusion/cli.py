@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(p)
     p.add_argument("--solver", default="euler_maruyama", help="solver[:key=value...], e.g. ddim:eta=1")
     p.add_argument("--steps", type=int, default=None, help="grid steps (default: the SDE's N)")
-    p.add_argument("--grid", default="uniform", help="uniform, logsnr, karras or quadratic")
+    p.add_argument("--grid", default=None,
+                   help="uniform, logsnr, karras, quadratic or focus (default: the solver's own)")
     p.add_argument("--denoise", action="store_true", help="finish with a Tweedie denoising step")
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--out", default="samples.npz", help="output .npz (a .png picture is written beside it)")
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", default="10,20,50,100", help="NFE budgets (default 10,20,50,100)")
     p.add_argument("--metric", default="sliced_w",
                    help="metric to plot: sliced_w, flow_rmse, weight_tv or var_ratio_err")
-    p.add_argument("--grid", default="uniform", help="time grid for every solver")
+    p.add_argument("--grid", default=None, help="one time grid for every solver (default: each its own)")
     p.add_argument("--n", type=int, default=2000, help="samples per run (default 2000)")
     p.add_argument("--out", default="compare", help="output folder (default ./compare)")
     _add_common(p)

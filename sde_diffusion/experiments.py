@@ -88,11 +88,12 @@ def parse_solver_list(text: str) -> List[SolverSpec]:
 # ---- the comparison ---------------------------------------------------------------------------
 def compare_solvers(model: ScoreModel, solvers: Sequence[SolverSpec], nfes: Sequence[int], n: int,
                     *, reference: Optional[torch.Tensor] = None, oracle: Optional[GaussianMixture] = None,
-                    flow_reference: bool = True, grid: str = "uniform", seed: int = 0,
+                    flow_reference: bool = True, grid: Optional[str] = None, seed: int = 0,
                     sample_shape: Optional[Sequence[int]] = None,
                     progress: Optional[Callable[[str], None]] = None,
                     keep_samples: bool = False) -> List[dict]:
-    """Run every solver at every NFE budget from the same starting noise.
+    """Run every solver at every NFE budget from the same starting noise, each on ``grid`` (default:
+    its own, see :func:`~sde_diffusion.samplers.get_solver`).
 
     Every run starts from the same ``x_T`` and stochastic solvers use the same seed. Each row holds
     the solver, the NFE actually spent, and the metrics that apply:

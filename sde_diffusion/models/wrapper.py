@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .._checks import TimeLike, expand_to, require
+from .._checks import TimeLike, all_finite, expand_to, require
 from ..sdes import SDE
 
 __all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "PARAMETERIZATIONS", "TIME_INPUTS"]
@@ -88,7 +88,7 @@ class ScoreModel:
         require(isinstance(out, torch.Tensor) and out.shape == x.shape,
                 f"the network must return a tensor shaped like x {tuple(x.shape)}, "
                 f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+        if self.check_finite and not all_finite(out):
             bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
             raise NonFiniteError(f"the model returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
         return out
@@ -149,7 +149,7 @@ class OracleModel(ScoreModel):
         t = self.sde._time(t, x)
         out = fn(x, t)
         self.nfe += 1
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+        if self.check_finite and not all_finite(out):
             bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
             raise NonFiniteError(f"the oracle returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
         return out

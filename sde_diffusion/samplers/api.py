@@ -31,8 +31,9 @@ def as_model(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = Non
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
            solver: str = "euler_maruyama", steps: Optional[int] = None, *,
-           nfe: Optional[int] = None, grid: Union[str, torch.Tensor] = "uniform",
+           nfe: Optional[int] = None, grid: Union[str, torch.Tensor, None] = None,
            t_start: Optional[float] = None, t_end: Optional[float] = None, rho: float = 7.0,
+           sigma_data: float = 0.5,
            generator: GeneratorLike = None, denoise: bool = False,
            dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
@@ -51,7 +52,9 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             interval ``[t_end, t_start]``: more intervals make it stop and report at every grid
             time); or give ``nfe``, a budget of network evaluations, and the largest grid within
             it is used (with the solver's options, e.g. PC's corrector steps).
-        grid: ``uniform``, ``logsnr``, ``karras``, ``quadratic``, or a decreasing tensor of times.
+        grid: ``uniform``, ``logsnr``, ``karras``, ``quadratic``, ``focus``, or a decreasing tensor
+            of times; default: the solver's own (``get_solver(name).grid``, its paper's choice).
+        rho, sigma_data: shape of the ``karras`` and ``focus`` grids.
         generator: ``None``, an int seed, a ``torch.Generator``, or one generator per sample.
         denoise: finish with one Tweedie step ``x <- E[x0 | x_eps]`` (score_sde's noise removal).
         progress: show a tqdm bar (default: only when stderr is a terminal).
@@ -90,7 +93,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         require(0 < float(times[-1]) and float(times[0]) <= sde.T,
                 f"a custom grid must lie in (0, T={sde.T}], got [{float(times[-1])}, {float(times[0])}]")
     else:
-        times = make_grid(sde, steps, grid, t_start, t_end, rho)
+        times = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end, rho,
+                          sigma_data)
     ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0])
     nfe_before = model.nfe
     x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .._checks import require
+from .._checks import all_finite, require
 from ..models.wrapper import NonFiniteError, ScoreModel
 from ..sdes import SDE
 
@@ -130,7 +130,7 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
                                      f"{err}", t=err.t, step=step + 1) from None
             step += 1
             t_after = float(ctx.times[min(step, ctx.steps)])
-            if not bool(torch.isfinite(x).all()):
+            if not all_finite(x):
                 raise NonFiniteError(f"{name}: the state became NaN/Inf at step {step} of "
                                      f"{ctx.steps} (t={t_after:.6g})", t=t_after, step=step)
             if trajectory is not None:

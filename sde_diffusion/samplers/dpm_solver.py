@@ -107,7 +107,7 @@ noise prediction ``eps``; ``order`` 1 (= DDIM with eta=0), 2 (Alg. 1, ``r1 = 1/2
 ``t_of_lambda(lambda_i + r h)``. Deterministic; global order = ``order``."""
 
 
-@register("dpm_solver", stochastic=False, order=3,
+@register("dpm_solver", grid="logsnr", stochastic=False, order=3,
           nfe=lambda steps, order=3: int(order) * steps,
           summary="DPM-Solver singlestep orders 1-3 (noise prediction; NFE/step = order)")
 def dpm_solver(ctx: SolverContext, x, order: int = 3, r1=None, r2=None):
@@ -118,7 +118,7 @@ dpm_solver.__doc__ = _dpm_solver_doc
 
 
 def _register_fixed(k: int):
-    @register(f"dpm_solver_{k}", stochastic=False, order=k, nfe=lambda steps: k * steps,
+    @register(f"dpm_solver_{k}", grid="logsnr", stochastic=False, order=k, nfe=lambda steps: k * steps,
               summary=f"DPM-Solver-{k}: ``dpm_solver`` with ``order={k}`` ({k} NFE/step)")
     def solver(ctx: SolverContext, x, r1=None, r2=None):
         return _dpm_solver(ctx, x, k, r1, r2)
@@ -177,7 +177,7 @@ def _pp_coefficients(order: int, s_prev: float, a_t: float, s_t: float, h: float
     return cx, [c[0] + A / r0, -A / r0 + B / r1, -B / r1]
 
 
-@register("dpm_solver++", stochastic=False, order=3, summary=(
+@register("dpm_solver++", grid="logsnr", stochastic=False, order=3, summary=(
     "DPM-Solver++ multistep (2M/3M; data prediction; 1 NFE/step)"))
 def dpm_solver_pp(ctx: SolverContext, x, order: int = 3, lower_order_final: bool = False,
                   solver_type: str = "taylor"):
@@ -227,7 +227,7 @@ def dpm_solver_pp(ctx: SolverContext, x, order: int = 3, lower_order_final: bool
 
 
 def _alias(name: str, order: int):
-    @register(name, stochastic=False, order=order,
+    @register(name, grid="logsnr", stochastic=False, order=order,
               summary=f"DPM-Solver++({order}M) multistep (data prediction; 1 NFE/step)")
     def solver(ctx: SolverContext, x, lower_order_final: bool = False, solver_type: str = "taylor"):
         return dpm_solver_pp(ctx, x, order=order, lower_order_final=lower_order_final,
@@ -241,7 +241,7 @@ _alias("dpm_solver++_3m", 3)
 
 
 # ---- SDE-DPM-Solver++ (data prediction, multistep, stochastic) -------------------------------------
-@register("sde_dpm_solver++", stochastic=True, order=1, summary=(
+@register("sde_dpm_solver++", grid="logsnr", stochastic=True, order=1, summary=(
     "SDE-DPM-Solver++(2M): second-order multistep solver of the reverse SDE (1 NFE/step)"))
 def sde_dpm_solver_pp(ctx: SolverContext, x, order: int = 2, solver_type: str = "midpoint"):
     r"""SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5 and App.; ``sde-dpmsolver++`` of the authors'

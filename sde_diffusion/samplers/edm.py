@@ -81,7 +81,7 @@ def _edm(ctx: SolverContext, x, heun: bool, S_churn, S_tmin, S_tmax, S_noise):
         yield x
 
 
-@register("edm_heun", stochastic=True, order=2, nfe=lambda steps: 2 * steps,
+@register("edm_heun", grid="karras", stochastic=True, order=2, nfe=lambda steps: 2 * steps,
           summary="EDM Heun sampler (Karras et al. 2022, Alg. 2) with optional churn; 2 NFE/step")
 def edm_heun(ctx: SolverContext, x, S_churn: float = 0.0, S_tmin: float = 0.0,
              S_tmax: float = float("inf"), S_noise: float = 1.0):
@@ -103,7 +103,7 @@ def edm_heun(ctx: SolverContext, x, S_churn: float = 0.0, S_tmin: float = 0.0,
     return _edm(ctx, x, True, S_churn, S_tmin, S_tmax, S_noise)
 
 
-@register("edm_euler", stochastic=True, order=1,
+@register("edm_euler", grid="karras", stochastic=True, order=1,
           summary="Euler in EDM's (x/alpha, sigma/alpha) variables with optional churn; 1 NFE/step")
 def edm_euler(ctx: SolverContext, x, S_churn: float = 0.0, S_tmin: float = 0.0,
               S_tmax: float = float("inf"), S_noise: float = 1.0):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from .._checks import require
+from .grids import GRIDS
 
 __all__ = ["SolverInfo", "register", "get_solver", "available_solvers", "SOLVERS"]
 
@@ -18,7 +19,8 @@ class SolverInfo:
     solver may yield once per grid interval). ``nfe(steps)`` gives the network evaluations it
     spends on a grid of ``steps`` intervals (``None`` when adaptive); where the cost depends on the
     solver's options (e.g. corrector steps), ``nfe(steps, **options)`` may take them as keyword
-    arguments with the solver's defaults. ``stochastic`` says whether it draws noise.
+    arguments with the solver's defaults. ``stochastic`` says whether it draws noise; ``grid`` is
+    the time grid it uses unless told otherwise (its paper's choice).
     """
 
     name: str
@@ -27,6 +29,7 @@ class SolverInfo:
     order: Optional[float]
     nfe: Optional[Callable[[int], int]]
     summary: str
+    grid: str = "uniform"
 
     @property
     def adaptive(self) -> bool:
@@ -57,11 +60,14 @@ SOLVERS: Dict[str, SolverInfo] = {}
 
 
 def register(name: str, *, stochastic: bool, order: Optional[float],
-             nfe: Optional[Callable[[int], int]] = lambda steps: steps, summary: str = ""):
-    """Decorator registering a solver generator under ``name``."""
+             nfe: Optional[Callable[[int], int]] = lambda steps: steps, summary: str = "",
+             grid: str = "uniform"):
+    """Decorator registering a solver generator under ``name`` (``grid``: its default time grid)."""
     def deco(fn: Callable) -> Callable:
         require(name not in SOLVERS, f"solver {name!r} is registered twice")
-        SOLVERS[name] = SolverInfo(name, fn, stochastic, order, nfe, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        require(grid in GRIDS, f"unknown default grid {grid!r} for solver {name!r}; valid: {GRIDS}")
+        summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
+        SOLVERS[name] = SolverInfo(name, fn, stochastic, order, nfe, summary_line, grid)
         return fn
     return deco
 

@@ -83,7 +83,7 @@ def exp_weights(nodes: Sequence[float], h: float) -> np.ndarray:
     return np.linalg.solve(V.T, h * _moments(h, n))
 
 
-@register("unipc", stochastic=False, order=4, summary=(
+@register("unipc", grid="logsnr", stochastic=False, order=4, summary=(
     "UniPC-style predictor-corrector: exponential Adams-Bashforth + Adams-Moulton in log-SNR "
     "(data prediction; order p+1 at 1 NFE/step)"))
 def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,

@@ -9,7 +9,7 @@ import torch
 from sde_diffusion import SubVPSDE, VESDE, VPSDE, GaussianMixture, random_mixture, sample
 from sde_diffusion.metrics import mode_statistics
 from sde_diffusion.samplers import available_solvers, make_grid
-from sde_diffusion.samplers.focus_grid import focus_grid
+from sde_diffusion.samplers.grids import focus_grid
 from sde_diffusion.samplers.reference import exact_flow_map
 from sde_diffusion.samplers.unipc import exp_weights
 
