@@ -218,7 +218,7 @@ def test_build_network_from_config():
     cfg = ml_collections.ConfigDict(dict(name="mlp", hidden=24, depth=2))
     net = build_network(cfg, (3,))
     assert isinstance(net, TimeMLP) and net.inp.in_features == 3 and net.inp.out_features == 24
-    assert len(net.time_proj) == 2 and net.cond.time.kind == "fourier"            # default kept
+    assert len(net.blocks) == 2 and net.cond.time.kind == "fourier"               # default kept
     cfg = ml_collections.ConfigDict(dict(name="unet", base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
                                          attn_resolutions=(4,), num_classes=10, embed_dim=None, dropout=0.0,
                                          skip_rescale=True, resblock_updown=False, time_embedding="fourier",
