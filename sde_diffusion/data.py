@@ -267,17 +267,19 @@ def load_image_folder(path: Union[str, os.PathLike], size: int, channels: int = 
 
 
 # ---- registry --------------------------------------------------------------------------------------
+def _generator(seed: int, generator: Optional[torch.Generator]) -> torch.Generator:
+    return generator if generator is not None else torch.Generator().manual_seed(int(seed))
+
+
 def _toy(fn):
     def make(n: int = 10_000, seed: int = 0, generator: Optional[torch.Generator] = None, **kw):
-        gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-        return fn(n, gen, **kw)
+        return fn(n, _generator(seed, generator), **kw)
     make.__wrapped_toy__ = fn
     return make
 
 
-def _mixture(mixture, n: int = 10_000, seed: int = 0, generator=None):
-    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-    return mixture_dataset(mixture, n, gen)
+def _mixture(mixture, n: int = 10_000, seed: int = 0, generator: Optional[torch.Generator] = None):
+    return mixture_dataset(mixture, n, _generator(seed, generator))
 
 
 DATASETS = {
