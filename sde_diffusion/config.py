@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "euler_maruyama"   # a solver name of sde_diffusion.samplers
     sampling.steps = 500
+    sampling.noise_removal = True        # a final Tweedie step x <- E[x0 | x_eps] (score_sde)
     sampling.n_samples = 5000
 
     config.eval = evaluate = ml_collections.ConfigDict()
@@ -136,7 +137,7 @@ def toy_config(dataset: str = "moons", sde: str = "vpsde") -> ml_collections.Con
     training.sde = sde
     training.continuous = True
     training.batch_size = 512
-    training.n_iters = 6000
+    training.n_iters = 4000
     training.log_freq = 100
     training.snapshot_freq_for_preemption = 1000
     training.sample_freq = 0
@@ -159,7 +160,7 @@ def toy_config(dataset: str = "moons", sde: str = "vpsde") -> ml_collections.Con
     model.sigma_min = 0.01
     model.sigma_max = 4.0
     # TimeMLP constructor arguments
-    model.hidden = 256
+    model.hidden = 128
     model.depth = 3
     model.time_embedding = "fourier"
     model.embed_dim = 64
