@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser"]

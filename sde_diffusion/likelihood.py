@@ -31,8 +31,7 @@ import torch
 
 from ._checks import expand_to, require
 from .divergence import PROBES, exact_divergence, hutchinson_divergence, make_probes
-from .models.wrapper import OracleModel, ScoreModel
-from .oracles import GaussianMixture
+from .models.wrapper import OracleModel, ScoreModel, as_model
 from .sdes import SDE
 
 __all__ = [
@@ -119,20 +118,6 @@ class ImageLikelihoodResult:
 
 
 # ---- validation ---------------------------------------------------------------------------------
-def _as_model(model, sde: Optional[SDE]) -> ScoreModel:
-    if isinstance(model, GaussianMixture):
-        sde = sde if sde is not None else model.sde
-        require(sde is not None, "a GaussianMixture model needs an SDE: pass sde=...")
-        return OracleModel(model, sde)
-    require(isinstance(model, ScoreModel),
-            f"model must be a ScoreModel, an OracleModel or a GaussianMixture, got {type(model).__name__}")
-    if sde is not None:
-        require(isinstance(sde, SDE), f"sde must be an SDE instance or None, got {sde!r}")
-        require(sde is model.sde or repr(sde) == repr(model.sde),
-                f"sde {sde!r} does not match the model's SDE {model.sde!r}")
-    return model
-
-
 def _check_x(x, model: ScoreModel) -> None:
     require(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}")
     require(x.dtype in (torch.float32, torch.float64),
@@ -229,8 +214,12 @@ def _solve_torchdiffeq(fn: _FlowField, x: torch.Tensor, t0: float, t1: float, rt
                        atol: float, method: str, options: Optional[dict], idx=None):
     from torchdiffeq import odeint
 
+    lo, hi = min(t0, t1), max(t0, t1)
+
     def rhs(t, state):
-        return fn(t, state[0], idx)
+        # torchdiffeq's initial-step heuristic probes t0 + h0 with an unclipped h0, which can lie
+        # outside the interval (and outside [0, T]); the steps themselves land on t1 (step_t)
+        return fn(min(max(float(t), lo), hi), state[0], idx)
 
     ts = torch.tensor([t0, t1], dtype=torch.float64, device=x.device)
     l0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -438,7 +427,7 @@ def log_likelihood(model, sde: Optional[SDE], x: torch.Tensor, *, divergence: st
         A :class:`LikelihoodResult` (log-likelihood, NLL in nats and bits/dim, NFE, latent ``x_T``).
     """
     start = time.perf_counter()
-    model = _as_model(model, sde)
+    model = as_model(model, sde)
     sde = model.sde
     _check_x(x, model)
     require(divergence in DIVERGENCES, f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -489,7 +478,7 @@ def integrate_flow(model, sde: Optional[SDE], x: torch.Tensor, t_start: float, t
     """Carry ``x`` along the probability-flow ODE from ``t_start`` to ``t_end`` (either direction):
     ``integrate_flow(m, sde, x, eps, T)`` encodes, ``integrate_flow(m, sde, z, T, eps)`` decodes.
     Returns ``(x_end, nfe)``. Same solvers and options as :func:`log_likelihood`."""
-    model = _as_model(model, sde)
+    model = as_model(model, sde)
     _check_x(x, model)
     rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
     method = _check_solver(solver, method)

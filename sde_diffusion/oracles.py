@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import TimeLike, as_time, expand_to, require
+from ._checks import TimeLike, expand_to, require
 from .sdes import SDE
 
 __all__ = ["GaussianMixture", "random_mixture"]

@@ -24,7 +24,7 @@ import torch
 from .._checks import TimeLike, all_finite, expand_to, require
 from ..sdes import SDE
 
-__all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "PARAMETERIZATIONS", "TIME_INPUTS"]
+__all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "as_model", "PARAMETERIZATIONS", "TIME_INPUTS"]
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "score")
 TIME_INPUTS = ("t", "sigma", "index")
@@ -162,3 +162,22 @@ class OracleModel(ScoreModel):
 
     def score(self, x, t, **kwargs):
         return self._exact(self.mixture.score, x, t)
+
+
+def as_model(model, sde: Optional[SDE] = None) -> ScoreModel:
+    """Accept a :class:`ScoreModel` (or :class:`OracleModel`) or an oracle
+    :class:`~sde_diffusion.oracles.GaussianMixture` (wrapped in an ``OracleModel`` under ``sde``, or
+    its own SDE), and check that ``sde``, when given, is the model's."""
+    from ..oracles import GaussianMixture
+
+    if isinstance(model, GaussianMixture):
+        sde = sde if sde is not None else model.sde
+        require(sde is not None, "a GaussianMixture model needs an SDE: pass sde=...")
+        return OracleModel(model, sde)
+    require(isinstance(model, ScoreModel),
+            f"model must be a ScoreModel, an OracleModel or a GaussianMixture, got {type(model).__name__}")
+    if sde is not None:
+        require(isinstance(sde, SDE), f"sde must be an SDE instance or None, got {sde!r}")
+        require(sde is model.sde or repr(sde) == repr(model.sde),
+                f"sde {sde!r} does not match the model's SDE {model.sde!r}")
+    return model

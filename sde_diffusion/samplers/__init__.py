@@ -6,7 +6,8 @@ modules are imported here, so a new solver module needs no other edit. See :func
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .api import as_model, sample
+from ..models.wrapper import as_model
+from .api import sample
 from .base import NoiseSource, SampleResult, SolverContext
 from .grids import GRIDS, make_grid
 from .registry import available_solvers, get_solver, register

@@ -7,25 +7,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .._checks import require
-from ..models.wrapper import OracleModel, ScoreModel
+from ..models.wrapper import ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
 from .base import GeneratorLike, NoiseSource, SampleResult, SolverContext, run_solver
 from .grids import make_grid
 from .registry import get_solver
 
-__all__ = ["sample", "as_model"]
-
-
-def as_model(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None) -> ScoreModel:
-    """Accept a :class:`ScoreModel` or an oracle mixture; check it agrees with ``sde``."""
-    if isinstance(model, GaussianMixture):
-        return OracleModel(model, sde)
-    require(isinstance(model, ScoreModel),
-            f"model must be a ScoreModel or a GaussianMixture, got {type(model).__name__}")
-    require(sde is None or sde is model.sde,
-            f"the model was built for {model.sde!r} but sampling was asked under {sde!r}")
-    return model
+__all__ = ["sample"]
 
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,

@@ -69,7 +69,7 @@ def _dpm_solver(ctx: SolverContext, x, order: int = 3, r1=None, r2=None):
     model = ctx.model
     alphas, sigmas, lambdas = _grid(ctx)
     for i in range(ctx.steps):
-        a, s, lam = alphas[i], sigmas[i], lambdas[i]
+        a, lam = alphas[i], lambdas[i]
         a_t, s_t, lam_t = alphas[i + 1], sigmas[i + 1], lambdas[i + 1]
         h = lam_t - lam
         eps0 = model.eps(x, ctx.t(i))

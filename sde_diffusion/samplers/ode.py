@@ -24,10 +24,8 @@ fresh initial step, which costs a few NFE per interval):
 - ``ode_scipy``: scipy ``solve_ivp`` (``RK45`` by default, ``rtol = atol = 1e-5``, as score_sde's
   ``ode_sampler``), state moved to float64 NumPy and back on every evaluation.
 
-``ode_scipy`` and ``ode(per_sample=True)`` with dopri5 go through
-:func:`sde_diffusion.likelihood.integrate_flow` (the likelihood's probability-flow integrator);
-``ode`` otherwise calls torchdiffeq here, with the time clamped to the interval (see
-``_torchdiffeq_solve``). ``per_sample=False`` (default) solves the batch as one ODE system with
+Both go through :func:`sde_diffusion.likelihood.integrate_flow`, the likelihood's
+probability-flow integrator (one implementation of the adaptive flow). ``per_sample=False`` (default) solves the batch as one ODE system with
 one step size, so a sample's result depends (within the tolerance) on its batch companions.
 ``per_sample=True`` gives every sample its own error control: for ``ode`` with ``dopri5`` a
 vectorised Dormand–Prince with one step-size controller per sample (each stage is one network call
@@ -36,8 +34,6 @@ shrinks as samples finish); for other methods and for ``ode_scipy``, the samples
 after the other (``batch`` times the network calls, each on one sample).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -94,48 +90,14 @@ def ode_rk4(ctx: SolverContext, x):
         yield x
 
 
-def _torchdiffeq_solve(ctx: SolverContext, x: torch.Tensor, t0: float, t1: float, method: str,
-                       rtol: float, atol: float) -> torch.Tensor:
-    """One torchdiffeq solve of the batch ``x`` from ``t0`` down to ``t1``. The right-hand side
-    clamps the time into ``[t1, t0]``: torchdiffeq's initial-step heuristic probes ``t0 + h0``
-    with an unclipped ``h0``, which near ``T`` (small drift) lies beyond the interval and outside
-    ``[0, T]``; the steps themselves are made to land on ``t1`` (``step_t``)."""
-    from torchdiffeq import odeint
-
-    def rhs(t, y):
-        tv = torch.full((y.shape[0],), min(max(float(t), t1), t0), dtype=y.dtype, device=y.device)
-        return pf_drift(ctx, y, tv)
-
-    options = {"step_t": torch.tensor([t1], dtype=torch.float64)} if method in _STEP_T_METHODS else {}
-    ts = torch.tensor([t0, t1], dtype=torch.float64, device=x.device)
-    with torch.no_grad():
-        return odeint(rhs, x, ts, rtol=rtol, atol=atol, method=method, options=options)[-1]
-
-
-_STEP_T_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-
-
 def _adaptive(ctx: SolverContext, x, solver: str, method: str, rtol, atol, per_sample):
     from ..likelihood import integrate_flow
 
     require(isinstance(per_sample, bool), f"per_sample must be True or False, got {per_sample!r}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                f"{name} must be a finite number > 0, got {value!r}")
-    if solver == "torchdiffeq":
-        from torchdiffeq._impl.odeint import SOLVERS as known
-        require(method in known, f"unknown torchdiffeq method {method!r}; valid: {', '.join(known)}")
-    own = solver == "torchdiffeq" and not (per_sample and method == "dopri5")
     for i in range(ctx.steps):
-        t0, t1 = float(ctx.times[i]), float(ctx.times[i + 1])
-        if not own:
-            x, _ = integrate_flow(ctx.model, ctx.sde, x, t0, t1, solver=solver, method=method,
-                                  rtol=rtol, atol=atol, per_sample=per_sample)
-        elif per_sample:
-            x = torch.cat([_torchdiffeq_solve(ctx, x[j:j + 1], t0, t1, method, rtol, atol)
-                           for j in range(x.shape[0])])
-        else:
-            x = _torchdiffeq_solve(ctx, x, t0, t1, method, rtol, atol)
+        x, _ = integrate_flow(ctx.model, ctx.sde, x, float(ctx.times[i]), float(ctx.times[i + 1]),
+                              solver=solver, method=method, rtol=rtol, atol=atol,
+                              per_sample=per_sample)
         yield x
 
 

@@ -24,7 +24,7 @@ from .._checks import require
 from ..models.wrapper import ScoreModel
 from ..oracles import GaussianMixture
 from ..sdes import SDE
-from .api import as_model
+from ..models.wrapper import as_model
 
 __all__ = ["exact_flow_map", "mixture_at"]
 

@@ -204,9 +204,9 @@ def test_denoise_adds_one_tweedie_step():
 def test_model_and_sde_must_agree():
     from sde_diffusion import OracleModel, VESDE
 
-    with pytest.raises(ValueError, match="built for"):
+    with pytest.raises(ValueError, match="does not match the model.s SDE"):
         sample(OracleModel(MIX), VESDE(), shape=(2, 2, 3), solver="ddim", steps=2)
-    with pytest.raises(ValueError, match="ScoreModel or a GaussianMixture"):
+    with pytest.raises(ValueError, match="ScoreModel, an OracleModel or a GaussianMixture"):
         sample(lambda x, t: x, SDE, shape=(2, 2, 3), solver="ddim", steps=2)
 
 
