@@ -35,19 +35,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import math
 import os
 import platform
 import sys
 import time
-import types
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+from peers import load_k_diffusion_sampling as load_peer_sampling  # noqa: E402
 from sde_diffusion import VPSDE, random_mixture  # noqa: E402
 from sde_diffusion.likelihood import integrate_flow, log_likelihood  # noqa: E402
 from sde_diffusion.models import OracleModel  # noqa: E402
@@ -55,45 +55,12 @@ from sde_diffusion.models import OracleModel  # noqa: E402
 
 # ---- k-diffusion ----------------------------------------------------------------------------------
 def load_k_diffusion_sampling():
-    """k-diffusion's ``sampling`` module without its package ``__init__`` (which imports
-    torchvision, clip, wandb...): the file is loaded under a private package name with a stub
-    ``utils`` (only ``append_dims`` is used) and, when torchsde is missing, a stub ``torchsde``
-    (used only by the SDE samplers' Brownian tree). Returns ``(module, None)`` or ``(None, why)``."""
+    """k-diffusion's ``sampling`` module (loaded as the sampler benchmark does, see
+    ``benchmarks/peers.py``). Returns ``(module, None)`` or ``(None, why)``."""
     try:
-        spec = importlib.util.find_spec("k_diffusion")
-    except (ImportError, ValueError) as err:
-        return None, f"k-diffusion not importable ({err})"
-    if spec is None or not spec.submodule_search_locations:
-        return None, "k-diffusion is not installed (pip install k-diffusion==0.1.1.post1 --no-deps)"
-    folder = list(spec.submodule_search_locations)[0]
-    path = os.path.join(folder, "sampling.py")
-    if not os.path.exists(path):
-        return None, f"k-diffusion has no sampling.py in {folder}"
-    pkg_name = "_kdiff_peer"
-    pkg = types.ModuleType(pkg_name)
-    pkg.__path__ = [folder]
-    utils = types.ModuleType(pkg_name + ".utils")
-
-    def append_dims(x, target_dims):
-        dims_to_append = target_dims - x.ndim
-        return x[(...,) + (None,) * dims_to_append]
-
-    utils.append_dims = append_dims
-    added = {pkg_name: pkg, pkg_name + ".utils": utils}
-    try:
-        import torchsde  # noqa: F401
-    except ImportError:
-        added["torchsde"] = types.ModuleType("torchsde")
-    sys.modules.update(added)
-    try:
-        mspec = importlib.util.spec_from_file_location(pkg_name + ".sampling", path)
-        module = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(module)
+        module = load_peer_sampling()
     except Exception as err:  # noqa: BLE001 - any import problem skips the peer
-        return None, f"k-diffusion's sampling.py could not be loaded: {type(err).__name__}: {err}"
-    finally:
-        if "torchsde" in added and sys.modules.get("torchsde") is added["torchsde"]:
-            del sys.modules["torchsde"]
+        return None, f"k-diffusion could not be loaded: {type(err).__name__}: {err}"
     if not hasattr(module, "log_likelihood"):
         return None, "this k-diffusion has no sampling.log_likelihood"
     return module, None
