@@ -81,8 +81,9 @@ def run_demo(out: str, iters: Optional[int] = None, n: int = 2000,
                        "probability-flow ODE (Heun)": paths["ode_heun"]},
                       os.path.join(out, "trajectories.png"), reference=test[:1000])
 
-    _log(quiet, f"[3/4] test-set likelihood of {n_likelihood} points through the probability-flow ODE")
-    x_test = test[:n_likelihood]
+    _log(quiet, f"[3/4] test-set likelihood of {min(n_likelihood, n)} points through the "
+                "probability-flow ODE")
+    x_test = test[:min(n_likelihood, n)]
     ll = log_likelihood(model, sde, x_test, divergence="exact")
     bpd = ll.bpd.double()
     ci = 1.96 * float(bpd.std()) / math.sqrt(len(bpd))
