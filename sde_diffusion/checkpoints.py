@@ -12,7 +12,8 @@ A checkpoint is a ``torch.save``'d dict of tensors and plain Python values only:
   generator (dropout), every CUDA device's (when CUDA is initialised), Python's ``random``,
   NumPy's global generator, and the run's own noise generator;
 - ``data_order``: the position in the shuffled data stream
-  (``sde_diffusion.data.InfiniteBatches.state_dict()``).
+  (``sde_diffusion.data.InfiniteBatches.state_dict()``);
+- ``rng_per_rank`` (DDP runs): every rank's global torch generator state (its dropout stream).
 
 Files are written to a temporary file in the same folder, flushed and fsync'ed, then moved over
 the target with ``os.replace`` (atomic on POSIX), so a crash leaves either the old or the new file.

@@ -216,10 +216,11 @@ def _discrete_loss(model, x0, times64, generator, reduce_mean, indices, noise, r
     N = times64.shape[0]
     gdev = _generator_device(generator, x0)
     if indices is None:
-        indices = _randint(N, B, generator, gdev, rank, world_size)
-    indices = torch.as_tensor(indices, device=x0.device).long()
-    require(indices.shape == (B,) and bool(((indices >= 0) & (indices < N)).all()),
-            f"indices must be a (batch,) tensor of integers in [0, {N})")
+        indices = _randint(N, B, generator, gdev, rank, world_size).to(x0.device)
+    else:  # validated only when given (the check would sync a GPU every step)
+        indices = torch.as_tensor(indices, device=x0.device).long()
+        require(indices.shape == (B,) and bool(((indices >= 0) & (indices < N)).all()),
+                f"indices must be a (batch,) tensor of integers in [0, {N})")
     t = times64.to(device=x0.device)[indices].to(x0.dtype)
     if noise is None:
         noise = _draw(torch.randn, tuple(x0.shape), generator, gdev, x0.dtype, rank,
