@@ -123,7 +123,12 @@ def cmd_train(args, rest: Sequence[str]) -> int:
     except NonFiniteLossError as err:
         raise UserError(str(err)) from None
     _say(args, f"trained to step {result.step}; checkpoint: {result.checkpoint}")
-    return 0 if not result.interrupted else 130
+    if result.interrupted:  # checkpointed; rerunning the same command resumes
+        import signal
+
+        _say(args, f"stopped by {result.interrupted}; run the same command to resume")
+        return 128 + int(getattr(signal, result.interrupted))
+    return 0
 
 
 def cmd_sample(args, rest: Sequence[str]) -> int:
