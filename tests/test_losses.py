@@ -20,13 +20,6 @@ SDES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class OracleNet(nn.Module):
     """The exact network of a mixture in a chosen parameterization, times a per-sample scale

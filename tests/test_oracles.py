@@ -14,14 +14,10 @@ from scipy import integrate, special
 
 from sde_diffusion import SDE, VESDE, VPSDE, GaussianMixture, SubVPSDE, random_mixture
 
+from helpers import SDES  # noqa: E402
+
 F64 = torch.float64
 
-SDES = {
-    "vp": lambda: VPSDE(),
-    "vp_cosine": lambda: VPSDE(schedule="cosine"),
-    "subvp": lambda: SubVPSDE(),
-    "ve": lambda: VESDE(),
-}
 MIXTURES = {
     "1d": lambda sde=None: random_mixture(dim=1, n_components=3, seed=3, sde=sde),
     "iso2d": lambda sde=None: random_mixture(dim=2, n_components=5, seed=1, sde=sde),

@@ -28,13 +28,6 @@ TINY_UNET = {"training.batch_size": 8, "training.log_freq": 2, "training.snapsho
              "optim.warmup": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(n_iters, path=MOONS, base=TINY, **over):
     c = load_config(path)

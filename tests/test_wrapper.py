@@ -9,18 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sde_diffusion import VESDE, VPSDE, SubVPSDE, random_mixture
+from sde_diffusion import VESDE, VPSDE, random_mixture
 from sde_diffusion.models import NonFiniteError, OracleModel, ScoreModel
 from sde_diffusion.models.wrapper import PARAMETERIZATIONS, TIME_INPUTS
 
+from helpers import SDES  # noqa: E402
+
 F64 = torch.float64
 
-SDES = {
-    "vp": lambda: VPSDE(),
-    "vp_cosine": lambda: VPSDE(schedule="cosine"),
-    "subvp": lambda: SubVPSDE(),
-    "ve": lambda: VESDE(),
-}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 PROPERTY = settings(derandomize=True, max_examples=25, deadline=None)
 
