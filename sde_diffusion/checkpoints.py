@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ._checks import require
+from ._files import atomic_write
 from .config import build_sde, config_from_json, config_to_json, network_config
 
 __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "latest_checkpoint",
@@ -42,39 +42,13 @@ LAST_NAME = "checkpoint_last.pt"
 PathLike = Union[str, os.PathLike]
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: PathLike) -> str:
     """``torch.save(obj, path)`` through a temporary file in the same folder + fsync + os.replace."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-    return path
+
+    return atomic_write(path, write, fsync=True)
 
 
 # ---- random number generator states -------------------------------------------------------------

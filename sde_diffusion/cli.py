@@ -135,6 +135,7 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     import numpy as np
     import torch
 
+    from ._files import atomic_write
     from .experiments import parse_solver_spec
     from .samplers import sample
 
@@ -149,10 +150,12 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
                         progress=None if not args.quiet else False, **spec.options)
     x = result.samples.float().cpu()
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, samples=x.numpy(), nfe=result.nfe, solver=spec.label)
-    os.replace(tmp, out)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
+            np.savez(fh, samples=x.numpy(), nfe=result.nfe, solver=spec.label)
+
+    atomic_write(out, write)
     png = _save_picture(x, out[:-4] + ".png")
     print(json.dumps({"samples": out, "picture": png, "n": args.n, "nfe": result.nfe,
                       "solver": spec.label}))

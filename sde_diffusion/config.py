@@ -21,7 +21,7 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 import ml_collections
 

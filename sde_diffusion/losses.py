@@ -46,7 +46,6 @@ the update) equal those of one process with the global batch.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Tuple
 
 import torch

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import require
+from ._files import atomic_write
 
 __all__ = ["sliced_wasserstein", "wasserstein_1d", "frechet_distance", "frechet_distance_from_stats",
            "gaussian_stats", "digits_classifier", "digits_features", "digits_accuracy",
@@ -276,20 +276,6 @@ def mode_statistics(samples, mixture) -> dict:
 
 
 # ---- pictures ------------------------------------------------------------------------------------
-def _atomic_png(path, write: Callable[[str], None]) -> str:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def _matplotlib():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -329,7 +315,7 @@ def save_image_grid(images, path, nrow: int = 8, upscale: Optional[int] = None) 
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     FigureCanvasAgg(fig)
     fig.figimage(grid, cmap="gray", vmin=0.0, vmax=1.0, origin="upper")
-    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def save_scatter(points, path, reference=None, title: Optional[str] = None,
@@ -359,4 +345,4 @@ def save_scatter(points, path, reference=None, title: Optional[str] = None,
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

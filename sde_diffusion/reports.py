@@ -4,13 +4,13 @@ then ``os.replace``)."""
 from __future__ import annotations
 
 import csv
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ._checks import require
-from .metrics import _atomic_png, _matplotlib
+from ._files import atomic_write
+from .metrics import _matplotlib
 
 __all__ = ["write_markdown_table", "write_csv", "write_text", "plot_error_vs_nfe",
            "plot_sample_panels", "plot_trajectories"]
@@ -45,23 +45,22 @@ def write_markdown_table(rows: Sequence[dict], path: Optional[str] = None) -> st
 
 def write_csv(rows: Sequence[dict], path: str) -> str:
     cols = _columns(rows)
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def write_text(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write)
 
 
 def plot_error_vs_nfe(rows: Sequence[dict], metric: str, path: str, title: Optional[str] = None) -> str:
@@ -87,7 +86,7 @@ def plot_error_vs_nfe(rows: Sequence[dict], metric: str, path: str, title: Optio
     ax.legend(fontsize=8)
     ax.set_title(title or f"{metric} vs NFE")
     fig.tight_layout()
-    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _grid_of_axes(fig, n: int, ncol: int):
@@ -120,7 +119,7 @@ def plot_sample_panels(panels: Dict[str, torch.Tensor], path: str,
         ax.set_yticks([])
         ax.set_title(label, fontsize=8)
     fig.tight_layout()
-    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_trajectories(trajectories: Dict[str, torch.Tensor], path: str,
@@ -149,4 +148,4 @@ def plot_trajectories(trajectories: Dict[str, torch.Tensor], path: str,
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    return _atomic_png(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._checks import require
+from ._files import atomic_write
 from .checkpoints import (LAST_NAME, capture_rng_states, latest_checkpoint, load_checkpoint,
                           model_from_checkpoint, restore_rng_states, save_checkpoint)
 from .config import (apply_overrides, build_sde, config_to_json, flatten, load_config,
@@ -262,10 +263,11 @@ def _truncate_log(path: str, step: int) -> None:
         return
     keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     if len(keep) != len(rows):
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-        os.replace(tmp, path)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(keep)
+
+        atomic_write(path, write)
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
