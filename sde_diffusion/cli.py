@@ -1,7 +1,13 @@
 """The ``sde-diffusion`` command (also ``python -m sde_diffusion``).
 
-Subcommands: ``demo``, ``train``, ``sample``, ``likelihood``, ``compare``. Mistakes a user can make
-end with a one-line ``sde-diffusion: error: ...`` and exit status 2, never a traceback.
+Subcommands: ``demo``, ``train``, ``sample``, ``likelihood``, ``compare``. ``python -m
+sde_diffusion.training ARGS`` (the spelling ``torchrun -m`` needs) is ``sde-diffusion train ARGS``:
+it calls :func:`main` with ``["train", *ARGS]``.
+
+Exit status: 0 when done; 2 for a mistake a user can make (one line ``sde-diffusion: error: ...``,
+never a traceback); 3 when training stopped because the loss or the weights became NaN/Inf (same
+one-line style; the last good checkpoint stays on disk); 128 + the signal number when training was
+stopped by SIGINT/SIGTERM after checkpointing (130 for Ctrl-C in the other subcommands).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 __all__ = ["main", "build_parser"]
 
 PROG = "sde-diffusion"
+EXIT_USER_ERROR = 2
+EXIT_NON_FINITE = 3      # train: the loss or the weights became NaN/Inf
 SDE_CHOICES = ("vp", "subvp", "ve", "vp_cosine")
 
 
@@ -108,27 +116,62 @@ def _save_picture(x, path_png: str, reference=None) -> Optional[str]:
 
 # ---- subcommands ------------------------------------------------------------------------------
 def cmd_train(args, rest: Sequence[str]) -> int:
+    import signal
+
+    from ._files import atomic_write
     from .config import apply_overrides, load_config
-    from .training import NonFiniteLossError, train
+    from .training import NonFiniteLossError, evaluate_model, train
 
     if not os.path.isfile(args.config):
         raise UserError(f"--config {args.config!r}: no such file")
     config = load_config(args.config)
     apply_overrides(config, list(rest))
-    if args.device != "cpu" or "device" not in config:
+    if args.device is not None:  # else the config's device (default "auto")
         _device(args.device)
         config.device = args.device
+    if args.seed is not None:
+        config.seed = args.seed
     try:
-        result = train(config, args.workdir, quiet=args.quiet)
+        result = train(config, args.workdir, quiet=args.quiet, resume=not args.no_resume)
     except NonFiniteLossError as err:
-        raise UserError(str(err)) from None
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE
+    if result.rank != 0:  # under torchrun only rank 0 reports and evaluates
+        return 128 + int(getattr(signal, result.interrupted)) if result.interrupted else 0
     _say(args, f"trained to step {result.step}; checkpoint: {result.checkpoint}")
     if result.interrupted:  # checkpointed; rerunning the same command resumes
-        import signal
-
         _say(args, f"stopped by {result.interrupted}; run the same command to resume")
         return 128 + int(getattr(signal, result.interrupted))
+    if args.eval:
+        scores = evaluate_model(result.model, config)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as fh:
+                json.dump(scores, fh, indent=2)
+
+        atomic_write(os.path.join(args.workdir, "eval.json"), write)
+        print(json.dumps(scores), flush=True)
     return 0
+
+
+def _check_train_overrides(rest: Sequence[str]) -> None:
+    """What ``train`` does not recognise must be config overrides: ``--config.KEY=VALUE`` or the
+    two words ``--config.KEY VALUE``."""
+    bad, i = [], 0
+    while i < len(rest):
+        word = rest[i]
+        if word.startswith("--config.") and "=" in word:
+            i += 1
+        elif word.startswith("--config."):
+            if i + 1 >= len(rest):
+                raise UserError(f"{word} has no value: write {word}=VALUE")
+            i += 2
+        else:
+            bad.append(word)
+            i += 1
+    if bad:
+        raise UserError(f"unrecognized arguments: {' '.join(bad)} (config fields are overridden "
+                        f"with --config.SECTION.KEY=VALUE)")
 
 
 def cmd_sample(args, rest: Sequence[str]) -> int:
@@ -281,11 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a score model from a config file",
                        description="Train a score model. Override any config field with "
-                                   "--config.SECTION.KEY=VALUE; a workdir holding a checkpoint is resumed.")
+                                   "--config.SECTION.KEY=VALUE; a workdir holding a checkpoint is "
+                                   "resumed. 'python -m sde_diffusion.training' (for torchrun -m) is "
+                                   "this same command. Exit status: 0 done, 2 a user error, 3 the "
+                                   "loss became NaN/Inf, 128+N stopped by signal N (checkpointed).")
     p.add_argument("--config", required=True, help="a config file defining get_config()")
     p.add_argument("--workdir", required=True, help="output folder (resumed when it holds a checkpoint)")
-    _add_common(p)
-    p.set_defaults(func=cmd_train, device="cpu")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from step 0 even when workdir holds a checkpoint (overwrites "
+                        "checkpoint_last.pt and loss_log.csv)")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate the EMA model at the end: print the scores as JSON and write "
+                        "workdir/eval.json")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 or auto (default: the config's device, normally auto)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples with any solver")
     _add_source(p)
@@ -332,9 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, rest = parser.parse_known_args(argv)
-        if args.command == "train" and any(not r.startswith("--config.") for r in rest):
-            bad = [r for r in rest if not r.startswith("--config.")]
-            raise UserError(f"unrecognized arguments: {' '.join(bad)}")
+        if args.command == "train":
+            _check_train_overrides(rest)
         if args.command == "likelihood" and args.probes is None:
             args.exact = True
         for name in ("n", "steps", "iters", "probes"):
@@ -344,10 +398,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args, rest) or 0)
     except UserError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

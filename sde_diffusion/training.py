@@ -25,14 +25,14 @@ of ``training.batch_size`` samples and draws the noise of the whole global batch
 seeded generator, so the update equals that of one process with the global batch (up to the
 summation order of the gradient all-reduce).
 
-Command line::
+Command line: ``sde-diffusion train`` (:mod:`sde_diffusion.cli`); ``python -m
+sde_diffusion.training`` is the same command under the module name ``torchrun -m`` needs::
 
     python -m sde_diffusion.training --config configs/toy/moons_vp.py --workdir runs/moons \\
         --config.training.n_iters=5000 --config.optim.lr=1e-3
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import json
@@ -54,8 +54,7 @@ from ._checks import require
 from ._files import atomic_write
 from .checkpoints import (LAST_NAME, capture_rng_states, latest_checkpoint, load_checkpoint,
                           model_from_checkpoint, restore_rng_states, save_checkpoint)
-from .config import (apply_overrides, build_sde, config_to_json, flatten, load_config,
-                     network_config)
+from .config import build_sde, config_to_json, flatten, network_config
 from .losses import get_loss_fn
 from .models.wrapper import ScoreModel
 
@@ -694,37 +693,14 @@ def evaluate_model(model: ScoreModel, config, n_samples: Optional[int] = None,
 
 # ---- command line -------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m sde_diffusion.training --config FILE --workdir DIR [--config.KEY=VALUE ...]``
-    (or under ``torchrun``). Exit status 0 when done, 128 + signal number when stopped by a signal
-    (after checkpointing), 3 when the loss became NaN/Inf."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sde_diffusion.training",
-        description="Train a score model. Any config field can be overridden: "
-                    "--config.optim.lr=1e-3 --config.training.n_iters=2000 ...")
-    parser.add_argument("--config", required=True, help="a config file with get_config()")
-    parser.add_argument("--workdir", required=True, help="output folder (resumed if it holds a checkpoint)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
-    parser.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in workdir")
-    parser.add_argument("--eval", action="store_true", help="evaluate the EMA model at the end")
-    args, rest = parser.parse_known_args(argv)
-    config = load_config(args.config)
-    try:
-        apply_overrides(config, rest)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        result = train(config, args.workdir, quiet=args.quiet, resume=not args.no_resume)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    if result.interrupted:
-        return 128 + int(getattr(signal, result.interrupted))
-    if args.eval and result.rank == 0:
-        scores = evaluate_model(result.model, config)
-        print(json.dumps(scores), flush=True)
-        with open(os.path.join(args.workdir, "eval.json"), "w") as f:
-            json.dump(scores, f, indent=2)
-    return 0
+    """``python -m sde_diffusion.training ARGS`` is ``sde-diffusion train ARGS`` (the spelling
+    ``torchrun -m`` needs): the same options (``--config``, ``--workdir``, ``--no-resume``,
+    ``--eval``, ``--device``, ``--seed``, ``--quiet``, ``--config.KEY=VALUE``), the same one-line
+    errors and exit statuses (:mod:`sde_diffusion.cli`: 0 done, 2 a user error, 3 NaN/Inf loss,
+    128 + signal number when stopped by a signal after checkpointing)."""
+    from .cli import main as cli_main  # the command line sits above training; imported on use
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,6 +107,87 @@ def test_train_then_sample_and_likelihood_from_checkpoint(tmp_path):
     assert json.loads(proc.stdout)["divergence"] == "hutchinson"
 
 
+# ---- train: one command, two spellings (sde-diffusion train / python -m sde_diffusion.training) ----
+def _train_entry(spelling):
+    """The train command as a function of its arguments, in either spelling."""
+    if spelling == "sde-diffusion train":
+        return lambda args: main(["train", *args])
+    from sde_diffusion.training import main as module_main
+    return module_main
+
+
+TINY_TRAIN = ["--config.training.batch_size=32", "--config.model.hidden=16",
+              "--config.model.depth=2", "--config.model.embed_dim=16", "--config.data.n_train=256",
+              "--config.training.log_freq=2", "--config.optim.warmup=2", "--config.sampling.steps=5",
+              "--config.eval.n_samples=64"]
+SPELLINGS = ["sde-diffusion train", "python -m sde_diffusion.training"]
+
+
+def test_train_help_is_the_same_in_both_spellings(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")       # argparse wraps to the terminal width
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    cli_help = capsys.readouterr().out
+    for option in ("--config", "--workdir", "--no-resume", "--eval", "--device", "--seed", "--quiet"):
+        assert option in cli_help, option
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "sde_diffusion.training", "--help"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == cli_help
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_train_eval_then_no_resume(spelling, tmp_path, capsys):
+    train_cmd = _train_entry(spelling)
+    workdir = tmp_path / "run"
+    base = ["--config", TOY_CONFIG, "--workdir", str(workdir), "--quiet", *TINY_TRAIN]
+    assert train_cmd([*base, "--config.training.n_iters=4", "--eval"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.loads((workdir / "eval.json").read_text())
+    assert printed == written and written["n"] == 64 and written["sw"] > 0 and "sw_ratio" in written
+    from sde_diffusion.checkpoints import load_checkpoint
+    assert load_checkpoint(workdir / "checkpoint_last.pt")["step"] == 4
+    # resumed, 2 < 4 iterations is nothing to do; --no-resume starts again from step 0
+    assert train_cmd([*base, "--config.training.n_iters=2"]) == 0
+    assert load_checkpoint(workdir / "checkpoint_last.pt")["step"] == 4
+    assert train_cmd([*base, "--config.training.n_iters", "2", "--no-resume", "--seed", "7",
+                      "--device", "cpu"]) == 0
+    assert load_checkpoint(workdir / "checkpoint_last.pt")["step"] == 2
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["seed"] == 7 and saved["device"] == "cpu"
+    log_steps = [line.split(",")[0] for line in (workdir / "loss_log.csv").read_text().splitlines()]
+    assert log_steps == ["step", "2"]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_train_nan_loss_exits_3_with_one_line(spelling, tmp_path, capsys):
+    code = _train_entry(spelling)(["--config", TOY_CONFIG, "--workdir", str(tmp_path), "--quiet",
+                                   *TINY_TRAIN, "--config.training.n_iters=20",
+                                   "--config.optim.lr=1e30", "--config.optim.warmup=0"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error: the training loss became")
+    assert "Traceback" not in err and "Last good checkpoint" in lines[0]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("args, fragments", [
+    (["--config", TOY_CONFIG, "--workdir", "w", "--quite"], ["unrecognized arguments: --quite"]),
+    (["--config", TOY_CONFIG, "--workdir", "w", "--config.optim.lrr=1"], ["did you mean optim.lr"]),
+    (["--config", TOY_CONFIG, "--workdir", "w", "--config.optim.lr"], ["has no value"]),
+    (["--config", TOY_CONFIG, "--workdir", "w", "--seed", "x"], ["--seed", "invalid int"]),
+])
+def test_train_user_errors_are_the_same_in_both_spellings(spelling, args, fragments, tmp_path,
+                                                          monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = _train_entry(spelling)(args)
+    captured = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), *fragments)
+
+
 def test_demo_report_has_every_section_and_picture(tmp_path):
     out = tmp_path / "demo"
     proc = run("demo", "--out", str(out), "--iters", "40", "--n", "200", "--nfe", "10,20", "--quiet")

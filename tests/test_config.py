@@ -134,8 +134,8 @@ def test_load_config_errors(tmp_path):
 
 def test_command_line_rejects_bad_overrides(tmp_path, capsys):
     from sde_diffusion.training import main
-    with pytest.raises(SystemExit) as info:
-        main(["--config", os.path.join(ROOT, "configs", "toy", "moons_vp.py"),
-              "--workdir", str(tmp_path), "--config.optim.lrr=1"])
-    assert info.value.code == 2
-    assert "did you mean optim.lr" in capsys.readouterr().err
+    code = main(["--config", os.path.join(ROOT, "configs", "toy", "moons_vp.py"),
+                 "--workdir", str(tmp_path), "--config.optim.lrr=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sde-diffusion: error:") and "did you mean optim.lr" in err
