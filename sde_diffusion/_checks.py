@@ -43,8 +43,16 @@ def as_time(t: TimeLike, like: torch.Tensor | None = None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.get_default_dtype())
 
 
-def check_time_range(t: torch.Tensor, T: float, name: str = "t") -> None:
-    """Raise if any entry of ``t`` is NaN or outside ``[0, T]``."""
+def check_time_range(t: torch.Tensor, T: float, name: str = "t", *, sync: bool = True) -> None:
+    """Raise if any entry of ``t`` is NaN or outside ``[0, T]``.
+
+    The verdict is read back to the host: free on CPU, a device-to-host synchronisation on a GPU.
+    With ``sync=False`` a ``t`` on a non-CPU device is not checked at all (for per-call hot paths
+    such as the model wrapper; ``torch._assert_async`` is no alternative, a failure there wrecks the
+    CUDA context). A CPU ``t`` is always checked.
+    """
+    if not sync and t.device.type != "cpu":
+        return
     bad = torch.isnan(t) | (t < 0) | (t > T * (1 + 1e-6))
     if bool(bad.any()):
         value = t[bad].flatten()[0].item()
@@ -65,5 +73,6 @@ def flat_sum(x: torch.Tensor) -> torch.Tensor:
 
 def all_finite(x: torch.Tensor) -> bool:
     """Whether every entry of ``x`` is finite. Checks the sum first (one cheap reduction; NaN and
-    Inf propagate into it) and only looks element-wise when the sum is not finite (overflow)."""
+    Inf propagate into it) and only looks element-wise when the sum is not finite (overflow).
+    Returning a Python bool reads one value back: a device sync when ``x`` is on a GPU."""
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())

@@ -165,7 +165,8 @@ def dsm_loss(model: ScoreModel, x0: torch.Tensor, generator: Optional[torch.Gene
                       world_size).to(x0.device)
     require(noise.shape == x0.shape, f"noise must be shaped like x0 {tuple(x0.shape)}, "
                                      f"got {tuple(noise.shape)}")
-    # alpha, sigma without a device sync: the wrapper validates t again when it is called
+    # alpha, sigma without a device sync: drawn times lie in [eps, T]; a given t is range-checked
+    # by the wrapper on CPU (on a GPU the wrapper skips the check, which would sync every step)
     log_alpha, log_sigma = sde._log_alpha(t), sde._log_sigma(t)
     x_t = expand_to(log_alpha.exp(), x0) * x0 + expand_to(log_sigma.exp(), x0) * noise
     eps_hat = model.eps(x_t, t, **model_kwargs)

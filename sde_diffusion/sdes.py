@@ -62,9 +62,19 @@ class SDE(abc.ABC):
         """Drift coefficient ``f(t)`` and squared diffusion ``g(t)^2``."""
 
     # ---- validated public views ---------------------------------------------------------------
-    def _time(self, t: TimeLike, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _time(self, t: TimeLike, like: Optional[torch.Tensor] = None, *,
+              sync: bool = True) -> torch.Tensor:
+        """``t`` as a tensor (on ``like``'s device, in its dtype, expanded to its batch), checked to
+        lie in ``[0, T]``. A number or CPU tensor is checked on the host before it moves to the
+        device (no sync). A ``t`` already on a GPU is checked there, which syncs the device, unless
+        ``sync=False``: then it is not checked (the model wrapper's per-call path; samplers and
+        losses make their times from checked CPU grids or draw them inside ``[eps, T]``)."""
+        on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
+        if on_host and like is not None and like.device.type != "cpu":
+            check_time_range(as_time(t), self.T)
+            return as_time(t, like)
         t = as_time(t, like)
-        check_time_range(t, self.T)
+        check_time_range(t, self.T, sync=sync)
         return t
 
     def alpha(self, t: TimeLike) -> torch.Tensor:

@@ -251,6 +251,72 @@ def test_bad_arguments_are_rejected_naming_the_value():
         OracleModel(random_mixture())
 
 
+# ---- time checks without a device sync -----------------------------------------------------------
+
+def _linear_net(x, t_in):
+    return x * _bcast(t_in, x)
+
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+def test_bad_times_on_cpu_raise_the_same_error_in_every_view(parameterization):
+    """Numbers and CPU tensors are range-checked on every call, the message naming the bad entry."""
+    model = ScoreModel(_linear_net, VPSDE(), parameterization)
+    x = torch.zeros(3, 2)
+    for bad, shown in ((1.5, r"1\.5"), (-0.25, r"-0\.25"), (math.nan, "nan")):
+        for t in (bad, torch.tensor([0.5, bad, 0.2]), torch.tensor([0.5, bad, 0.2], dtype=F64)):
+            for view in ("raw", "eps", "x0", "score"):
+                with pytest.raises(ValueError, match=rf"t must lie in \[0, T=1\.0\], got {shown}"):
+                    getattr(model, view)(x, t)
+    assert model.nfe == 0
+
+
+def test_device_times_are_not_read_back_but_host_times_are_checked_before_the_copy():
+    """On the 'meta' device any read-back (bool, .item()) raises, so it stands in for a GPU: a
+    device t goes through every view without one (check_finite=False, which does read back), and a
+    number or CPU t is checked on the host before it moves to x's device."""
+    sde = VPSDE(N=100)
+    x = torch.zeros(3, 2, device="meta")
+    t = torch.full((3,), 0.5, device="meta")
+    for time_input in TIME_INPUTS:
+        for parameterization in PARAMETERIZATIONS:
+            model = ScoreModel(_linear_net, sde, parameterization, time_input=time_input,
+                               check_finite=False)
+            for view in ("raw", "eps", "x0", "score"):
+                out = getattr(model, view)(x, t)
+                assert out.device.type == "meta" and out.shape == x.shape
+            assert model.eps(x, 0.5).device.type == "meta"
+    model = ScoreModel(_linear_net, sde, check_finite=False)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, T=1\.0\], got 1\.5"):
+        model.eps(x, 1.5)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, T=1\.0\], got -0\.5"):
+        model.x0(x, torch.tensor([0.1, -0.5, 0.2]))
+    with pytest.raises(RuntimeError, match="meta"):      # the SDE's own views still check device times
+        sde.alpha(t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("time_input", TIME_INPUTS)
+def test_model_calls_on_cuda_do_not_synchronise(time_input):
+    sde = VPSDE(N=100)
+    x = torch.randn(8, 3, device="cuda")
+    t = torch.linspace(0.1, 1.0, 8, device="cuda")
+    net = torch.nn.Linear(3, 3).cuda()
+    model = ScoreModel(lambda xx, tt: net(xx) * _bcast(tt, xx), sde, "v", time_input=time_input,
+                       check_finite=False)
+    model.eps(x, t)                                          # warm up (lazy CUDA initialisation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [getattr(model, view)(x, t) for view in ("raw", "eps", "x0", "score")]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(o.is_cuda and o.shape == x.shape for o in outs)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, T=1\.0\], got 1\.5"):
+        model.eps(x, 1.5)                                    # a number: checked on the host
+    with pytest.raises(ValueError, match=r"got 1\.5"):
+        sde.alpha(torch.full((8,), 1.5, device="cuda"))      # direct SDE calls still check
+
+
 # ---- dtype and device ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -49,9 +49,17 @@ class ScoreModel:
         time_input: what the network receives as its second argument: ``t`` (continuous time,
             default), ``sigma`` (``sigma(t)``, NCSN-style) or ``index`` (``t (N - 1) / T``, the
             DDPM label score_sde feeds its networks); or a callable ``t -> t_in``.
-        check_finite: raise :class:`NonFiniteError` when the network returns NaN/Inf.
+        check_finite: raise :class:`NonFiniteError` when the network returns NaN/Inf. The check
+            reduces the output to one sum and reads it back: on a GPU that is one device sync
+            per call; pass ``False`` where that matters (the training loop does).
 
     ``nfe`` counts network evaluations (one per call, whatever the batch size).
+
+    Times: a number or CPU tensor ``t`` is checked to lie in ``[0, T]`` on every call (a
+    ``ValueError`` naming the value). A ``t`` already on a GPU is not range-checked here, since
+    reading the verdict back would sync the device on every network call; the samplers check
+    their grids on the CPU and the losses draw t inside ``[eps, T]``. ``sde.alpha(t)`` and the
+    other SDE views still check GPU times.
     """
 
     def __init__(self, net: Callable, sde: SDE, parameterization: str = "eps",
@@ -81,8 +89,9 @@ class ScoreModel:
         return t
 
     def raw(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
-        """The network's own output at ``(x, t)``; counts one NFE."""
-        t = self.sde._time(t, x)
+        """The network's own output at ``(x, t)``; counts one NFE. No device sync on a GPU
+        for a GPU ``t`` unless ``check_finite`` (see the class docstring)."""
+        t = self.sde._time(t, x, sync=False)
         out = self.net(x, self._net_time(t), **kwargs)
         self.nfe += 1
         require(isinstance(out, torch.Tensor) and out.shape == x.shape,
@@ -94,7 +103,7 @@ class ScoreModel:
         return out
 
     def _scales(self, x: torch.Tensor, t: TimeLike):
-        t = self.sde._time(t, x)
+        t = self.sde._time(t, x, sync=False)
         return (expand_to(self.sde._log_alpha(t).exp(), x), expand_to(self.sde._log_sigma(t).exp(), x))
 
     # ---- the three views ----------------------------------------------------------------------
@@ -146,7 +155,7 @@ class OracleModel(ScoreModel):
         super().__init__(self.mixture.score, sde, parameterization="score", check_finite=check_finite)
 
     def _exact(self, fn, x, t):
-        t = self.sde._time(t, x)
+        t = self.sde._time(t, x, sync=False)
         out = fn(x, t)
         self.nfe += 1
         if self.check_finite and not all_finite(out):
