@@ -7,11 +7,12 @@ Training lives in :mod:`sde_diffusion.training`, networks in :mod:`sde_diffusion
 from .likelihood import image_log_likelihood, log_likelihood
 from .models import OracleModel, ScoreModel
 from .oracles import GaussianMixture, random_mixture
-from .samplers import available_solvers, make_grid, sample
+from .samplers import available_solvers, make_grid, optimize_grid, sample
 from .sdes import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
 
 __version__ = "0.1.0"
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture", "random_mixture",
-           "ScoreModel", "OracleModel", "sample", "available_solvers", "make_grid", "log_likelihood",
+           "ScoreModel", "OracleModel", "sample", "available_solvers", "make_grid", "optimize_grid",
+           "log_likelihood",
            "image_log_likelihood"]

@@ -1,0 +1,248 @@
+r"""A time grid optimized for one model, one solver and one budget, from pilot trajectories.
+
+At 10-20 NFE the error of a good solver is set mostly by *where* its few steps go, and the best
+place depends on the data: a fixed rule (log-SNR uniform, Karras' rho, our ``focus`` grid) is a
+guess. :func:`optimize_grid` measures instead. It draws a pilot batch from the prior, integrates it
+once with an accurate *teacher* (by default UniPC-3 on a fine log-SNR grid: the model's own
+probability-flow ODE, no exact answer needed), and then moves the interior grid points to minimise
+the RMS distance between the solver's end states and the teacher's on that batch:
+
+.. math:: \min_{\lambda_1 < \dots < \lambda_{N-1}}\;
+          \Big(\frac{1}{BD}\sum_{b} \lVert \Phi^{\text{solver}}_{\lambda_0..\lambda_N}(x_T^{(b)})
+          - \Phi^{\text{teacher}}(x_T^{(b)})\rVert^2\Big)^{1/2}.
+
+The points are parameterized by their log-SNR increments ``lambda_{i+1} - lambda_i =
+(lambda_N - lambda_0) softmax(z)_i`` (positive, summing to the whole range, so every candidate is a
+valid grid with the original ends) and ``z`` is searched with Nelder-Mead from the solver's usual
+grid. This follows the idea of fitting a schedule to teacher trajectories of the same model
+("Align Your Steps", Sabour, Fidler & Kreis 2024; "On the Trajectory Regularity of ODE-based
+Diffusion Sampling", Chen et al. 2024, who choose steps by dynamic programming on a teacher
+trajectory); here the objective is the solver's global error itself, so the multistep history and
+the error's propagation are accounted for exactly.
+
+Cost and caveats. Each objective evaluation runs the solver on the pilot batch (``nfe`` network
+calls on ``B`` samples); a search takes a few hundred evaluations. The result is a plain tensor of
+times, made once per (model, SDE, solver, budget) and reused for any number of samples: pass it as
+``sample(..., grid=result.times)``. The pilot noise must be independent of the noise you evaluate
+on. Rare events need a pilot large enough to contain them: on a 64-D, 8-mode mixture about 0.4% of
+trajectories at 10 NFE end in the wrong mode, and they dominate the RMS error, so a pilot of a few
+thousand samples is needed for the grid to generalise (a pilot of 256 overfits the bulk).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .._checks import require
+from ..models.wrapper import NonFiniteError, ScoreModel, as_model
+from ..oracles import GaussianMixture
+from ..sdes import SDE
+from .api import sample
+from .base import GeneratorLike, NoiseSource, _show_progress
+from .grids import make_grid
+from .registry import get_solver
+
+__all__ = ["optimize_grid", "OptimizedGrid"]
+
+
+@dataclass
+class OptimizedGrid:
+    """What :func:`optimize_grid` found. ``times`` is the grid to pass to ``sample(grid=...)``."""
+
+    times: torch.Tensor                 # (steps + 1,) float64, decreasing, same ends as the start grid
+    solver: str
+    options: dict
+    nfe: int                            # network evaluations per sample with this grid
+    initial_error: float                # pilot RMS error against the teacher on the starting grid
+    pilot_error: float                  # ... on the optimized grid
+    teacher_error: float                # estimate of the teacher's own error (fine vs half as fine)
+    evaluations: int                    # objective evaluations (solver runs on the pilot batch)
+    model_calls: int                    # network calls spent in total (teacher + search), each on the pilot batch
+    pilot_size: int
+    initial_times: Optional[torch.Tensor] = field(repr=False, default=None)  # the starting grid
+
+
+def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
+                  solver: str = "unipc", steps: Optional[int] = None, *, nfe: Optional[int] = None,
+                  shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
+                  generator: GeneratorLike = 0, grid: Union[str, torch.Tensor, None] = None,
+                  sigma_data: float = 0.5, t_start: Optional[float] = None,
+                  t_end: Optional[float] = None, teacher_solver: str = "unipc",
+                  teacher_steps: int = 200, teacher_options: Optional[dict] = None,
+                  knots: Optional[int] = None, max_evals: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                  device: Union[str, torch.device, None] = None, progress: Optional[bool] = None,
+                  **options) -> OptimizedGrid:
+    """Optimize the interior points of ``solver``'s time grid for ``model`` at a fixed budget.
+
+    Args:
+        model, sde: as for :func:`~sde_diffusion.samplers.sample`.
+        solver: a deterministic, fixed-step registered solver; ``options`` are its options
+            (e.g. ``order=3`` for ``unipc``), used both in the search and when you sample.
+        steps / nfe: the grid size, or the NFE budget it is derived from (as in ``sample``).
+        shape / x_T: the pilot batch ``(B, ...)`` drawn from the prior with ``generator`` (default
+            seed 0), or the pilot starting states themselves. Use noise independent of the noise
+            you will evaluate on; see the module docstring for the pilot size.
+        grid: the starting grid (name or tensor; default the solver's own), which also fixes the
+            two ends; ``sigma_data``, ``t_start``, ``t_end`` shape it as in ``sample``.
+        teacher_solver, teacher_steps, teacher_options: the accurate solver whose end states are
+            the target (default UniPC order 3 on a log-SNR grid of 200 steps); its own error is
+            estimated by rerunning it on half as many steps and reported as ``teacher_error``.
+        max_evals: objective evaluations allowed to Nelder-Mead (default ``150 * steps``).
+        progress: a tqdm bar over the evaluations (default: only when stderr is a terminal).
+
+    Returns:
+        an :class:`OptimizedGrid`; ``result.times`` goes to ``sample(..., grid=result.times)``
+        with the same solver and options.
+    """
+    from scipy.optimize import minimize
+
+    info = get_solver(solver)
+    require(not info.adaptive, f"solver {solver!r} is adaptive: it chooses its own steps, there is "
+                               "no grid to optimize")
+    require(not info.stochastic or (solver == "ddim" and float(options.get("eta", 0.0)) == 0.0),
+            f"solver {solver!r} is stochastic: optimize_grid fits the probability-flow ODE's map, "
+            "use a deterministic solver")
+    model = as_model(model, sde)
+    sde = model.sde
+    require(steps is None or nfe is None, "give steps or nfe, not both")
+    require(steps is not None or nfe is not None, "give the grid size: steps or nfe")
+    if nfe is not None:
+        steps = info.steps_for_nfe(int(nfe), **options)
+    require(isinstance(steps, int) and steps >= 2,
+            f"optimize_grid needs a grid of at least 2 steps (an interior point), got steps={steps!r}")
+    require(isinstance(teacher_steps, int) and teacher_steps >= 2 * steps,
+            f"teacher_steps must be an integer >= 2 * steps = {2 * steps}, got {teacher_steps!r}")
+    require(max_evals is None or (isinstance(max_evals, int) and max_evals >= 1),
+            f"max_evals must be a positive integer, got {max_evals!r}")
+    x_T = _pilot(sde, shape, x_T, generator, dtype, device)
+
+    if isinstance(grid, torch.Tensor):
+        start = grid.detach().to("cpu", torch.float64).flatten()
+        require(len(start) == steps + 1, f"the starting grid has {len(start) - 1} steps, but "
+                                         f"steps={steps}")
+    else:
+        start = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end,
+                          sigma_data=sigma_data)
+    lam_start = (sde._log_alpha(start) - sde._log_sigma(start))
+    t0, t1 = float(start[0]), float(start[-1])
+
+    calls_before = model.nfe
+    teacher_options = {"order": 3} if teacher_options is None and teacher_solver == "unipc" \
+        else dict(teacher_options or {})
+
+    def teacher(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return sample(model, sde, x_T=x_T, solver=teacher_solver, steps=n, grid="logsnr",
+                          t_start=t0, t_end=t1, progress=False, **teacher_options).samples
+
+    target = teacher(teacher_steps)
+    teacher_error = _rms(teacher(teacher_steps // 2), target)
+
+    if knots is None:
+        lam_of, z0 = _free_points(lam_start.numpy())
+    else:
+        lam_of, z0 = _smooth_density(lam_start.numpy(), knots)
+
+    def times_of(z: np.ndarray) -> Optional[torch.Tensor]:
+        times = sde.t_of_lambda(torch.from_numpy(lam_of(z))).to(torch.float64)
+        times[0], times[-1] = t0, t1
+        return times if bool((times[1:] < times[:-1]).all()) else None
+
+    def error_on(times: Optional[torch.Tensor]) -> float:
+        if times is None:
+            return math.inf
+        try:
+            with torch.no_grad():
+                out = sample(model, sde, x_T=x_T, solver=solver, grid=times, progress=False,
+                             **options).samples
+        except NonFiniteError:
+            return math.inf
+        err = _rms(out, target)
+        return err if math.isfinite(err) else math.inf
+
+    budget = max_evals or 150 * len(z0)
+    bar = _bar(progress, budget)
+    evaluations = 0
+
+    def objective(z: np.ndarray) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        if bar is not None:
+            bar.update(1)
+        return error_on(times_of(z))
+
+    initial = error_on(start)
+    require(math.isfinite(initial), "the solver fails on the starting grid (NaN/Inf)")
+    try:
+        found = minimize(objective, z0, method="Nelder-Mead",
+                         options=dict(maxfev=budget, xatol=1e-3, fatol=1e-4 * initial, adaptive=True))
+    finally:
+        if bar is not None:
+            bar.close()
+    best_times, best = (times_of(found.x), float(found.fun)) if found.fun < initial else (start, initial)
+    return OptimizedGrid(times=best_times, solver=solver, options=dict(options),
+                         nfe=info.cost(steps, **options), initial_error=initial, pilot_error=best,
+                         teacher_error=teacher_error, evaluations=evaluations,
+                         model_calls=model.nfe - calls_before, pilot_size=x_T.shape[0],
+                         initial_times=start)
+
+
+def _free_points(lam: np.ndarray):
+    """Every interior point free: ``z`` = log of the log-SNR increments (a softmax of ``z`` times
+    the whole range), so any ``z`` is a valid grid with the same ends."""
+    lam0, lam1 = lam[0], lam[-1]
+
+    def lam_of(z: np.ndarray) -> np.ndarray:
+        w = np.exp(z - z.max())
+        return lam0 + (lam1 - lam0) * np.concatenate([[0.0], np.cumsum(w / w.sum())])
+
+    return lam_of, np.log(np.diff(lam) / (lam1 - lam0))
+
+
+def _smooth_density(lam: np.ndarray, knots: int):
+    """A smooth grid: the points are the ``i/N`` quantiles of a density in log-SNR whose log is
+    piecewise linear between ``knots`` equally spaced knots; ``z`` = the log-density at the knots
+    (started from the density of the given grid). Fewer parameters than points: cheaper to search
+    and less prone to fit the pilot batch's accidents."""
+    require(isinstance(knots, int) and knots >= 2, f"knots must be an integer >= 2, got {knots!r}")
+    lam0, lam1, n = lam[0], lam[-1], len(lam) - 1
+    knot_at = np.linspace(lam0, lam1, knots)
+    fine = np.linspace(lam0, lam1, 64 * n + 1)
+    mids, density = 0.5 * (lam[1:] + lam[:-1]), 1.0 / (n * np.diff(lam))
+    z0 = np.interp(knot_at, mids, np.log(density))
+
+    def lam_of(z: np.ndarray) -> np.ndarray:
+        dens = np.exp(np.interp(fine, knot_at, z - z.max()))
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (dens[1:] + dens[:-1]) * np.diff(fine))])
+        out = np.interp(np.linspace(0.0, cdf[-1], n + 1), cdf, fine)
+        out[0], out[-1] = lam0, lam1
+        return out
+
+    return lam_of, z0
+
+
+def _pilot(sde: SDE, shape, x_T, generator, dtype, device) -> torch.Tensor:
+    require((shape is None) != (x_T is None), "give exactly one of shape (the pilot batch) and x_T")
+    if x_T is not None:
+        require(isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and x_T.ndim >= 1,
+                "x_T must be a floating-point tensor of shape (batch, ...)")
+        return x_T
+    shape = tuple(int(s) for s in shape)
+    require(len(shape) >= 1 and all(s >= 1 for s in shape),
+            f"shape must be (batch, ...) of positive sizes, got {shape}")
+    return NoiseSource(generator, shape, dtype, torch.device(device or "cpu")).randn() * sde.prior_std
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).mean().sqrt())
+
+
+def _bar(progress: Optional[bool], total: int):
+    if not _show_progress(progress):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="optimize_grid", leave=False)

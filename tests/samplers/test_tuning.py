@@ -1,0 +1,107 @@
+"""optimize_grid: a grid fitted on pilot noise generalises to fresh noise (checked against the exact
+flow map), keeps its ends, and plugs into sample(); bad requests fail clearly."""
+import pytest
+import torch
+
+from sde_diffusion import VESDE, VPSDE, optimize_grid, random_mixture, sample
+from sde_diffusion.samplers.reference import exact_flow_map
+
+SDES = {"vp": VPSDE(), "ve": VESDE()}
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """Fresh noise (not the pilot's) and its exact flow map, per SDE."""
+    out = {}
+    for name, sde in SDES.items():
+        mix = random_mixture(DIM, 4, seed=3, sde=sde)
+        x = torch.randn(256, DIM, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+        x = x * sde.prior_std
+        out[name] = (mix, x, exact_flow_map(mix, x))
+    return out
+
+
+def _rms(mix, sde, x, ref, solver, grid, **options):
+    got = sample(mix, sde, x_T=x, solver=solver, grid=grid, **options).samples
+    return float((got - ref).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("name", sorted(SDES))
+@pytest.mark.parametrize("solver,steps", [("ddim", 6), ("dpm_solver++_2m", 6)])
+def test_optimized_grid_beats_its_start_on_fresh_noise(held_out, name, solver, steps):
+    """Fitted on 256 pilot trajectories, the grid lowers the error against the exact flow map of
+    *other* noise by at least 15% (measured 20-46%)."""
+    sde = SDES[name]
+    mix, x, ref = held_out[name]
+    res = optimize_grid(mix, sde, solver, steps, shape=(256, DIM), generator=5, max_evals=200,
+                        dtype=torch.float64)
+    assert res.pilot_error < res.initial_error
+    assert res.teacher_error < 1e-3 * res.initial_error
+    before = _rms(mix, sde, x, ref, solver, res.initial_times)
+    after = _rms(mix, sde, x, ref, solver, res.times)
+    assert after < 0.85 * before, (before, after)
+
+
+def test_smooth_density_parameterisation(held_out):
+    """knots=4: four numbers shape the whole grid, and it still generalises (measured -44%)."""
+    sde = SDES["vp"]
+    mix, x, ref = held_out["vp"]
+    res = optimize_grid(mix, sde, "ddim", 6, shape=(256, DIM), generator=5, knots=4, max_evals=200,
+                        dtype=torch.float64)
+    before = _rms(mix, sde, x, ref, "ddim", res.initial_times)
+    after = _rms(mix, sde, x, ref, "ddim", res.times)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_result_is_a_valid_grid_for_sample():
+    sde = VPSDE()
+    mix = random_mixture(2, 3, seed=0, sde=sde)
+    res = optimize_grid(mix, sde, "dpm_solver_2", nfe=8, shape=(64, 2), max_evals=40,
+                        t_start=0.9, t_end=0.01, grid="logsnr")
+    times = res.times
+    assert times.dtype == torch.float64 and times.shape == (5,)          # 8 NFE = 4 two-stage steps
+    assert bool((times[1:] < times[:-1]).all())
+    assert (float(times[0]), float(times[-1])) == (0.9, 0.01)
+    assert res.nfe == 8 and res.solver == "dpm_solver_2" and res.pilot_size == 64
+    assert res.evaluations <= 40 + 1 and res.model_calls > 0
+    out = sample(mix, sde, shape=(16, 2), solver="dpm_solver_2", grid=times, generator=0)
+    assert out.nfe == res.nfe
+
+
+def test_same_inputs_same_grid():
+    sde = VPSDE()
+    mix = random_mixture(2, 3, seed=0, sde=sde)
+    runs = [optimize_grid(mix, sde, "unipc", 4, shape=(32, 2), generator=7, max_evals=30).times
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(solver="ddim", steps=4, eta=1.0), "stochastic"),
+    (dict(solver="euler_maruyama", steps=4), "stochastic"),
+    (dict(solver="ode", steps=4), "adaptive"),
+    (dict(solver="ddim", steps=1), "at least 2 steps"),
+    (dict(solver="ddim"), "steps or nfe"),
+    (dict(solver="ddim", steps=4, nfe=4), "not both"),
+    (dict(solver="ddim", steps=4, teacher_steps=5), "teacher_steps"),
+    (dict(solver="ddim", steps=4, knots=1), "knots"),
+    (dict(solver="ddim", steps=4, max_evals=0), "max_evals"),
+    (dict(solver="ddim", steps=4, grid=torch.tensor([1.0, 0.5, 0.001])), "2 steps, but steps=4"),
+    (dict(solver="nope", steps=4), "valid solvers"),
+])
+def test_bad_requests_fail_clearly(kwargs, message):
+    sde = VPSDE()
+    mix = random_mixture(2, 3, seed=0, sde=sde)
+    kwargs = {"max_evals": 5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        optimize_grid(mix, sde, shape=(8, 2), **kwargs)
+
+
+def test_pilot_needs_exactly_one_of_shape_and_x_T():
+    sde = VPSDE()
+    mix = random_mixture(2, 3, seed=0, sde=sde)
+    with pytest.raises(ValueError, match="exactly one of shape"):
+        optimize_grid(mix, sde, "ddim", 4)
+    with pytest.raises(ValueError, match="exactly one of shape"):
+        optimize_grid(mix, sde, "ddim", 4, shape=(4, 2), x_T=torch.zeros(4, 2))
