@@ -76,11 +76,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     if x_T is None:
         x_T = noise.randn() * sde.prior_std
     if isinstance(grid, torch.Tensor):
-        times = grid.detach().to("cpu", torch.float64).flatten()
-        require(len(times) >= 2 and bool((times[1:] < times[:-1]).all()),
-                "a custom grid must be a decreasing tensor of at least two times")
-        require(0 < float(times[-1]) and float(times[0]) <= sde.T,
-                f"a custom grid must lie in (0, T={sde.T}], got [{float(times[-1])}, {float(times[0])}]")
+        times = custom_grid(grid, sde)
     else:
         times = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end, rho,
                           sigma_data)
@@ -92,6 +88,16 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         x = model.x0(x, ctx.t(ctx.steps))
     return SampleResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
                         trajectory=trajectory)
+
+
+def custom_grid(grid: torch.Tensor, sde: SDE) -> torch.Tensor:
+    """A user's grid as float64 CPU times, checked: decreasing, at least two, inside ``(0, T]``."""
+    times = grid.detach().to("cpu", torch.float64).flatten()
+    require(len(times) >= 2 and bool((times[1:] < times[:-1]).all()),
+            "a custom grid must be a decreasing tensor of at least two times")
+    require(0 < float(times[-1]) and float(times[0]) <= sde.T,
+            f"a custom grid must lie in (0, T={sde.T}], got [{float(times[-1])}, {float(times[0])}]")
+    return times
 
 
 def _check_options(info, options: dict) -> None:

@@ -41,7 +41,7 @@ from .._checks import require
 from ..models.wrapper import NonFiniteError, ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
-from .api import sample
+from .api import _check_options, custom_grid, sample
 from .base import GeneratorLike, NoiseSource, _show_progress
 from .grids import make_grid
 from .registry import get_solver
@@ -73,7 +73,8 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
                   sigma_data: float = 0.5, t_start: Optional[float] = None,
                   t_end: Optional[float] = None, teacher_solver: str = "unipc",
                   teacher_steps: int = 200, teacher_options: Optional[dict] = None,
-                  knots: Optional[int] = None, max_evals: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                  knots: Optional[int] = None, max_evals: Optional[int] = None,
+                  dtype: torch.dtype = torch.float32,
                   device: Union[str, torch.device, None] = None, progress: Optional[bool] = None,
                   **options) -> OptimizedGrid:
     """Optimize the interior points of ``solver``'s time grid for ``model`` at a fixed budget.
@@ -91,7 +92,11 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
         teacher_solver, teacher_steps, teacher_options: the accurate solver whose end states are
             the target (default UniPC order 3 on a log-SNR grid of 200 steps); its own error is
             estimated by rerunning it on half as many steps and reported as ``teacher_error``.
-        max_evals: objective evaluations allowed to Nelder-Mead (default ``150 * steps``).
+        knots: ``None`` (default) moves every interior point freely; an integer ``K >= 2`` instead
+            shapes the grid by a smooth log-SNR density with ``K`` parameters (cheaper, less gain).
+        max_evals: objective evaluations allowed to Nelder-Mead (default 150 per parameter:
+            ``150 * steps``, or ``150 * knots``).
+        dtype, device: of the pilot batch drawn from ``shape``.
         progress: a tqdm bar over the evaluations (default: only when stderr is a terminal).
 
     Returns:
@@ -106,6 +111,7 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
     require(not info.stochastic or (solver == "ddim" and float(options.get("eta", 0.0)) == 0.0),
             f"solver {solver!r} is stochastic: optimize_grid fits the probability-flow ODE's map, "
             "use a deterministic solver")
+    _check_options(info, options)
     model = as_model(model, sde)
     sde = model.sde
     require(steps is None or nfe is None, "give steps or nfe, not both")
@@ -121,7 +127,7 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
     x_T = _pilot(sde, shape, x_T, generator, dtype, device)
 
     if isinstance(grid, torch.Tensor):
-        start = grid.detach().to("cpu", torch.float64).flatten()
+        start = custom_grid(grid, sde)
         require(len(start) == steps + 1, f"the starting grid has {len(start) - 1} steps, but "
                                          f"steps={steps}")
     else:

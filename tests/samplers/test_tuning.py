@@ -89,6 +89,8 @@ def test_same_inputs_same_grid():
     (dict(solver="ddim", steps=4, max_evals=0), "max_evals"),
     (dict(solver="ddim", steps=4, grid=torch.tensor([1.0, 0.5, 0.001])), "2 steps, but steps=4"),
     (dict(solver="nope", steps=4), "valid solvers"),
+    (dict(solver="ddim", steps=4, order=2), "has no option"),
+    (dict(solver="ddim", steps=2, grid=torch.tensor([1.0, 0.5, 0.6])), "decreasing"),
 ])
 def test_bad_requests_fail_clearly(kwargs, message):
     sde = VPSDE()
