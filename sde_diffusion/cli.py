@@ -1,8 +1,9 @@
 """The ``sde-diffusion`` command (also ``python -m sde_diffusion``).
 
-Subcommands: ``demo``, ``train``, ``sample``, ``likelihood``, ``compare``. ``python -m
-sde_diffusion.training ARGS`` (the spelling ``torchrun -m`` needs) is ``sde-diffusion train ARGS``:
-it calls :func:`main` with ``["train", *ARGS]``.
+Subcommands: ``demo``, ``train``, ``sample``, ``likelihood``, ``compare``, ``optimize-grid``
+(writes a grid file that ``sample --grid FILE.json`` reads). ``python -m sde_diffusion.training
+ARGS`` (the spelling ``torchrun -m`` needs) is ``sde-diffusion train ARGS``: it calls :func:`main`
+with ``["train", *ARGS]``.
 
 Exit status: 0 when done; 2 for a mistake a user can make (one line ``sde-diffusion: error: ...``,
 never a traceback); 3 when training stopped because the loss or the weights became NaN/Inf (same
@@ -184,12 +185,19 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
 
     _no_extra(rest)
     model, sde, mixture, config, shape = _load_model(args)
-    spec = parse_solver_spec(args.solver)
+    grid, steps = args.grid, args.steps
+    if _is_grid_file(args.grid):
+        saved = _read_grid_file(args.grid, sde)
+        spec = parse_solver_spec(args.solver or saved["label"])
+        _check_grid_matches(args.grid, saved, spec, args.steps)
+        grid, steps = torch.tensor(saved["times"], dtype=torch.float64), None
+    else:
+        spec = parse_solver_spec(args.solver or "euler_maruyama")
     device = _device(args.device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
-        result = sample(model, shape=(args.n,) + shape, solver=spec.name, steps=args.steps,
-                        grid=args.grid, generator=g, device=device, denoise=args.denoise,
+        result = sample(model, shape=(args.n,) + shape, solver=spec.name, steps=steps,
+                        grid=grid, generator=g, device=device, denoise=args.denoise,
                         progress=None if not args.quiet else False, **spec.options)
     x = result.samples.float().cpu()
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
@@ -201,8 +209,137 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     atomic_write(out, write)
     png = _save_picture(x, out[:-4] + ".png")
     print(json.dumps({"samples": out, "picture": png, "n": args.n, "nfe": result.nfe,
-                      "solver": spec.label}))
+                      "solver": spec.label, "grid": args.grid}))
     return 0
+
+
+# ---- grid files (optimize-grid writes them, sample --grid FILE.json reads them) ---------------
+GRID_FORMAT = "sde_diffusion.grid/1"
+
+
+def _is_grid_file(grid: Optional[str]) -> bool:
+    return grid is not None and grid.lower().endswith(".json")
+
+
+def _solver_label(name: str, options: dict) -> str:
+    from .experiments import SolverSpec
+
+    return SolverSpec(name, dict(options)).label
+
+
+def _effective_options(name: str, options: dict) -> dict:
+    """The solver's options with its defaults filled in (``unipc`` is ``unipc:order=2``), as plain
+    JSON values, so that two spellings of the same solver compare equal."""
+    import inspect
+
+    from .samplers import get_solver
+
+    params = list(inspect.signature(get_solver(name).fn).parameters.values())[2:]
+    full = {p.name: p.default for p in params
+            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+    full.update(options)
+    return json.loads(json.dumps(full, default=str))
+
+
+def _read_grid_file(path: str, sde) -> dict:
+    """A grid file written by ``optimize-grid``, checked: format, solver, options and the times
+    (finite, strictly decreasing, within (0, T]). Plain JSON: nothing in it is executed."""
+    from .samplers import get_solver
+
+    where = f"--grid {path!r}"
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: no such file (a grid name is one of uniform, logsnr, karras, "
+                        f"quadratic, focus; a grid file ends in .json)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{where} is not a JSON file: {err}") from None
+    if not isinstance(saved, dict) or saved.get("format") != GRID_FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        raise UserError(f"{where} is not a grid file: its format is {found!r}, expected "
+                        f"{GRID_FORMAT!r} (written by 'sde-diffusion optimize-grid')")
+    solver, options, times = saved.get("solver"), saved.get("options", {}), saved.get("times")
+    if not isinstance(solver, str) or not isinstance(options, dict):
+        raise UserError(f"{where}: 'solver' must be a solver name and 'options' an object")
+    try:
+        get_solver(solver)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
+    if (not isinstance(times, list) or len(times) < 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in times)
+            or not all(math.isfinite(v) for v in times)):
+        raise UserError(f"{where}: 'times' must be a list of at least two finite numbers")
+    if not all(b < a for a, b in zip(times, times[1:])):
+        raise UserError(f"{where}: 'times' must be strictly decreasing")
+    if not (0 < times[-1] and times[0] <= sde.T):
+        raise UserError(f"{where}: the times must lie in (0, T={sde.T}], got "
+                        f"[{times[-1]!r}, {times[0]!r}]")
+    if "sde" in saved and saved["sde"] != repr(sde):
+        raise UserError(f"{where} was fitted under {saved['sde']}, but the model's SDE is {sde!r}")
+    saved["label"] = _solver_label(solver, options)
+    return saved
+
+
+def _check_grid_matches(path: str, saved: dict, spec, steps: Optional[int]) -> None:
+    """A fitted grid belongs to one solver with its options and one number of steps."""
+    if (spec.name != saved["solver"] or _effective_options(spec.name, spec.options)
+            != _effective_options(saved["solver"], saved["options"])):
+        raise UserError(f"--grid {path!r} was fitted for solver {saved['label']}, not for "
+                        f"--solver {spec.label}: sample with --solver {saved['label']} or fit a "
+                        f"grid for {spec.label} with optimize-grid")
+    file_steps = len(saved["times"]) - 1
+    if steps is not None and steps != file_steps:
+        raise UserError(f"--steps {steps} disagrees with --grid {path!r}, a grid of {file_steps} "
+                        f"steps (leave --steps out)")
+
+
+def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
+    import torch
+
+    from ._files import atomic_write
+    from .experiments import parse_solver_spec
+    from .samplers import optimize_grid
+
+    _no_extra(rest)
+    for name, value, least in (("--nfe", args.nfe, 1), ("--pilot", args.pilot, 1),
+                               ("--knots", args.knots, 2), ("--max-evals", args.max_evals, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{name} must be >= {least}, got {value}")
+    if _is_grid_file(args.grid):
+        raise UserError(f"--grid {args.grid!r}: optimize-grid starts from a grid name (uniform, "
+                        f"logsnr, karras, quadratic, focus), not a grid file")
+    model, sde, mixture, config, shape = _load_model(args)
+    spec = parse_solver_spec(args.solver)
+    device = _device(args.device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    fit = optimize_grid(model, solver=spec.name, steps=args.steps, nfe=args.nfe,
+                        shape=(args.pilot,) + shape, generator=g, grid=args.grid,
+                        knots=args.knots, max_evals=args.max_evals, device=device,
+                        progress=None if not args.quiet else False, **spec.options)
+    record = {"format": GRID_FORMAT, "solver": fit.solver, "options": fit.options, "nfe": fit.nfe,
+              "times": [float(t) for t in fit.times.to(torch.float64)],
+              "initial_error": fit.initial_error, "pilot_error": fit.pilot_error,
+              "teacher_error": fit.teacher_error, "evaluations": fit.evaluations,
+              "model_calls": fit.model_calls, "pilot_size": fit.pilot_size,
+              "start_grid": args.grid or _default_grid(spec.name), "sde": repr(sde)}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=1)
+            fh.write("\n")
+
+    atomic_write(args.out, write)
+    print(f"{spec.label} at {fit.nfe} NFE: pilot RMS error {fit.initial_error:.4g} -> "
+          f"{fit.pilot_error:.4g} (teacher ~{fit.teacher_error:.2g}) after {fit.evaluations} "
+          f"evaluations; wrote {args.out}", flush=True)
+    return 0
+
+
+def _default_grid(solver: str) -> str:
+    from .samplers import get_solver
+
+    return get_solver(solver).grid
 
 
 def _load_data(args, mixture, sde, n: int):
@@ -344,10 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples with any solver")
     _add_source(p)
-    p.add_argument("--solver", default="euler_maruyama", help="solver[:key=value...], e.g. ddim:eta=1")
-    p.add_argument("--steps", type=int, default=None, help="grid steps (default: the SDE's N)")
+    p.add_argument("--solver", default=None,
+                   help="solver[:key=value...], e.g. ddim:eta=1 (default euler_maruyama, or the "
+                        "solver a --grid file was fitted for)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="grid steps (default: the SDE's N, or a --grid file's)")
     p.add_argument("--grid", default=None,
-                   help="uniform, logsnr, karras, quadratic or focus (default: the solver's own)")
+                   help="uniform, logsnr, karras, quadratic or focus (default: the solver's own), "
+                        "or a FILE.json written by optimize-grid")
     p.add_argument("--denoise", action="store_true", help="finish with a Tweedie denoising step")
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--out", default="samples.npz", help="output .npz (a .png picture is written beside it)")
@@ -379,6 +520,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare", help="output folder (default ./compare)")
     _add_common(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("optimize-grid",
+                       help="fit a solver's time grid to the model at one NFE budget",
+                       description="Fit the interior points of a deterministic solver's time grid "
+                                   "to the model's own probability-flow map on a pilot batch of "
+                                   "prior noise (sde_diffusion.optimize_grid) and write them to a "
+                                   "JSON grid file for 'sample --grid FILE.json'.")
+    _add_source(p)
+    p.add_argument("--solver", default="unipc:order=3",
+                   help="a deterministic fixed-step solver[:key=value...] (default unipc:order=3)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--nfe", type=int, default=None, help="network evaluations per sample")
+    size.add_argument("--steps", type=int, default=None, help="grid steps")
+    p.add_argument("--grid", default=None,
+                   help="starting grid: uniform, logsnr, karras, quadratic or focus (default: the "
+                        "solver's own; focus uses sigma_data 0.5)")
+    p.add_argument("--pilot", type=int, default=1024, help="pilot batch size (default 1024)")
+    p.add_argument("--knots", type=int, default=None,
+                   help="search a smooth density with K knots instead of every point")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="objective evaluations allowed (default 150 x steps, or 150 x K with --knots)")
+    p.add_argument("--out", default="grid.json", help="output grid file (default grid.json)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="seed of the pilot noise (default 1000: not sample's default 0, so that "
+                        "the grid is not fitted to the noise it is then evaluated on)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_optimize_grid)
     return parser
 
 

@@ -28,7 +28,8 @@ def assert_user_error(proc, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("sub", ["", "demo", "train", "sample", "likelihood", "compare"])
+@pytest.mark.parametrize("sub", ["", "demo", "train", "sample", "likelihood", "compare",
+                                 "optimize-grid"])
 def test_help(sub, capsys):
     with pytest.raises(SystemExit) as stop:
         main([*([sub] if sub else []), "--help"])
@@ -242,3 +243,122 @@ def test_device_cuda_without_cuda_is_a_clear_error(capsys):
     code = main(["sample", "--oracle", "ring8", "--device", "cuda"])
     err = capsys.readouterr().err
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "CUDA is not available")
+
+
+# ---- optimize-grid writes a grid file; sample --grid FILE.json uses it ---------------------------
+FIT = ["optimize-grid", "--oracle", "ring8", "--nfe", "6", "--pilot", "64", "--max-evals", "20",
+       "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grid") / "grid.json"
+    assert main([*FIT, "--out", str(path)]) == 0
+    return path
+
+
+def _one_line_error(code, capsys, *fragments):
+    captured = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess([], code, captured.out, captured.err), *fragments)
+
+
+def test_optimize_grid_writes_a_valid_file(tmp_path, capsys):
+    out = tmp_path / "sub" / "g.json"
+    assert main([*FIT, "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "->" in line and "20 evaluations" in line and str(out) in line
+    saved = json.loads(out.read_text())
+    assert saved["format"] == "sde_diffusion.grid/1"
+    assert saved["solver"] == "unipc" and saved["options"] == {"order": 3}
+    assert saved["nfe"] == 6 and saved["pilot_size"] == 64 and saved["start_grid"] == "logsnr"
+    assert 1 <= saved["evaluations"] <= 25 and saved["model_calls"] > 0
+    times = saved["times"]
+    assert len(times) == 7 and all(b < a for a, b in zip(times, times[1:]))
+    assert times[0] == 1.0 and times[-1] == pytest.approx(1e-3)
+    assert saved["pilot_error"] <= saved["initial_error"] and saved["teacher_error"] < 1e-3
+    assert not [p for p in os.listdir(out.parent) if p != "g.json"]   # no temporary left behind
+    # the same seed gives the same grid, to the last digit
+    again = tmp_path / "again.json"
+    assert main([*FIT, "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["times"] == times
+
+
+def test_sample_with_a_grid_file_uses_its_times(grid_file, tmp_path, capsys):
+    import torch
+
+    from sde_diffusion import sample
+    from sde_diffusion.experiments import named_oracle
+    from sde_diffusion.sdes import VPSDE
+
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--oracle", "ring8", "--grid", str(grid_file), "--n", "50",
+                 "--out", str(out), "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    saved = json.loads(grid_file.read_text())
+    assert info["nfe"] == saved["nfe"] == 6 and info["solver"] == "unipc:order=3"
+    times = torch.tensor(saved["times"], dtype=torch.float64)
+    expected = sample(named_oracle("ring8", VPSDE()), shape=(50, 2), solver="unipc", order=3,
+                      grid=times, generator=torch.Generator().manual_seed(0)).samples
+    np.testing.assert_array_equal(np.load(out)["samples"], expected.numpy())
+    # the same solver spelled out, and --steps equal to the file's, are accepted
+    assert main(["sample", "--oracle", "ring8", "--grid", str(grid_file), "--solver",
+                 "unipc:order=3", "--steps", "6", "--n", "10", "--out", str(out), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--solver", "ddim"], ["fitted for solver unipc:order=3", "--solver ddim"]),
+    (["--solver", "unipc"], ["fitted for solver unipc:order=3", "--solver unipc"]),  # order=2
+    (["--steps", "5"], ["--steps 5", "6 steps"]),
+    (["--sde", "ve"], ["VPSDE", "VESDE"]),
+])
+def test_sample_grid_file_mismatch_is_one_line(grid_file, args, fragments, tmp_path, monkeypatch,
+                                               capsys):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(main(["sample", "--oracle", "ring8", "--grid", str(grid_file), *args]), capsys,
+                    *fragments)
+
+
+GOOD = {"format": "sde_diffusion.grid/1", "solver": "unipc", "options": {"order": 3}, "nfe": 2,
+        "times": [1.0, 0.5, 0.001]}
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ("{not json", ["is not a JSON file"]),
+    ("[1, 2]", ["is not a grid file"]),
+    (json.dumps({**GOOD, "format": "other/1"}), ["'other/1'", "sde_diffusion.grid/1"]),
+    (json.dumps({**GOOD, "solver": "nope"}), ["unknown solver 'nope'"]),
+    (json.dumps({**GOOD, "options": [3]}), ["'options'"]),
+    (json.dumps({**GOOD, "times": [0.001, 0.5, 1.0]}), ["strictly decreasing"]),
+    (json.dumps({**GOOD, "times": [1.0, 0.5, 0.5, 0.001]}), ["strictly decreasing"]),
+    (json.dumps({**GOOD, "times": [2.0, 0.5, 0.001]}), ["(0, T=1.0]"]),
+    (json.dumps({**GOOD, "times": [1.0, 0.5, 0.0]}), ["(0, T=1.0]"]),
+    (json.dumps({**GOOD, "times": [1.0]}), ["at least two finite numbers"]),
+    (json.dumps({**GOOD, "times": [1.0, "0.5", 0.001]}), ["at least two finite numbers"]),
+    (json.dumps({**GOOD, "times": [1.0, float("nan"), 0.001]}), ["finite numbers"]),
+    (None, ["no such file"]),
+])
+def test_sample_malformed_grid_file_is_one_line(content, fragments, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "g.json").write_text(content)
+    _one_line_error(main(["sample", "--oracle", "ring8", "--grid", "g.json", "--n", "5"]), capsys,
+                    *fragments)
+    assert not (tmp_path / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--nfe", "6", "--solver", "ddim:eta=1"], ["stochastic"]),
+    (["--nfe", "6", "--solver", "ode"], ["adaptive"]),
+    (["--pilot", "8"], ["--nfe --steps is required"]),
+    (["--nfe", "6", "--steps", "6"], ["not allowed with"]),
+    (["--steps", "1"], ["at least 2 steps"]),
+    (["--nfe", "6", "--pilot", "0"], ["--pilot must be >= 1"]),
+    (["--nfe", "6", "--knots", "1"], ["--knots must be >= 2"]),
+    (["--nfe", "6", "--grid", "old.json"], ["grid name", "not a grid file"]),
+    (["--nfe", "6", "--grid", "wiggly"], ["wiggly"]),
+])
+def test_optimize_grid_user_errors_are_one_line(args, fragments, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(main(["optimize-grid", "--oracle", "ring8", "--quiet", *args]), capsys,
+                    *fragments)
+    assert not (tmp_path / "grid.json").exists()
