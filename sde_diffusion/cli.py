@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knots", type=int, default=None,
                    help="search a smooth density with K knots instead of every point")
     p.add_argument("--max-evals", type=int, default=None,
-                   help="objective evaluations allowed (default 150 x steps, or 150 x K with --knots)")
+                   help="objective evaluations allowed (default 150 x steps, or 150 x K with "
+                        "--knots)")
     p.add_argument("--out", default="grid.json", help="output grid file (default grid.json)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
     p.add_argument("--seed", type=int, default=1000,
