@@ -306,6 +306,8 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
                                ("--knots", args.knots, 2), ("--max-evals", args.max_evals, 1)):
         if value is not None and value < least:
             raise UserError(f"{name} must be >= {least}, got {value}")
+    if not 0 <= args.validation < 1:
+        raise UserError(f"--validation must lie in [0, 1), got {args.validation}")
     if _is_grid_file(args.grid):
         raise UserError(f"--grid {args.grid!r}: optimize-grid starts from a grid name (uniform, "
                         f"logsnr, karras, quadratic, focus), not a grid file")
@@ -315,12 +317,16 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     fit = optimize_grid(model, solver=spec.name, steps=args.steps, nfe=args.nfe,
                         shape=(args.pilot,) + shape, generator=g, grid=args.grid,
-                        knots=args.knots, max_evals=args.max_evals, device=device,
+                        knots=args.knots, max_evals=args.max_evals, validation=args.validation,
+                        device=device,
                         progress=None if not args.quiet else False, **spec.options)
     record = {"format": GRID_FORMAT, "solver": fit.solver, "options": fit.options, "nfe": fit.nfe,
               "times": [float(t) for t in fit.times.to(torch.float64)],
               "initial_error": fit.initial_error, "pilot_error": fit.pilot_error,
-              "teacher_error": fit.teacher_error, "evaluations": fit.evaluations,
+              "initial_validation_error": _json_float(fit.initial_validation_error),
+              "validation_error": _json_float(fit.validation_error),
+              "validation_size": fit.validation_size, "teacher_error": fit.teacher_error,
+              "evaluations": fit.evaluations,
               "model_calls": fit.model_calls, "pilot_size": fit.pilot_size,
               "start_grid": args.grid or _default_grid(spec.name), "sde": repr(sde)}
 
@@ -330,10 +336,17 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
             fh.write("\n")
 
     atomic_write(args.out, write)
+    held_out = (f", held-out {fit.initial_validation_error:.4g} -> {fit.validation_error:.4g}"
+                if fit.validation_size else "")
     print(f"{spec.label} at {fit.nfe} NFE: pilot RMS error {fit.initial_error:.4g} -> "
-          f"{fit.pilot_error:.4g} (teacher ~{fit.teacher_error:.2g}) after {fit.evaluations} "
-          f"evaluations; wrote {args.out}", flush=True)
+          f"{fit.pilot_error:.4g}{held_out} (teacher ~{fit.teacher_error:.2g}) after "
+          f"{fit.evaluations} evaluations; wrote {args.out}", flush=True)
     return 0
+
+
+def _json_float(value: float):
+    """NaN is not JSON: ``None`` instead."""
+    return None if math.isnan(value) else value
 
 
 def _default_grid(solver: str) -> str:
@@ -542,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-evals", type=int, default=None,
                    help="objective evaluations allowed (default 150 x steps, or 150 x K with "
                         "--knots)")
+    p.add_argument("--validation", type=float, default=0.25,
+                   help="share of the pilot held out to choose among the search's grids (early "
+                        "stopping; default 0.25, 0 to return the best fit)")
     p.add_argument("--out", default="grid.json", help="output grid file (default grid.json)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
     p.add_argument("--seed", type=int, default=1000,

@@ -276,6 +276,8 @@ def test_optimize_grid_writes_a_valid_file(tmp_path, capsys):
     assert len(times) == 7 and all(b < a for a, b in zip(times, times[1:]))
     assert times[0] == 1.0 and times[-1] == pytest.approx(1e-3)
     assert saved["pilot_error"] <= saved["initial_error"] and saved["teacher_error"] < 1e-3
+    assert saved["validation_size"] == 16   # a quarter of the pilot held out for early stopping
+    assert saved["validation_error"] <= saved["initial_validation_error"]
     assert not [p for p in os.listdir(out.parent) if p != "g.json"]   # no temporary left behind
     # the same seed gives the same grid, to the last digit
     again = tmp_path / "again.json"
@@ -354,6 +356,7 @@ def test_sample_malformed_grid_file_is_one_line(content, fragments, tmp_path, mo
     (["--steps", "1"], ["at least 2 steps"]),
     (["--nfe", "6", "--pilot", "0"], ["--pilot must be >= 1"]),
     (["--nfe", "6", "--knots", "1"], ["--knots must be >= 2"]),
+    (["--nfe", "6", "--validation", "1"], ["--validation must lie in [0, 1)"]),
     (["--nfe", "6", "--grid", "old.json"], ["grid name", "not a grid file"]),
     (["--nfe", "6", "--grid", "wiggly"], ["wiggly"]),
 ])

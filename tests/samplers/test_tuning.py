@@ -30,24 +30,25 @@ def _rms(mix, sde, x, ref, solver, grid, **options):
 @pytest.mark.parametrize("name", sorted(SDES))
 @pytest.mark.parametrize("solver,steps", [("ddim", 6), ("dpm_solver++_2m", 6)])
 def test_optimized_grid_beats_its_start_on_fresh_noise(held_out, name, solver, steps):
-    """Fitted on 256 pilot trajectories, the grid lowers the error against the exact flow map of
-    *other* noise by at least 15% (measured 20-46%)."""
+    """Fitted on 384 pilot trajectories (128 more held out for early stopping), the grid lowers the
+    error against the exact flow map of *other* noise (measured 9-43% lower)."""
     sde = SDES[name]
     mix, x, ref = held_out[name]
-    res = optimize_grid(mix, sde, solver, steps, shape=(256, DIM), generator=5, max_evals=200,
+    res = optimize_grid(mix, sde, solver, steps, shape=(512, DIM), generator=5, max_evals=200,
                         dtype=torch.float64)
     assert res.pilot_error < res.initial_error
+    assert res.validation_error < res.initial_validation_error and res.validation_size == 128
     assert res.teacher_error < 1e-3 * res.initial_error
     before = _rms(mix, sde, x, ref, solver, res.initial_times)
     after = _rms(mix, sde, x, ref, solver, res.times)
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.95 * before, (before, after)
 
 
 def test_smooth_density_parameterisation(held_out):
-    """knots=4: four numbers shape the whole grid, and it still generalises (measured -44%)."""
+    """knots=4: four numbers shape the whole grid, and it still generalises."""
     sde = SDES["vp"]
     mix, x, ref = held_out["vp"]
-    res = optimize_grid(mix, sde, "ddim", 6, shape=(256, DIM), generator=5, knots=4, max_evals=200,
+    res = optimize_grid(mix, sde, "ddim", 6, shape=(512, DIM), generator=5, knots=4, max_evals=200,
                         dtype=torch.float64)
     before = _rms(mix, sde, x, ref, "ddim", res.initial_times)
     after = _rms(mix, sde, x, ref, "ddim", res.times)
@@ -69,6 +70,19 @@ def test_result_is_a_valid_grid_for_sample():
     assert out.nfe == res.nfe
 
 
+def test_step_ratio_bound_holds():
+    """Consecutive log-SNR steps of the fitted grid differ by at most max_ratio."""
+    sde = VPSDE()
+    mix = random_mixture(DIM, 4, seed=3, sde=sde)
+    for bound in (1.5, 3.0):
+        res = optimize_grid(mix, sde, "dpm_solver++_2m", 8, shape=(128, DIM), generator=5,
+                            max_evals=150, max_ratio=bound, validation=0)
+        h = sde.lambda_(res.times).diff()
+        ratio = h[1:] / h[:-1]
+        assert float(ratio.max()) <= bound * (1 + 1e-9) and float(ratio.min()) >= 1 / bound / (1 + 1e-9)
+        assert not torch.equal(res.times, res.initial_times)   # it did move
+
+
 def test_same_inputs_same_grid():
     sde = VPSDE()
     mix = random_mixture(2, 3, seed=0, sde=sde)
@@ -87,6 +101,9 @@ def test_same_inputs_same_grid():
     (dict(solver="ddim", steps=4, teacher_steps=5), "teacher_steps"),
     (dict(solver="ddim", steps=4, knots=1), "knots"),
     (dict(solver="ddim", steps=4, max_evals=0), "max_evals"),
+    (dict(solver="ddim", steps=4, max_ratio=1.0), "max_ratio"),
+    (dict(solver="ddim", steps=4, validation=1.0), "validation"),
+    (dict(solver="ddim", steps=4, validation=0.01), "leaves no"),
     (dict(solver="ddim", steps=4, grid=torch.tensor([1.0, 0.5, 0.001])), "2 steps, but steps=4"),
     (dict(solver="nope", steps=4), "valid solvers"),
     (dict(solver="ddim", steps=4, order=2), "has no option"),
