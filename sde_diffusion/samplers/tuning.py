@@ -11,22 +11,25 @@ the RMS distance between the solver's end states and the teacher's on that batch
           \Big(\frac{1}{BD}\sum_{b} \lVert \Phi^{\text{solver}}_{\lambda_0..\lambda_N}(x_T^{(b)})
           - \Phi^{\text{teacher}}(x_T^{(b)})\rVert^2\Big)^{1/2}.
 
-The points are parameterized by their log-SNR increments ``lambda_{i+1} - lambda_i =
-(lambda_N - lambda_0) softmax(z)_i`` (positive, summing to the whole range, so every candidate is a
-valid grid with the original ends) and ``z`` is searched with Nelder-Mead from the solver's usual
-grid. This follows the idea of fitting a schedule to teacher trajectories of the same model
-("Align Your Steps", Sabour, Fidler & Kreis 2024; "On the Trajectory Regularity of ODE-based
-Diffusion Sampling", Chen et al. 2024, who choose steps by dynamic programming on a teacher
+The points move in log-SNR: either every increment freely, with consecutive increments within a
+factor ``max_ratio`` of each other (default 2: variable-step multistep methods need bounded step
+ratios, and jagged grids that fit the pilot send rare trajectories astray elsewhere), or as the
+quantiles of a smooth density with a few ``knots``. Any parameter vector gives a valid grid with the
+original ends, and Nelder-Mead searches it from the solver's usual grid. A quarter of the pilot is
+held out: among the grids the search passes through, the one with the lowest error there is
+returned (early stopping). Fitting a schedule to the same model's own trajectories follows "Align
+Your Steps" (Sabour, Fidler & Kreis 2024) and "On the Trajectory Regularity of ODE-based
+Diffusion Sampling" (Chen et al. 2024, steps chosen by dynamic programming on a teacher
 trajectory); here the objective is the solver's global error itself, so the multistep history and
-the error's propagation are accounted for exactly.
+the growth of early errors are accounted for exactly.
 
 Cost and caveats. Each objective evaluation runs the solver on the pilot batch (``nfe`` network
-calls on ``B`` samples); a search takes a few hundred evaluations. The result is a plain tensor of
-times, made once per (model, SDE, solver, budget) and reused for any number of samples: pass it as
-``sample(..., grid=result.times)``. The pilot noise must be independent of the noise you evaluate
-on. Rare events need a pilot large enough to contain them: on a 64-D, 8-mode mixture about 0.4% of
-trajectories at 10 NFE end in the wrong mode, and they dominate the RMS error, so a pilot of a few
-thousand samples is needed for the grid to generalise (a pilot of 256 overfits the bulk).
+calls on ``B`` samples); a search takes up to 150 evaluations per parameter. The result is a plain
+tensor of times, made once per (model, SDE, solver, budget) and reused for any number of samples:
+pass it as ``sample(..., grid=result.times)``. The pilot noise must be independent of the noise you
+evaluate on. Rare events need a pilot large enough to contain them: on a 64-D, 8-mode mixture about
+0.4% of trajectories at 10 NFE end in the wrong mode and dominate the RMS error, so a pilot of a
+few thousand samples is needed there (docs/samplers.md, "Optimized grids").
 """
 from __future__ import annotations
 
