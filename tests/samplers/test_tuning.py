@@ -117,6 +117,16 @@ def test_bad_requests_fail_clearly(kwargs, message):
         optimize_grid(mix, sde, shape=(8, 2), **kwargs)
 
 
+def test_pilot_given_as_x_T_equals_pilot_drawn_from_shape():
+    """``x_T=`` takes the pilot states themselves: the prior noise of the same seed gives the same grid."""
+    sde = VPSDE()
+    mix = random_mixture(2, 3, seed=0, sde=sde)
+    drawn = optimize_grid(mix, sde, "ddim", 4, shape=(32, 2), generator=3, max_evals=30)
+    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(3)) * sde.prior_std
+    given = optimize_grid(mix, sde, "ddim", 4, x_T=x_T, max_evals=30)
+    assert torch.equal(drawn.times, given.times) and given.pilot_size == 32
+
+
 def test_pilot_needs_exactly_one_of_shape_and_x_T():
     sde = VPSDE()
     mix = random_mixture(2, 3, seed=0, sde=sde)
