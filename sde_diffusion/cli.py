@@ -119,7 +119,6 @@ def _save_picture(x, path_png: str, reference=None) -> Optional[str]:
 def cmd_train(args, rest: Sequence[str]) -> int:
     import signal
 
-    from ._files import atomic_write
     from .config import apply_overrides, load_config
     from .training import NonFiniteLossError, evaluate_model, train
 
@@ -145,12 +144,7 @@ def cmd_train(args, rest: Sequence[str]) -> int:
         return 128 + int(getattr(signal, result.interrupted))
     if args.eval:
         scores = evaluate_model(result.model, config)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as fh:
-                json.dump(scores, fh, indent=2)
-
-        atomic_write(os.path.join(args.workdir, "eval.json"), write)
+        _write_json(os.path.join(args.workdir, "eval.json"), scores)
         print(json.dumps(scores), flush=True)
     return 0
 
@@ -244,7 +238,10 @@ def _effective_options(name: str, options: dict) -> dict:
 def _read_grid_file(path: str, sde) -> dict:
     """A grid file written by ``optimize-grid``, checked: format, solver, options and the times
     (finite, strictly decreasing, within (0, T]). Plain JSON: nothing in it is executed."""
+    import torch
+
     from .samplers import get_solver
+    from .samplers.api import custom_grid
 
     where = f"--grid {path!r}"
     if not os.path.isfile(path):
@@ -270,11 +267,10 @@ def _read_grid_file(path: str, sde) -> dict:
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in times)
             or not all(math.isfinite(v) for v in times)):
         raise UserError(f"{where}: 'times' must be a list of at least two finite numbers")
-    if not all(b < a for a, b in zip(times, times[1:])):
-        raise UserError(f"{where}: 'times' must be strictly decreasing")
-    if not (0 < times[-1] and times[0] <= sde.T):
-        raise UserError(f"{where}: the times must lie in (0, T={sde.T}], got "
-                        f"[{times[-1]!r}, {times[0]!r}]")
+    try:  # decreasing, inside (0, T]: the check sample() makes of any custom grid
+        custom_grid(torch.tensor(times, dtype=torch.float64), sde)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
     if "sde" in saved and saved["sde"] != repr(sde):
         raise UserError(f"{where} was fitted under {saved['sde']}, but the model's SDE is {sde!r}")
     saved["label"] = _solver_label(solver, options)
@@ -297,7 +293,6 @@ def _check_grid_matches(path: str, saved: dict, spec, steps: Optional[int]) -> N
 def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
     import torch
 
-    from ._files import atomic_write
     from .experiments import parse_solver_spec
     from .samplers import optimize_grid
 
@@ -329,19 +324,25 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
               "evaluations": fit.evaluations,
               "model_calls": fit.model_calls, "pilot_size": fit.pilot_size,
               "start_grid": args.grid or _default_grid(spec.name), "sde": repr(sde)}
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1)
-            fh.write("\n")
-
-    atomic_write(args.out, write)
+    _write_json(args.out, record)
     held_out = (f", held-out {fit.initial_validation_error:.4g} -> {fit.validation_error:.4g}"
                 if fit.validation_size else "")
     print(f"{spec.label} at {fit.nfe} NFE: pilot RMS error {fit.initial_error:.4g} -> "
           f"{fit.pilot_error:.4g}{held_out} (teacher ~{fit.teacher_error:.2g}) after "
           f"{fit.evaluations} evaluations; wrote {args.out}", flush=True)
     return 0
+
+
+def _write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    from ._files import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+
+    atomic_write(path, write)
 
 
 def _json_float(value: float):

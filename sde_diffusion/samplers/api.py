@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -14,7 +14,7 @@ from .base import GeneratorLike, NoiseSource, SampleResult, SolverContext, run_s
 from .grids import make_grid
 from .registry import get_solver
 
-__all__ = ["sample"]
+__all__ = ["sample", "start_state", "custom_grid"]
 
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
@@ -54,27 +54,14 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     info = get_solver(solver)
     model = as_model(model, sde)
     sde = model.sde
-    require((shape is None) != (x_T is None), "give exactly one of shape and x_T")
     require(steps is None or nfe is None, "give steps or nfe, not both")
     _check_options(info, options)
     if nfe is not None:
         steps = info.steps_for_nfe(int(nfe), **options)
     if steps is None:
         steps = 1 if info.adaptive else sde.N
-    if x_T is not None:
-        require(isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and x_T.ndim >= 1,
-                "x_T must be a floating-point tensor of shape (batch, ...)")
-        shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
-    else:
-        shape = tuple(int(s) for s in shape)
-        require(len(shape) >= 1 and all(s >= 1 for s in shape),
-                f"shape must be (batch, ...) of positive sizes, got {shape}")
-        if device is None:
-            device = generator.device if isinstance(generator, torch.Generator) else "cpu"
-    device = torch.device(device)
-    noise = NoiseSource(generator, shape, dtype, device)
-    if x_T is None:
-        x_T = noise.randn() * sde.prior_std
+    x_T, noise = start_state(sde, shape, x_T, generator, dtype, device)
+    shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
     if isinstance(grid, torch.Tensor):
         times = custom_grid(grid, sde)
     else:
@@ -90,11 +77,31 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
                         trajectory=trajectory)
 
 
+def start_state(sde: SDE, shape: Optional[Sequence[int]], x_T: Optional[torch.Tensor],
+                generator: GeneratorLike, dtype: torch.dtype,
+                device: Union[str, torch.device, None]) -> Tuple[torch.Tensor, NoiseSource]:
+    """The starting state -- ``x_T`` as given, or drawn from the prior for ``shape`` -- and the
+    noise source shaped like it. ``x_T`` fixes dtype and device; otherwise ``device`` defaults to
+    the generator's (CPU without one)."""
+    require((shape is None) != (x_T is None), "give exactly one of shape and x_T")
+    if x_T is not None:
+        require(isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and x_T.ndim >= 1,
+                "x_T must be a floating-point tensor of shape (batch, ...)")
+        return x_T, NoiseSource(generator, x_T.shape, x_T.dtype, x_T.device)
+    shape = tuple(int(s) for s in shape)
+    require(len(shape) >= 1 and all(s >= 1 for s in shape),
+            f"shape must be (batch, ...) of positive sizes, got {shape}")
+    if device is None:
+        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
+    noise = NoiseSource(generator, shape, dtype, torch.device(device))
+    return noise.randn() * sde.prior_std, noise
+
+
 def custom_grid(grid: torch.Tensor, sde: SDE) -> torch.Tensor:
     """A user's grid as float64 CPU times, checked: decreasing, at least two, inside ``(0, T]``."""
     times = grid.detach().to("cpu", torch.float64).flatten()
     require(len(times) >= 2 and bool((times[1:] < times[:-1]).all()),
-            "a custom grid must be a decreasing tensor of at least two times")
+            "a custom grid must be a strictly decreasing tensor of at least two times")
     require(0 < float(times[-1]) and float(times[0]) <= sde.T,
             f"a custom grid must lie in (0, T={sde.T}], got [{float(times[-1])}, {float(times[0])}]")
     return times

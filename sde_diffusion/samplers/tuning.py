@@ -44,8 +44,8 @@ from .._checks import require
 from ..models.wrapper import NonFiniteError, ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
-from .api import _check_options, custom_grid, sample
-from .base import GeneratorLike, NoiseSource, _show_progress
+from .api import _check_options, custom_grid, sample, start_state
+from .base import GeneratorLike, _show_progress
 from .grids import make_grid
 from .registry import get_solver
 
@@ -70,7 +70,7 @@ class OptimizedGrid:
     model_calls: int                    # network calls spent in total (teacher + search), each on the pilot batch
     pilot_size: int
     validation_size: int
-    initial_times: Optional[torch.Tensor] = field(repr=False, default=None)  # the starting grid
+    initial_times: torch.Tensor = field(repr=False)  # the starting grid
 
 
 def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
@@ -145,7 +145,7 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
     require(max_ratio is None or max_ratio > 1, f"max_ratio must be > 1 or None, got {max_ratio!r}")
     require(max_evals is None or (isinstance(max_evals, int) and max_evals >= 1),
             f"max_evals must be a positive integer, got {max_evals!r}")
-    x_T = _pilot(sde, shape, x_T, generator, dtype, device)
+    x_T, _ = start_state(sde, shape, x_T, generator, dtype, device)
 
     if isinstance(grid, torch.Tensor):
         start = custom_grid(grid, sde)
@@ -285,18 +285,6 @@ def _smooth_density(lam: np.ndarray, knots: int):
         return out
 
     return lam_of, z0
-
-
-def _pilot(sde: SDE, shape, x_T, generator, dtype, device) -> torch.Tensor:
-    require((shape is None) != (x_T is None), "give exactly one of shape (the pilot batch) and x_T")
-    if x_T is not None:
-        require(isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and x_T.ndim >= 1,
-                "x_T must be a floating-point tensor of shape (batch, ...)")
-        return x_T
-    shape = tuple(int(s) for s in shape)
-    require(len(shape) >= 1 and all(s >= 1 for s in shape),
-            f"shape must be (batch, ...) of positive sizes, got {shape}")
-    return NoiseSource(generator, shape, dtype, torch.device(device or "cpu")).randn() * sde.prior_std
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
