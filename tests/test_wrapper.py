@@ -337,6 +337,49 @@ def test_dtype_and_device_follow_the_input(parameterization, dtype, device):
     assert oracle.eps(x, 0.5).device.type == device and oracle.eps(x, 0.5).dtype == dtype
 
 
+def _random_mlp(dim=3, seed=0):
+    """A float32 TimeMLP with a random (not zero) output layer, as a trained checkpoint would be."""
+    from sde_diffusion.models import TimeMLP
+
+    torch.manual_seed(seed)
+    net = TimeMLP(dim, hidden=16, depth=1)
+    torch.nn.init.normal_(net.out.weight, std=0.3)
+    return net.eval()
+
+
+@pytest.mark.parametrize("time_input", TIME_INPUTS)
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+def test_float32_network_with_float64_input_returns_float64(parameterization, time_input):
+    """A float32 nn.Module gets its input cast to float32 and its output cast back: float64 in,
+    float64 out, equal to the float32 computation (and to a float64 copy of the network within
+    float32 round-off); the parameterization conversion runs in float64."""
+    import copy
+
+    sde = VPSDE(N=100)
+    net = _random_mlp()
+    x64 = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    t64 = torch.linspace(0.05, 0.9, 5, dtype=F64)
+    model = ScoreModel(net, sde, parameterization, time_input=time_input)
+    model64 = ScoreModel(copy.deepcopy(net).double(), sde, parameterization, time_input=time_input)
+    with torch.no_grad():
+        # what the network computes: float32 input, time input made in float64 then cast
+        raw32 = net(x64.float(), model._net_time(t64).float())
+        for view in ("raw", "eps", "x0", "score"):
+            out = getattr(model, view)(x64, t64)
+            assert out.dtype == F64, view
+            ref = getattr(model64, view)(x64, t64)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        torch.testing.assert_close(model.raw(x64, t64), raw32.double(), rtol=0, atol=0)
+        # the conversion is done in float64 from the float32 network output, not in float32
+        if parameterization == "eps":
+            a, s = sde.alpha(t64)[:, None], sde.sigma(t64)[:, None]
+            torch.testing.assert_close(model.x0(x64, t64), (x64 - s * raw32.double()) / a,
+                                       rtol=1e-14, atol=0)
+    # and the other way round: a float64 network on float32 input gives float32
+    assert model64.eps(x64.float(), t64.float()).dtype == torch.float32
+    assert model.nfe > 0 and model64.nfe > 0
+
+
 # ---- property-based ------------------------------------------------------------------------------
 
 @PROPERTY

@@ -30,6 +30,10 @@ PARAMETERIZATIONS = ("eps", "x0", "v", "score")
 TIME_INPUTS = ("t", "sigma", "index")
 
 
+def _is_float(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
 class NonFiniteError(FloatingPointError):
     """The model returned NaN or Inf. ``t`` is the time of the call; samplers add the step."""
 
@@ -54,6 +58,15 @@ class ScoreModel:
             per call; pass ``False`` where that matters (the training loop does).
 
     ``nfe`` counts network evaluations (one per call, whatever the batch size).
+
+    Dtypes: every view returns ``x``'s dtype (samplers keep the dtype of ``x_T``). When ``net`` is
+    a ``torch.nn.Module`` with floating-point parameters, its inputs -- ``x`` and the time input --
+    are cast to the dtype of its first floating-point parameter and its output back to ``x``'s
+    dtype; the network itself is never converted. So a float32 checkpoint samples a float64
+    ``x_T`` (the network runs in float32, its output is float32-accurate) and the conversion
+    between parameterizations (``x0 = (x - sigma eps)/alpha``, ...) runs in ``x``'s dtype. Other
+    callables receive ``x`` and the time as they are (in ``x``'s dtype); a floating-point output
+    of another dtype is cast to ``x``'s.
 
     Times: a number or CPU tensor ``t`` is checked to lie in ``[0, T]`` on every call (a
     ``ValueError`` naming the value). A ``t`` already on a GPU is not range-checked here, since
@@ -88,15 +101,34 @@ class ScoreModel:
             return t * (self.sde.N - 1) / self.sde.T
         return t
 
+    def net_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the network computes in: that of the first floating-point parameter of a
+        ``torch.nn.Module`` (read on every call, so ``net.double()`` after wrapping is seen), else
+        ``None`` (inputs are passed in ``x``'s dtype)."""
+        if isinstance(self.net, torch.nn.Module):
+            for p in self.net.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return None
+
     def raw(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
-        """The network's own output at ``(x, t)``; counts one NFE. No device sync on a GPU
+        """The network's own output at ``(x, t)`` in ``x``'s dtype (the network's inputs cast to
+        its parameters' dtype, see the class docstring); counts one NFE. No device sync on a GPU
         for a GPU ``t`` unless ``check_finite`` (see the class docstring)."""
         t = self.sde._time(t, x, sync=False)
-        out = self.net(x, self._net_time(t), **kwargs)
+        t_in = self._net_time(t)
+        dtype = self.net_dtype()
+        if dtype is not None and dtype != x.dtype:
+            out = self.net(x.to(dtype), t_in.to(dtype) if _is_float(t_in) else t_in,
+                           **kwargs)
+        else:
+            out = self.net(x, t_in, **kwargs)
         self.nfe += 1
         require(isinstance(out, torch.Tensor) and out.shape == x.shape,
                 f"the network must return a tensor shaped like x {tuple(x.shape)}, "
                 f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        if out.dtype != x.dtype and out.is_floating_point():
+            out = out.to(x.dtype)
         if self.check_finite and not all_finite(out):
             bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
             raise NonFiniteError(f"the model returned NaN/Inf at t={bad_t:.6g}", t=bad_t)

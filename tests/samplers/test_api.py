@@ -70,6 +70,42 @@ def test_per_sample_generators_make_samples_batch_independent(solver):
     torch.testing.assert_close(alone, big[2:3], rtol=0, atol=1e-12)
 
 
+def _float32_mlp_model():
+    """A float32 TimeMLP (random output layer, as a trained checkpoint) and a float64 copy."""
+    import copy
+
+    from sde_diffusion.models import TimeMLP
+
+    torch.manual_seed(0)
+    net = TimeMLP(3, hidden=16, depth=1)
+    torch.nn.init.normal_(net.out.weight, std=0.3)
+    net.eval()
+    return ScoreModel(net, SDE, "x0"), ScoreModel(copy.deepcopy(net).double(), SDE, "x0")
+
+
+@pytest.mark.parametrize("solver,options,noise", [
+    ("ddim", {}, False), ("dpm_solver", {}, False), ("dpm_solver++", {}, False),
+    ("unipc", {}, False), ("edm_heun", {}, False), ("ode", {}, False),
+    ("euler_maruyama", {}, True), ("sde_dpm_solver++", {}, True), ("ddim", {"eta": 1.0}, True)])
+def test_float32_network_samples_float64_x_T(solver, options, noise):
+    """The documented promise: samples keep x_T's dtype, also for a float32 network (a float32
+    checkpoint sampled from float64 noise crashed with 'mat1 and mat2 must have the same
+    dtype'). The float64 run agrees with the float32 run (deterministic solvers) and with a
+    float64 copy of the network (same float64 noise) to float32 accuracy."""
+    model, model64 = _float32_mlp_model()
+    steps = None if get_solver(solver).adaptive else 6
+    x_T = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = sample(model, x_T=x_T, solver=solver, steps=steps, generator=5, **options).samples
+        assert out.dtype == torch.float64 and bool(torch.isfinite(out).all())
+        ref64 = sample(model64, x_T=x_T, solver=solver, steps=steps, generator=5, **options).samples
+        torch.testing.assert_close(out, ref64, rtol=1e-4, atol=1e-4)
+        if not noise:   # float32 noise differs from float64 noise: compare deterministic runs
+            out32 = sample(model, x_T=x_T.float(), solver=solver, steps=steps, **options).samples
+            assert out32.dtype == torch.float32
+            torch.testing.assert_close(out, out32.double(), rtol=1e-4, atol=1e-4)
+
+
 def _nan_below(t_bad: float) -> ScoreModel:
     """The score of N(0, I) that turns NaN for t < t_bad."""
     def net(x, t):
