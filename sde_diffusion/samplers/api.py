@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .._checks import require
@@ -11,16 +12,18 @@ from ..models.wrapper import ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
 from .base import GeneratorLike, NoiseSource, SampleResult, SolverContext, run_solver
-from .grids import make_grid
+from .grids import GRIDS, check_steps, make_grid
 from .registry import get_solver
 
 __all__ = ["sample", "start_state", "custom_grid"]
+
+GridLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
            solver: str = "euler_maruyama", steps: Optional[int] = None, *,
-           nfe: Optional[int] = None, grid: Union[str, torch.Tensor, None] = None,
+           nfe: Optional[int] = None, grid: Union[str, GridLike, None] = None,
            t_start: Optional[float] = None, t_end: Optional[float] = None, rho: float = 7.0,
            sigma_data: float = 0.5,
            generator: GeneratorLike = None, denoise: bool = False,
@@ -39,10 +42,16 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         solver: a registered solver name (see :func:`~sde_diffusion.samplers.available_solvers`).
         steps: number of grid intervals (default ``sde.N``; for an adaptive solver 1, the single
             interval ``[t_end, t_start]``: more intervals make it stop and report at every grid
-            time); or give ``nfe``, a budget of network evaluations, and the largest grid within
-            it is used (with the solver's options, e.g. PC's corrector steps).
-        grid: ``uniform``, ``logsnr``, ``karras``, ``quadratic``, ``focus``, or a decreasing tensor
-            of times; default: the solver's own (``get_solver(name).grid``, its paper's choice).
+            time); at most :data:`~sde_diffusion.samplers.grids.MAX_STEPS` (100000: more is
+            refused up front as a mistake). Or give ``nfe``, a budget of network evaluations: the
+            largest grid within it is used (with the solver's options, e.g. PC's corrector
+            steps), or the solver's own plan for spending exactly ``nfe`` where it has one
+            (``dpm_solver``: DPM-Solver-fast's orders per step).
+        grid: ``uniform``, ``logsnr``, ``karras``, ``quadratic``, ``focus``, or a custom grid: a
+            strictly decreasing tensor, NumPy array, list or tuple of times in ``(0, T]``, which
+            sets the steps (a ``steps`` or ``nfe`` asking for another number of steps, or
+            ``t_start``/``t_end``, is an error); default: the solver's own
+            (``get_solver(name).grid``, its paper's choice).
         rho, sigma_data: shape of the ``karras`` and ``focus`` grids.
         generator: ``None``, an int seed, a ``torch.Generator``, or one generator per sample.
         denoise: finish with one Tweedie step ``x <- E[x0 | x_eps]`` (score_sde's noise removal).
@@ -56,21 +65,26 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     sde = model.sde
     require(steps is None or nfe is None, "give steps or nfe, not both")
     _check_options(info, options)
+    times = None if grid is None or isinstance(grid, str) else custom_grid(grid, sde)
     if nfe is not None:
-        steps = info.steps_for_nfe(int(nfe), **options)
-    if steps is None:
+        steps, options = info.for_nfe(int(nfe), **options)
+    if times is not None:
+        _check_grid_steps(info, times, steps, nfe, options)
+        require(t_start is None and t_end is None,
+                "t_start and t_end shape a named grid; a custom grid sets its own ends")
+        steps = len(times) - 1
+    elif steps is None:
         steps = 1 if info.adaptive else sde.N
+    check_steps(steps)
     x_T, noise = start_state(sde, shape, x_T, generator, dtype, device)
     shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
-    if isinstance(grid, torch.Tensor):
-        times = custom_grid(grid, sde)
-    else:
+    if times is None:
         times = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end, rho,
                           sigma_data)
     ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0])
     nfe_before = model.nfe
     x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
-                               return_trajectory)
+                               return_trajectory, adaptive=info.adaptive)
     if denoise:
         x = model.x0(x, ctx.t(ctx.steps))
     return SampleResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
@@ -97,14 +111,44 @@ def start_state(sde: SDE, shape: Optional[Sequence[int]], x_T: Optional[torch.Te
     return noise.randn() * sde.prior_std, noise
 
 
-def custom_grid(grid: torch.Tensor, sde: SDE) -> torch.Tensor:
-    """A user's grid as float64 CPU times, checked: decreasing, at least two, inside ``(0, T]``."""
-    times = grid.detach().to("cpu", torch.float64).flatten()
+def custom_grid(grid: GridLike, sde: SDE) -> torch.Tensor:
+    """A user's grid -- a tensor, NumPy array, list or tuple of times -- as float64 CPU times,
+    checked: one-dimensional, strictly decreasing, at least two, inside ``(0, T]``, at most
+    ``MAX_STEPS`` intervals."""
+    if isinstance(grid, torch.Tensor):
+        times = grid.detach().to("cpu", torch.float64)
+    else:
+        require(isinstance(grid, (list, tuple, np.ndarray)),
+                f"grid must be a grid name ({', '.join(GRIDS)}) or a decreasing sequence of times "
+                f"(tensor, NumPy array, list or tuple), got {type(grid).__name__}")
+        try:
+            times = torch.as_tensor(np.asarray(grid, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"a custom grid must be a sequence of numbers: {err}") from None
+    require(times.ndim == 1 or (times.ndim > 1 and times.numel() == max(times.shape)),
+            f"a custom grid must be one-dimensional, got shape {tuple(times.shape)}")
+    times = times.flatten()
     require(len(times) >= 2 and bool((times[1:] < times[:-1]).all()),
-            "a custom grid must be a strictly decreasing tensor of at least two times")
+            "a custom grid must be a strictly decreasing sequence of at least two times")
     require(0 < float(times[-1]) and float(times[0]) <= sde.T,
             f"a custom grid must lie in (0, T={sde.T}], got [{float(times[-1])}, {float(times[0])}]")
+    check_steps(len(times) - 1, f"a custom grid of {len(times)} times has {len(times) - 1} steps; steps")
     return times
+
+
+def _check_grid_steps(info, times: torch.Tensor, steps: Optional[int], nfe: Optional[int],
+                      options: dict) -> None:
+    """A custom grid fixes the number of steps: a ``steps`` or ``nfe`` that asks for another is an
+    error (it used to be ignored silently)."""
+    n = len(times) - 1
+    if nfe is not None and steps != n:
+        cost = "" if info.adaptive else f" (on it {info.name!r} spends {info.cost(n, **options)} NFE)"
+        raise ValueError(f"nfe={nfe} gives solver {info.name!r} a grid of {steps} steps, but the "
+                         f"custom grid has {n} steps{cost}: leave nfe out, a custom grid sets the "
+                         f"steps")
+    require(steps is None or steps == n,
+            f"steps={steps} disagrees with the custom grid, which has {n} steps ({n + 1} times): "
+            f"leave steps out, a custom grid sets the steps")
 
 
 def _check_options(info, options: dict) -> None:

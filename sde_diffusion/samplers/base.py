@@ -80,11 +80,17 @@ class SolverContext:
         return len(self.times) - 1
 
     def t(self, i: int) -> torch.Tensor:
-        """Grid time ``times[i]`` as a ``(batch,)`` tensor in the state's dtype and device."""
-        if i not in self._vec_cache:
-            self._vec_cache[i] = torch.full((self.batch,), float(self.times[i]), dtype=self.dtype,
-                                            device=self.device)
-        return self._vec_cache[i]
+        """Grid time ``times[i]`` as a ``(batch,)`` tensor in the state's dtype and device. The
+        two most recent are kept (a step asks for ``t(i)`` and ``t(i + 1)``), nothing more: the
+        memory does not grow with the number of steps."""
+        vec = self._vec_cache.get(i)
+        if vec is None:
+            vec = torch.full((self.batch,), float(self.times[i]), dtype=self.dtype,
+                             device=self.device)
+            if len(self._vec_cache) >= 2:
+                self._vec_cache.pop(next(iter(self._vec_cache)))
+            self._vec_cache[i] = vec
+        return vec
 
     def vec(self, t: float) -> torch.Tensor:
         """Any time ``t`` as a ``(batch,)`` tensor (for intermediate stages)."""
@@ -106,11 +112,20 @@ def _show_progress(progress: Optional[bool]) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
 
 
+def _interval(i: int, n: int) -> str:
+    return f", grid interval {i} of {n}" if n > 1 else ""
+
+
 def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, options: dict,
                progress: Optional[bool] = None,
                callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-               return_trajectory: bool = False) -> tuple:
-    """Drive the solver generator ``fn(ctx, x, **options)``; returns ``(x, trajectory)``."""
+               return_trajectory: bool = False, adaptive: bool = False) -> tuple:
+    """Drive the solver generator ``fn(ctx, x, **options)``; returns ``(x, trajectory)``.
+
+    A NaN/Inf raises :class:`NonFiniteError` naming the step (grid interval) and the time. For an
+    ``adaptive`` solver, which yields once per grid interval and chooses its own steps inside it,
+    the message names the time of the failing network call and the interval being integrated,
+    not a step count (``err.step`` is the interval's number)."""
     trajectory: Optional[List[torch.Tensor]] = [x] if return_trajectory else None
     bar = None
     if _show_progress(progress):
@@ -126,11 +141,20 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
             except StopIteration:
                 break
             except NonFiniteError as err:
+                if adaptive:
+                    raise NonFiniteError(f"{name} (adaptive step size, integrating from "
+                                         f"t={t_now:.6g} to t={float(ctx.times[step + 1]):.6g}"
+                                         f"{_interval(step + 1, ctx.steps)}): {err}",
+                                         t=err.t, step=step + 1) from None
                 raise NonFiniteError(f"{name}: step {step + 1} of {ctx.steps} (from t={t_now:.6g}): "
                                      f"{err}", t=err.t, step=step + 1) from None
             step += 1
             t_after = float(ctx.times[min(step, ctx.steps)])
             if not all_finite(x):
+                if adaptive:
+                    raise NonFiniteError(f"{name} (adaptive step size): the state became NaN/Inf "
+                                         f"integrating from t={t_now:.6g} to t={t_after:.6g}"
+                                         f"{_interval(step, ctx.steps)}", t=t_after, step=step)
                 raise NonFiniteError(f"{name}: the state became NaN/Inf at step {step} of "
                                      f"{ctx.steps} (t={t_after:.6g})", t=t_after, step=step)
             if trajectory is not None:

@@ -26,17 +26,35 @@ import torch
 from .._checks import require
 from ..sdes import SDE
 
-__all__ = ["GRIDS", "make_grid", "focus_grid"]
+__all__ = ["GRIDS", "MAX_STEPS", "make_grid", "focus_grid", "check_steps"]
 
 GRIDS = ("uniform", "logsnr", "karras", "quadratic", "focus")
+
+#: The most grid intervals a sampler accepts. Fixed-step solvers stop gaining accuracy long before:
+#: score_sde samples with 1000-2000 steps, first-order solvers reach float32 round-off against the
+#: exact flow map at about 1e4 steps and the high-order ones at a few hundred; every step costs at
+#: least one network call plus Python overhead (about 0.1 ms), so 1e5 steps is already minutes per
+#: batch with the smallest model. A larger count is taken for a typo (an extra zero, a budget meant
+#: as NFE per sample) and refused before any work, instead of allocating a grid of that size and
+#: running for days. For reference-quality samples use the adaptive ``ode`` solver.
+MAX_STEPS = 100_000
+
+
+def check_steps(steps, what: str = "steps") -> int:
+    """``steps`` as an int, checked: an integer in ``[1, MAX_STEPS]``."""
+    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            f"{what} must be an integer >= 1, got {steps!r}")
+    require(steps <= MAX_STEPS, f"{what}={steps} exceeds the maximum of {MAX_STEPS} grid steps "
+                                f"(see sde_diffusion.samplers.grids.MAX_STEPS); for reference-quality "
+                                f"samples use the adaptive solver 'ode'")
+    return steps
 
 
 def make_grid(sde: SDE, steps: int, kind: str = "uniform", t_start: Optional[float] = None,
               t_end: Optional[float] = None, rho: float = 7.0, sigma_data: float = 0.5) -> torch.Tensor:
     """Decreasing float64 times ``t_0 = t_start > ... > t_steps = t_end`` (``steps + 1`` points);
     ``rho`` shapes the ``karras`` grid, ``sigma_data`` the ``focus`` grid."""
-    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-            f"steps must be an integer >= 1, got {steps!r}")
+    check_steps(steps)
     require(kind in GRIDS, f"unknown time grid {kind!r}; valid grids: {', '.join(GRIDS)}")
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.eps if t_end is None else float(t_end)
@@ -96,8 +114,7 @@ def focus_grid(sde: SDE, steps: int, sigma_data: float = 0.5, width: float = 2.0
     share keeps steps in the tails: SDEs whose log-SNR range is very wide at the data end (sub-VP
     reaches ``lambda ~ 9`` at ``eps = 1e-3``) need them.
     """
-    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-            f"steps must be an integer >= 1, got {steps!r}")
+    check_steps(steps)
     require(sigma_data > 0 and math.isfinite(sigma_data), f"sigma_data must be > 0, got {sigma_data!r}")
     require(width > 0 and math.isfinite(width), f"width must be > 0, got {width!r}")
     require(0 <= uniform_share <= 1, f"uniform_share must lie in [0, 1], got {uniform_share!r}")

@@ -131,6 +131,22 @@ def test_nonfinite_step_and_time_are_the_failing_ones():
     assert info.value.step == 7 and math.isclose(info.value.t, 1 - 6 * (1 - 1e-3) / 10, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("solver", ["ode", "ode_scipy"])
+def test_adaptive_solver_nonfinite_error_names_the_time_not_a_step_count(solver):
+    """An adaptive solver takes its own steps inside a grid interval: 'step 1 of 1' said nothing;
+    the message names the time of the failing call and the interval integrated."""
+    with pytest.raises(NonFiniteError) as info:
+        sample(_nan_below(0.5), shape=(3, 2), solver=solver, generator=0)
+    message, err = str(info.value), info.value
+    assert "step 1 of 1" not in message
+    assert message.startswith(f"{solver} (adaptive step size, integrating from t=1 to t=0.001): "
+                              f"the model returned NaN/Inf at t="), message
+    assert err.t < 0.5 and f"t={err.t:.6g}" in message and err.step == 1
+    with pytest.raises(NonFiniteError, match=r"integrating from t=0\.667 to t=0\.334, grid "
+                                             r"interval 2 of 3\): the model returned NaN/Inf at t=0\.4"):
+        sample(_nan_below(0.5), shape=(3, 2), solver=solver, steps=3, generator=0)
+
+
 def test_unknown_solver_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown solver 'rk45'; valid solvers: ") as info:
         sample(MIX, shape=(2, 2, 3), solver="rk45")
@@ -227,6 +243,89 @@ def test_nfe_budget_picks_the_largest_grid_within_it():
         sample(MIX, shape=(2, 2, 3), solver="ode_heun", nfe=1)
     with pytest.raises(ValueError, match="adaptive"):
         sample(MIX, shape=(2, 2, 3), solver="ode", nfe=100)
+
+
+def test_absurd_step_counts_are_refused_up_front():
+    """sample(steps=1_000_000_000) allocated a grid of that size and grew by hundreds of MB per
+    second; now any count above MAX_STEPS is refused before any allocation, naming both."""
+    from sde_diffusion.samplers.grids import MAX_STEPS
+
+    assert MAX_STEPS == 100_000
+    with pytest.raises(ValueError, match=r"steps=1000000000 exceeds the maximum of 100000 grid steps"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", steps=1_000_000_000)
+    with pytest.raises(ValueError, match=r"steps=100001 exceeds the maximum of 100000"):
+        make_grid(SDE, MAX_STEPS + 1)
+    with pytest.raises(ValueError, match=r"nfe=1000000000000 buys solver 'ode_heun' more than the "
+                                         r"maximum of 100000 grid steps"):
+        sample(MIX, shape=(2, 2, 3), solver="ode_heun", nfe=10 ** 12)
+    with pytest.raises(ValueError, match=r"100001 steps; steps=100001 exceeds the maximum"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim",
+               grid=torch.linspace(1.0, 1e-3, MAX_STEPS + 2, dtype=torch.float64))
+    # the budget search is a bisection now, not a loop over every grid size
+    assert get_solver("ode_heun").steps_for_nfe(2 * MAX_STEPS + 1) == MAX_STEPS
+    assert get_solver("pc").steps_for_nfe(3 * 777 + 2, n_steps=2) == 777
+
+
+def test_memory_does_not_grow_with_the_number_of_steps():
+    """The per-grid-point cache of (batch,) time tensors kept one tensor per step for the whole
+    run; now at most two are alive at any time."""
+    import weakref
+
+    from sde_diffusion.samplers import register
+    from sde_diffusion.samplers.registry import SOLVERS
+
+    refs, alive = [], []
+
+    def probe(ctx, x):
+        for i in range(ctx.steps):
+            refs.append(weakref.ref(ctx.t(i)))      # freed by reference counting once dropped
+            alive.append(sum(r() is not None for r in refs))
+            yield x
+
+    register("_probe_times", stochastic=False, order=1)(probe)
+    try:
+        sample(MIX, shape=(2, 2, 3), solver="_probe_times", steps=200)
+    finally:
+        SOLVERS.pop("_probe_times")
+    assert len(refs) == 200 and max(alive) <= 2, max(alive)
+
+
+@pytest.mark.parametrize("as_type", [list, tuple, "numpy", "tensor"])
+def test_custom_grid_as_a_sequence_sets_the_steps(as_type):
+    times = [1.0, 0.4, 0.05, 1e-3]
+    if as_type == "numpy":
+        import numpy as np
+        grid = np.array(times)
+    elif as_type == "tensor":
+        grid = torch.tensor(times, dtype=torch.float64)
+    else:
+        grid = as_type(times)
+    r = sample(MIX, shape=(2, 2, 3), solver="ode_heun", grid=grid, generator=0)
+    assert r.nfe == 6 and r.times.tolist() == times
+    assert sample(MIX, shape=(2, 2, 3), solver="ode_heun", grid=grid, steps=3).nfe == 6
+    assert sample(MIX, shape=(2, 2, 3), solver="ode_heun", grid=grid, nfe=6).nfe == 6
+    assert sample(MIX, shape=(2, 2, 3), solver="ode_heun", grid=grid, nfe=7).nfe == 6
+
+
+def test_custom_grid_with_other_steps_or_nfe_is_an_error():
+    """sample(steps=5, grid=<3 points>) ignored steps silently."""
+    grid = [1.0, 0.5, 1e-3]
+    with pytest.raises(ValueError, match=r"steps=5 disagrees with the custom grid, which has 2 "
+                                         r"steps \(3 times\): leave steps out"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", steps=5, grid=grid)
+    with pytest.raises(ValueError, match=r"nfe=8 gives solver 'ode_heun' a grid of 4 steps, but the "
+                                         r"custom grid has 2 steps \(on it 'ode_heun' spends 4 NFE\)"):
+        sample(MIX, shape=(2, 2, 3), solver="ode_heun", nfe=8, grid=torch.tensor(grid))
+    with pytest.raises(ValueError, match="t_start and t_end shape a named grid"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", grid=grid, t_end=0.01)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", grid=[1.0, 0.5, 0.7])
+    with pytest.raises(ValueError, match="must be a grid name .* or a decreasing sequence of times"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", grid=0.5)
+    with pytest.raises(ValueError, match="sequence of numbers"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", grid=[1.0, "half", 0.1])
+    with pytest.raises(ValueError, match=r"must lie in \(0, T=1\.0\]"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", grid=[2.0, 0.5])
 
 
 def test_denoise_adds_one_tweedie_step():
