@@ -17,12 +17,16 @@ A checkpoint is a ``torch.save``'d dict of tensors and plain Python values only:
 
 Files are written to a temporary file in the same folder, flushed and fsync'ed, then moved over
 the target with ``os.replace`` (atomic on POSIX), so a crash leaves either the old or the new file.
-:func:`load_checkpoint` uses ``torch.load(weights_only=True)``.
+:func:`load_checkpoint` uses ``torch.load(weights_only=True)``; a file it cannot read (empty,
+truncated, another kind of file, objects other than tensors and plain values) raises
+:class:`CheckpointError`, a ``ValueError`` that says in one sentence what is wrong with which file.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -33,13 +37,21 @@ from ._files import atomic_write
 from .config import build_sde, config_from_json, config_to_json, network_config
 
 __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "latest_checkpoint",
-           "capture_rng_states", "restore_rng_states", "LAST_NAME", "FORMAT"]
+           "capture_rng_states", "restore_rng_states", "CheckpointError", "LAST_NAME", "FORMAT"]
 
 FORMAT = "sde_diffusion.checkpoint"
 VERSION = 1
 LAST_NAME = "checkpoint_last.pt"
 
 PathLike = Union[str, os.PathLike]
+
+#: what every checkpoint holds (``ema``, ``optimizer`` and ``rng`` may be ``None``).
+REQUIRED_KEYS = ("step", "config", "data_shape", "model", "ema", "optimizer", "rng")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable sde_diffusion checkpoint: missing, empty, truncated, another
+    kind of file, or holding more than tensors and plain values. The message names the file."""
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> str:
@@ -109,18 +121,58 @@ def save_checkpoint(path: PathLike, *, step: int, config, data_shape, model_stat
     return atomic_torch_save(payload, path)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:200] if text else type(err).__name__)
+
+
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None] = "cpu") -> Dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)`` (no code runs); ``config`` comes
-    back as an ``ml_collections.ConfigDict`` and ``config_json`` as the stored text."""
+    back as an ``ml_collections.ConfigDict`` and ``config_json`` as the stored text.
+
+    Raises :class:`CheckpointError` naming ``path`` when the file is missing, empty, truncated,
+    not written by ``torch.save`` (every ``torch.save`` file is a zip archive), holds Python objects
+    other than tensors and plain values (they are refused, not loaded: loading them could run
+    code), is not an sde_diffusion checkpoint or is of a newer version."""
     path = os.fspath(path)
-    require(os.path.isfile(path), f"checkpoint not found: {path!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    require(isinstance(ckpt, dict) and ckpt.get("format") == FORMAT,
-            f"{path!r} is not an sde_diffusion checkpoint")
-    require(int(ckpt.get("version", 0)) <= VERSION,
-            f"{path!r} has checkpoint version {ckpt.get('version')}, newer than this code's {VERSION}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path!r}")
+    what = f"{path!r} is not a readable sde_diffusion checkpoint"
+    try:
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"{what}: the file is empty")
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{what}: it is not a complete torch.save file (a zip archive); "
+                                  f"it was truncated, or is another kind of file")
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{what}: it holds Python objects other than tensors and plain "
+                              f"values, which are not loaded since loading them could run code") from err
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path!r}: {err.strerror or _first_line(err)}") from err
+    except Exception as err:  # torch's reader: damaged archive, missing records, ...
+        raise CheckpointError(f"{what}: it is damaged ({_first_line(err)})") from err
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT):
+        raise CheckpointError(f"{path!r} is not an sde_diffusion checkpoint (a torch.save file of "
+                              f"another program)")
+    try:
+        version = int(ckpt.get("version", 0))
+    except (TypeError, ValueError):
+        version = None
+    if version is None or version > VERSION:
+        raise CheckpointError(f"{path!r} has checkpoint version {ckpt.get('version')!r}; this code "
+                              f"reads versions up to {VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{what}: it lacks {', '.join(missing)}")
+    try:
+        config = config_from_json(ckpt["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{what}: its config is not valid JSON ({_first_line(err)})") from None
     ckpt["config_json"] = ckpt["config"]
-    ckpt["config"] = config_from_json(ckpt["config"])
+    ckpt["config"] = config
     return ckpt
 
 
@@ -155,14 +207,21 @@ def model_from_checkpoint(path: PathLike, use_ema: bool = True,
     path = os.fspath(path)
     if os.path.isdir(path):
         found = latest_checkpoint(path)
-        require(found is not None, f"no checkpoint in {path!r}")
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path!r}")
         path = found
     ckpt = load_checkpoint(path, map_location="cpu")
     config = ckpt["config"]
     state = ckpt["ema"] if use_ema else ckpt["model"]
-    require(state is not None, f"{path!r} holds no {'EMA' if use_ema else 'raw'} weights")
+    if state is None:
+        raise CheckpointError(f"{path!r} holds no {'EMA' if use_ema else 'raw'} weights")
     net = build_network(network_config(config.model), tuple(ckpt["data_shape"]))
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path!r}: its weights do not fit the network its config describes "
+                              f"({_first_line(err)}); was it trained with your own network? Then "
+                              f"load load_checkpoint(path)['ema'] into it") from None
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

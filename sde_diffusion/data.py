@@ -41,7 +41,7 @@ from ._checks import require
 __all__ = ["two_moons", "swiss_roll", "eight_gaussians", "checkerboard", "rings", "digits",
            "digits_labels", "mixture_dataset", "load_npz", "load_image_folder", "scale_to_unit",
            "unscale", "get_dataset", "DATASETS", "infinite_batches", "InfiniteBatches",
-           "DIGITS_TEST_SIZE"]
+           "DIGITS_TEST_SIZE", "check_dataset_dependencies"]
 
 DIGITS_TEST_SIZE = 360
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -116,13 +116,24 @@ def rings(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.
 
 
 # ---- digits --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _digits_raw() -> Tuple[np.ndarray, np.ndarray]:
+def _load_digits_function():
     try:
         from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - sklearn is a test/bench dependency
+    except ImportError as exc:  # sklearn is a test/bench dependency, not a core one
         raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from exc
-    d = load_digits()
+    return load_digits
+
+
+def check_dataset_dependencies(name: str) -> None:
+    """Raise ``ImportError`` saying what to ``pip install`` when data set ``name`` needs an optional
+    package that is missing (scikit-learn for ``digits``); cheap, for checks before any work."""
+    if name == "digits":
+        _load_digits_function()
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> Tuple[np.ndarray, np.ndarray]:
+    d = _load_digits_function()()
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
@@ -215,19 +226,26 @@ def load_npz(path: Union[str, os.PathLike], key: str = "x", low: Optional[float]
 
 
 def _read_image(path: str) -> np.ndarray:
-    """An image as float ``(H, W, C)`` in [0, 1] (PIL if installed, else matplotlib for PNG)."""
+    """An image as float ``(H, W, C)`` in [0, 1] (PIL if installed, else matplotlib for PNG). A file
+    that cannot be decoded (truncated, empty, not an image) raises ``ValueError`` naming it."""
     try:
         from PIL import Image
     except ImportError:
         Image = None
-    if Image is not None:
-        with Image.open(path) as im:
-            im = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    else:  # pragma: no cover - PIL ships with matplotlib
+    if Image is None:  # pragma: no cover - PIL ships with matplotlib
         require(path.lower().endswith(".png"), f"without Pillow only PNG can be read, got {path!r}")
-        import matplotlib.image as mpimg
-        arr = np.asarray(mpimg.imread(path), dtype=np.float32)
+    try:
+        if Image is not None:
+            with Image.open(path) as im:
+                im = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        else:  # pragma: no cover
+            import matplotlib.image as mpimg
+            arr = np.asarray(mpimg.imread(path), dtype=np.float32)
+    except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # truncated / not an image
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read image {path!r}: {reason[:200]} (a damaged or truncated "
+                         f"file, or not an image; remove it or replace it)") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr

@@ -28,7 +28,7 @@ from ._files import atomic_write
 
 __all__ = ["sliced_wasserstein", "wasserstein_1d", "frechet_distance", "frechet_distance_from_stats",
            "gaussian_stats", "digits_classifier", "digits_features", "digits_accuracy",
-           "digits_fd_baselines", "mode_statistics", "save_image_grid", "save_scatter"]
+           "digits_fd_baselines", "mode_statistics", "save_image_grid", "save_scatter", "require_matplotlib"]
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -283,6 +283,12 @@ def _matplotlib():
     except ImportError as exc:  # pragma: no cover - matplotlib is a test/bench dependency
         raise ImportError("saving pictures needs matplotlib: pip install matplotlib") from exc
     return Figure, FigureCanvasAgg
+
+
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` saying ``pip install matplotlib`` when pictures cannot be saved: a
+    check to make before work whose results include pictures."""
+    _matplotlib()
 
 
 def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 1.0) -> np.ndarray:

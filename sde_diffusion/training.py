@@ -13,11 +13,23 @@ of the weights). It writes into ``workdir``:
   (the loss is the mean over the steps since the previous row and over all ranks).
 - ``samples/step_<step>.png``: EMA-model samples every ``training.sample_freq`` steps.
 - ``config.json``: the run's config.
+- ``.lock``: held (``flock``) by the run while it trains, naming its pid, host and start time; a
+  second run on the same workdir raises :class:`WorkdirInUseError` at once. The OS drops the lock
+  when its holder dies, so a crashed run never blocks the next one.
+
+Before any work (data, network) the config's settings and optional packages are checked, then
+the workdir is created and locked, which also shows a read-only or full disk; a storage error
+later (no space while checkpointing) raises ``sde_diffusion._files.OutputError`` naming the file,
+and the previous checkpoint stays intact.
 
 When ``workdir`` holds a checkpoint the run resumes from it: model, EMA, optimizer, step, the
 RNG states (torch CPU/CUDA, Python, NumPy, the data-order and noise generators) and the position
 in the data order are restored, so an interrupted and resumed run ends with the same weights as
-an uninterrupted one, bit for bit (on the same hardware and thread count).
+an uninterrupted one, bit for bit (on the same hardware and thread count). A checkpoint of
+another network (its constructor fields, parameterization or time input), another forward SDE
+or another data shape, or one that cannot be read, is refused with :class:`ResumeError` naming
+the fields that differ; ``resume=False`` (``--no-resume``) or a new workdir starts over. Other
+config changes (learning rate, batch size, ...) are allowed with a warning that lists them.
 
 Launched with ``torchrun --nproc_per_node=K -m sde_diffusion.training --config ...`` the same code
 runs DDP (``nccl`` on GPU, ``gloo`` on CPU): every rank takes a disjoint slice of each global batch
@@ -51,17 +63,21 @@ import torch.distributed as dist
 from torch import nn
 
 from ._checks import require
-from ._files import atomic_write
-from .checkpoints import (LAST_NAME, capture_rng_states, latest_checkpoint, load_checkpoint,
-                          model_from_checkpoint, restore_rng_states, save_checkpoint)
-from .config import build_sde, config_to_json, flatten, network_config
+from ._files import (STORAGE_ERRNOS, ExclusiveLock, LockHeldError, OutputError, atomic_write,
+                     describe_holder, remove_stale_temporaries)
+from .checkpoints import (LAST_NAME, CheckpointError, capture_rng_states, latest_checkpoint,
+                          load_checkpoint, model_from_checkpoint, restore_rng_states,
+                          save_checkpoint)
+from .config import MODEL_KEYS, build_sde, config_to_json, flatten, network_config
 from .losses import get_loss_fn
 from .models.wrapper import ScoreModel
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "load_data",
-           "evaluate_model", "model_from_checkpoint", "load_checkpoint", "main"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "WorkdirInUseError", "ResumeError",
+           "check_dependencies", "build_model", "load_data", "evaluate_model",
+           "model_from_checkpoint", "load_checkpoint", "main"]
 
 LOG_NAME = "loss_log.csv"
+LOCK_NAME = ".lock"
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "elapsed_s")
 
 
@@ -72,6 +88,20 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, step: int, checkpoint: Optional[str]):
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
+
+
+class WorkdirInUseError(LockHeldError):
+    """Another training run holds the workdir's lock (``workdir/.lock``); ``holder`` has its
+    ``pid``, ``host`` and ``started`` time."""
+
+
+class ResumeError(ValueError):
+    """The workdir's checkpoint cannot be resumed with this config (another network or SDE, another
+    data shape, or an unreadable checkpoint); ``train(..., resume=False)`` starts over."""
+
+
+START_OVER = ("to start over, pass --no-resume (resume=False; checkpoint_last.pt and loss_log.csv "
+              "are then overwritten) or use a new workdir")
 
 
 @dataclass
@@ -171,13 +201,18 @@ class _Distributed:
             dist.destroy_process_group()
 
 
+def _ema_rate(rate) -> float:
+    rate = float(rate)
+    require(0.0 <= rate < 1.0, f"config.model.ema_rate must lie in [0, 1), got {rate!r}")
+    return rate
+
+
 class _EMA:
     """Exponential moving average of the weights, score_sde's ``ExponentialMovingAverage`` with
     ``use_num_updates``: decay ``min(rate, (1 + n) / (10 + n))`` at update ``n``."""
 
     def __init__(self, net: nn.Module, rate: float):
-        require(0.0 <= rate < 1.0, f"config.model.ema_rate must lie in [0, 1), got {rate!r}")
-        self.rate = float(rate)
+        self.rate = _ema_rate(rate)
         self.net = copy.deepcopy(net).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -201,23 +236,30 @@ def _lr_at(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min((step + 1) / warmup, 1.0) if warmup > 0 else base_lr
 
 
+def _optimizer_class(config):
+    name = str(config.optim.optimizer).lower()
+    require(name in ("adam", "adamw"),
+            f"config.optim.optimizer must be 'Adam' or 'AdamW', got {config.optim.optimizer!r}")
+    return torch.optim.Adam if name == "adam" else torch.optim.AdamW
+
+
 def _make_optimizer(config, params) -> torch.optim.Optimizer:
     o = config.optim
-    name = str(o.optimizer).lower()
     kwargs = dict(lr=float(o.lr), betas=(float(o.beta1), float(o.get("beta2", 0.999))),
                   eps=float(o.eps), weight_decay=float(o.weight_decay))
-    if name == "adam":
-        return torch.optim.Adam(params, **kwargs)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    raise ValueError(f"config.optim.optimizer must be 'Adam' or 'AdamW', got {o.optimizer!r}")
+    return _optimizer_class(config)(params, **kwargs)
+
+
+def _amp_mode(config) -> str:
+    mode = str(config.training.get("mixed_precision", "no")).lower()
+    require(mode in ("no", "bf16", "fp16"),
+            f"config.training.mixed_precision must be 'no', 'bf16' or 'fp16', got {mode!r}")
+    return mode
 
 
 def _autocast(config, device: torch.device):
     """(autocast dtype or None, GradScaler or None) for ``config.training.mixed_precision``."""
-    mode = str(config.training.get("mixed_precision", "no")).lower()
-    require(mode in ("no", "bf16", "fp16"),
-            f"config.training.mixed_precision must be 'no', 'bf16' or 'fp16', got {mode!r}")
+    mode = _amp_mode(config)
     if mode == "no":
         return None, None
     if device.type != "cuda":
@@ -269,6 +311,22 @@ def _truncate_log(path: str, step: int) -> None:
         atomic_write(path, write)
 
 
+class _writing:
+    """Turn a storage ``OSError`` (no space, read-only, no permission) raised inside the block into
+    an :class:`~sde_diffusion._files.OutputError` naming ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if isinstance(err, OSError) and not isinstance(err, OutputError) and err.errno in STORAGE_ERRNOS:
+            raise OutputError(self.path, err) from None
+        return False
+
+
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     if not tensors:
         return True
@@ -276,6 +334,8 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def _config_changes(old, new) -> List[str]:
+    """``"key: old -> new"`` for every field that differs between two configs, but for those that
+    may change when a run resumes (lengths, frequencies, sampling, evaluation, device)."""
     a, b = flatten(old), flatten(new)
     ignore = ("training.n_iters", "training.log_freq", "training.snapshot_freq",
               "training.snapshot_freq_for_preemption", "training.sample_freq",
@@ -292,6 +352,138 @@ def _config_changes(old, new) -> List[str]:
         if va != vb:
             out.append(f"{k}: {va!r} -> {vb!r}")
     return out
+
+
+#: ``config.model`` fields that are not the network's constructor arguments but still change what
+#: its weights mean: refused on resume like a change of the network.
+_MEANING_KEYS = ("model.parameterization", "model.time_input")
+
+
+def _sde_without_eps(config) -> str:
+    """The forward process ``config`` defines, as text, without ``eps`` (the end of sampling and
+    likelihood integrals, which the weights do not depend on)."""
+    c = copy.deepcopy(config)
+    if "sde_eps" in c.model:
+        c.model.sde_eps = 0.0
+    return repr(build_sde(c))
+
+
+def _check_resumable(found: str, saved, config, own_net: bool) -> None:
+    """Refuse to resume ``found`` (trained with config ``saved``) under ``config`` when the network
+    (``config.model``'s constructor arguments; not checked for a network of one's own), its
+    parameterization or time input, or the forward SDE differ; warn about other changes."""
+    changes = _config_changes(saved, config)
+    key = lambda change: change.split(":", 1)[0]  # noqa: E731
+    net_keys = set() if own_net else {"model." + k for k in (*network_config(saved.model).keys(),
+                                                              *network_config(config.model).keys())}
+    model_changes = [c for c in changes if key(c) in net_keys or key(c) in _MEANING_KEYS]
+    old_sde, new_sde = _sde_without_eps(saved), _sde_without_eps(config)
+    sde_keys = {"training.sde", *("model." + k for k in MODEL_KEYS
+                                  if "model." + k not in _MEANING_KEYS and k != "ema_rate")}
+    sde_changes = [c for c in changes if key(c) in sde_keys] if old_sde != new_sde else []
+    if model_changes:
+        raise ResumeError(f"cannot resume {found}: it was trained with another network than this "
+                          f"config's ({'; '.join(model_changes)}); resume with the checkpoint's "
+                          f"values, or {START_OVER}")
+    if old_sde != new_sde:
+        raise ResumeError(f"cannot resume {found}: it was trained under {old_sde}, this config gives "
+                          f"{new_sde} ({'; '.join(sde_changes)}); resume with the checkpoint's "
+                          f"values, or {START_OVER}")
+    other = [c for c in changes if c not in sde_changes]
+    if other:
+        warnings.warn(f"resuming {found} with a config that differs from the checkpoint's: "
+                      + "; ".join(other[:10]))
+
+
+def _load_resumable(found: str):
+    try:
+        return load_checkpoint(found, map_location="cpu")
+    except CheckpointError as err:
+        raise ResumeError(f"cannot resume: {err}; {START_OVER}") from None
+
+
+def _load_state(found: str, what: str, module, state) -> None:
+    """``module.load_state_dict(state)``, with a one-sentence error when they do not match."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ResumeError(f"cannot resume {found}: its {what} does not fit this run's ({first[:300]}); "
+                          f"{START_OVER}") from None
+
+
+# ---- checks before any work ---------------------------------------------------------------------
+def check_dependencies(config, own_data: bool = False) -> None:
+    """Raise ``ImportError`` (saying what to ``pip install``) when an optional package the run needs
+    is missing: scikit-learn for the digits data (unless ``own_data``), matplotlib for preview
+    pictures (``training.sample_freq > 0``)."""
+    from . import data as data_module
+    from . import metrics
+
+    if not own_data:
+        data_module.check_dataset_dependencies(str(config.data.dataset))
+    if int(config.training.get("sample_freq", 0)) > 0:
+        metrics.require_matplotlib()
+
+
+def _check_settings(config, world: int, own_data: bool) -> None:
+    """What can be checked in the config alone, before the workdir is touched."""
+    tr = config.training
+    n_iters, batch_size = int(tr.n_iters), int(tr.batch_size)
+    require(n_iters >= 0, f"config.training.n_iters must be >= 0, got {n_iters}")
+    require(batch_size >= 1 and batch_size % world == 0,
+            f"config.training.batch_size={batch_size} must be a positive multiple of the number "
+            f"of processes ({world})")
+    _ema_rate(config.model.ema_rate)
+    _optimizer_class(config)
+    _amp_mode(config)
+    get_loss_fn(config, build_sde(config))
+    check_dependencies(config, own_data)
+
+
+def _lock_workdir(workdir: str) -> ExclusiveLock:
+    """Create ``workdir`` (a read-only or full disk shows here, before any work), lock it for this
+    run and remove stale temporary files of interrupted writes."""
+    require(not os.path.exists(workdir) or os.path.isdir(workdir),
+            f"workdir {workdir!r} is an existing file, not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        if err.errno in STORAGE_ERRNOS:
+            raise OutputError(workdir, err) from None
+        raise ValueError(f"cannot create workdir {workdir!r}: {err.strerror or err}") from None
+    lock = ExclusiveLock(os.path.join(workdir, LOCK_NAME), argv=list(sys.argv))
+    try:
+        locked = lock.acquire()
+    except LockHeldError as err:
+        raise WorkdirInUseError(f"workdir {workdir!r} is in use by another training run "
+                                f"({describe_holder(err.holder)}); wait for it to end, or train "
+                                f"in another workdir", err.holder) from None
+    if not locked:
+        warnings.warn(f"the file system of {workdir!r} has no file locks: nothing stops another "
+                      f"training run from writing into the same workdir")
+    for folder in (workdir, os.path.join(workdir, "samples")):
+        remove_stale_temporaries(folder)
+    return lock
+
+
+def _claim_workdir(workdir: str, ddp: "_Distributed") -> Optional[ExclusiveLock]:
+    """Rank 0 locks the workdir (:func:`_lock_workdir`); under DDP the other ranks learn whether
+    it could and stop with the same message when not."""
+    lock, error = None, None
+    if ddp.rank == 0:
+        try:
+            lock = _lock_workdir(workdir)
+        except (ValueError, LockHeldError, OSError) as err:
+            error = err
+    if ddp.enabled:
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if ddp.rank != 0 and box[0] is not None:
+            raise ValueError(box[0])
+    if error is not None:
+        raise error
+    return lock
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -318,9 +510,14 @@ def train(config, workdir: str, *, quiet: bool = False, resume: bool = True,
 
     workdir = os.fspath(workdir)
     ddp = _Distributed(str(config.get("device", "auto")))
+    lock = None
     try:
+        _check_settings(config, ddp.world_size, data is not None)
+        lock = _claim_workdir(workdir, ddp)
         return _train(config, workdir, quiet, resume, ddp, infinite_batches, net, data)
     finally:
+        if lock is not None:
+            lock.release()
         ddp.close()
 
 
@@ -330,19 +527,19 @@ def _train(config, workdir, quiet, resume, ddp, infinite_batches, user_net, user
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (is_main and not quiet) else (lambda msg: None)
     n_iters = int(tr.n_iters)
     batch_size = int(tr.batch_size)
-    require(n_iters >= 0, f"config.training.n_iters must be >= 0, got {n_iters}")
-    require(batch_size >= 1 and batch_size % world == 0,
-            f"config.training.batch_size={batch_size} must be a positive multiple of the number "
-            f"of processes ({world})")
     log_freq = max(1, int(tr.log_freq))
     ckpt_freq = int(tr.snapshot_freq_for_preemption)
     numbered_freq = int(tr.get("snapshot_freq", 0))
     sample_freq = int(tr.get("sample_freq", 0))
     seed = int(config.seed)
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-    ddp.barrier()
     last_path = os.path.join(workdir, LAST_NAME)
+
+    # a checkpoint to resume: read and checked against the config before the data and the model
+    found = latest_checkpoint(workdir) if resume else None
+    ckpt = None
+    if found is not None:
+        ckpt = _load_resumable(found)
+        _check_resumable(found, ckpt["config"], config, own_net=user_net is not None)
 
     # data, model, optimizer: the same seeds on every rank, so every rank builds the same network
     data_gen = torch.Generator().manual_seed(seed)          # seeds the data order
@@ -376,19 +573,14 @@ def _train(config, workdir, quiet, resume, ddp, infinite_batches, user_net, user
 
     # resume
     step, resumed_from = 0, None
-    found = latest_checkpoint(workdir) if resume else None
     if found is not None:
-        ckpt = load_checkpoint(found, map_location="cpu")
-        changes = _config_changes(ckpt["config"], config)
-        if changes:
-            warnings.warn(f"resuming {found} with a config that differs from the checkpoint's: "
-                          + "; ".join(changes[:10]))
-        require(tuple(ckpt["data_shape"]) == data_shape,
-                f"{found} was trained on data of shape {tuple(ckpt['data_shape'])}, "
-                f"this config gives {data_shape}")
-        net.load_state_dict(ckpt["model"])
-        ema.net.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if tuple(ckpt["data_shape"]) != data_shape:
+            raise ResumeError(f"cannot resume {found}: it was trained on data of shape "
+                              f"{tuple(ckpt['data_shape'])}, this run's data has shape "
+                              f"{data_shape}; {START_OVER}")
+        _load_state(found, "network", net, ckpt["model"])
+        _load_state(found, "EMA network", ema.net, ckpt["ema"])
+        _load_state(found, "optimizer state", optimizer, ckpt["optimizer"])
         if scaler is not None and ckpt.get("grad_scaler") is not None:
             scaler.load_state_dict(ckpt["grad_scaler"])
         step = resumed_from = int(ckpt["step"])
@@ -416,21 +608,25 @@ def _train(config, workdir, quiet, resume, ddp, infinite_batches, user_net, user
                               f"process(es), this run has {world}: dropout streams restart")
         del ckpt
 
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(json.dumps(json.loads(config_to_json(config)), indent=2, sort_keys=True))
     log_path = os.path.join(workdir, LOG_NAME)
+    log_file = log_writer = None
     if is_main:
+        text = json.dumps(json.loads(config_to_json(config)), indent=2, sort_keys=True)
+
+        def write_config(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write(os.path.join(workdir, "config.json"), write_config)
         if step > 0:
             _truncate_log(log_path, step)
         new_log = not os.path.isfile(log_path) or step == 0
-        log_file = open(log_path, "w" if new_log else "a", newline="")
-        log_writer = csv.writer(log_file)
-        if new_log:
-            log_writer.writerow(LOG_FIELDS)
-            log_file.flush()
-    else:
-        log_file = log_writer = None
+        with _writing(log_path):
+            log_file = open(log_path, "w" if new_log else "a", newline="")
+            log_writer = csv.writer(log_file)
+            if new_log:
+                log_writer.writerow(LOG_FIELDS)
+                log_file.flush()
 
     def rank_rng_state() -> Dict[str, torch.Tensor]:
         state = {"torch_cpu": torch.get_rng_state()}
@@ -489,9 +685,10 @@ def _train(config, workdir, quiet, resume, ddp, infinite_batches, user_net, user
         loss = float(stacked.mean())
         logged.append((step, loss))
         if is_main:
-            log_writer.writerow([step, f"{loss:.6g}", f"{lr_now:.6g}", f"{float(grad_norm):.6g}",
-                                 f"{time.perf_counter() - t_start:.3f}"])
-            log_file.flush()
+            with _writing(log_path):
+                log_writer.writerow([step, f"{loss:.6g}", f"{lr_now:.6g}", f"{float(grad_norm):.6g}",
+                                     f"{time.perf_counter() - t_start:.3f}"])
+                log_file.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 

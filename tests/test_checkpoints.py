@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sde_diffusion import checkpoints
-from sde_diffusion.checkpoints import (atomic_torch_save, capture_rng_states, latest_checkpoint,
-                                       load_checkpoint, model_from_checkpoint, restore_rng_states,
+from sde_diffusion.checkpoints import (CheckpointError, atomic_torch_save, capture_rng_states,
+                                       latest_checkpoint, load_checkpoint, model_from_checkpoint, restore_rng_states,
                                        save_checkpoint)
 from sde_diffusion.config import default_config
 
@@ -50,15 +50,77 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 def test_loading_never_executes_code(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"format": checkpoints.FORMAT, "version": 1, "config": "{}", "payload": _Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"format": checkpoints.FORMAT, "version": 1, "config": "{}",
+                "payload": _Evil(marker)}, path)
+    with pytest.raises(CheckpointError, match="not loaded since loading them could run code") as info:
         load_checkpoint(path)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)   # the unpickler refused
+    assert not marker.exists()
+    assert "weights_only" not in str(info.value)
+
+
+def _real_checkpoint_bytes(tmp_path):
+    _save(tmp_path / "real.pt")
+    return (tmp_path / "real.pt").read_bytes()
+
+
+def _bad_files(tmp_path):
+    """Files a user may point --checkpoint at by mistake, or that a crash or a full disk left."""
+    real = _real_checkpoint_bytes(tmp_path)
+    files = {
+        "empty": b"",
+        "truncated": real[: len(real) // 2],
+        "cut near the end": real[:-10],
+        "text": b"step,loss\n1,0.5\n",
+        "pickled list": pickle.dumps([1, 2, 3]),
+        "numpy array via torch.save": None,
+        "another program's torch.save": None,
+    }
+    paths = {}
+    for name, content in files.items():
+        path = tmp_path / (name.replace(" ", "_").replace("'", "") + ".pt")
+        if name == "numpy array via torch.save":
+            torch.save(np.zeros(3), path)
+        elif name == "another program's torch.save":
+            torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+        else:
+            path.write_bytes(content)
+        paths[name] = path
+    return paths
+
+
+def test_unreadable_checkpoints_are_one_sentence_naming_the_file(tmp_path):
+    for name, path in _bad_files(tmp_path).items():
+        for load in (load_checkpoint, model_from_checkpoint):
+            with pytest.raises(CheckpointError) as info:
+                load(path)
+            msg = str(info.value)
+            assert str(path) in msg and "\n" not in msg, (name, msg)
+            assert "weights_only" not in msg and len(msg) < 400, (name, msg)
+            assert isinstance(info.value, ValueError)
+
+
+def test_the_cli_reports_an_unreadable_checkpoint_in_one_line(tmp_path, capsys):
+    from sde_diffusion.cli import main
+    for name, path in _bad_files(tmp_path).items():
+        for command in (["sample", "--checkpoint", str(path), "--n", "4", "--steps", "2",
+                         "--out", str(tmp_path / "s.npz")],
+                        ["likelihood", "--checkpoint", str(path), "--data", "moons", "--n", "4"]):
+            code = main(command)
+            err = capsys.readouterr().err
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1, (name, command[0], err)
+            assert lines[0].startswith("sde-diffusion: error: ") and str(path) in lines[0]
+            assert "weights_only" not in err
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -140,6 +140,46 @@ def test_load_image_folder(tmp_path):
         load_image_folder(tmp_path, 8, channels=2)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text named .png", "jpeg cut short"])
+def test_a_damaged_image_in_the_folder_is_named(tmp_path, damage):
+    import matplotlib.image as mpimg
+
+    img = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    mpimg.imsave(tmp_path / "a_good.png", img)
+    good = (tmp_path / "a_good.png").read_bytes()
+    bad = tmp_path / ("b_bad.jpg" if damage == "jpeg cut short" else "b_bad.png")
+    if damage == "jpeg cut short":
+        from PIL import Image
+        Image.fromarray((img * 255).astype(np.uint8)).save(tmp_path / "full.jpg")
+        bad.write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
+        (tmp_path / "full.jpg").unlink()
+    else:
+        bad.write_bytes({"truncated": good[: len(good) // 2], "empty": b"",
+                         "text named .png": b"not an image"}[damage])
+    with pytest.raises(ValueError) as info:
+        load_image_folder(tmp_path, size=8)
+    msg = str(info.value)
+    assert str(bad) in msg and "a_good" not in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="b_bad"):               # through the registry as well
+        get_dataset("images", path=str(tmp_path), size=8)
+
+
+def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
+    import sys
+    from sde_diffusion import data
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)          # "import sklearn" now fails
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        data.check_dataset_dependencies("digits")
+    data.check_dataset_dependencies("moons")                   # needs nothing optional
+    data._digits_raw.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install scikit-learn"):
+            digits()
+    finally:
+        data._digits_raw.cache_clear()
+
+
 def test_registry_errors():
     assert {"moons", "swiss_roll", "8gaussians", "checkerboard", "rings", "digits", "npz", "images"} <= set(DATASETS)
     with pytest.raises(ValueError, match=r"unknown data set 'cifar'; valid names are \['8gaussians'"):

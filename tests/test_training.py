@@ -1,5 +1,6 @@
 """The training loop: logging, exact resumption, signals, NaN handling, DDP equivalence."""
 import csv
+import errno
 import os
 import random
 import signal
@@ -263,3 +264,241 @@ def test_digits_evaluation_reports_fd_with_baselines(tmp_path):
     assert scores["n"] == 64
     assert scores["fd_real_vs_real"] < scores["fd_real_vs_noise"]
     assert scores["fd"] > scores["fd_real_vs_real"]   # an untrained model is far from the data
+
+
+# ---- the workdir: one run at a time, checked before any work ---------------------------------------
+HOLD_WORKDIR = """
+import sys, time
+from sde_diffusion.training import _lock_workdir
+_lock_workdir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _cli_train(workdir, *extra, config=MOONS, base=TINY):
+    from sde_diffusion.cli import main
+    return main(["train", "--config", config, "--workdir", str(workdir), "--quiet",
+                 *_overrides_as_args(base), *extra])
+
+
+def _tree(folder, ignore=()):
+    """Every file under ``folder`` with its mtime and content hash: to see that nothing changed."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            if name in ignore:
+                continue
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, folder)] = (os.stat(p).st_mtime_ns, hash(f.read()))
+    return out
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_a_second_run_on_a_workdir_in_use_fails_at_once_naming_the_first(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _cli_train(workdir, "--config.training.n_iters=3") == 0    # a finished run to resume
+    capsys.readouterr()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WORKDIR, str(workdir)], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _tree(workdir)
+        assert _cli_train(workdir, "--config.training.n_iters=6", "--seed", "3") == 2
+        line = _one_error_line(capsys)
+        assert "in use by another training run" in line and f"pid {holder.pid}" in line
+        assert "started" in line and str(workdir) in line
+        assert _tree(workdir) == before                               # wrote nothing
+    finally:
+        holder.kill()                                                 # a crash: no clean-up
+        holder.wait()
+    # the dead holder's lock does not block the next run
+    assert _cli_train(workdir, "--config.training.n_iters=6") == 0
+    assert load_checkpoint(workdir / "checkpoint_last.pt")["step"] == 6
+
+
+def test_the_lock_is_released_after_a_run_and_after_an_error(tmp_path):
+    train(tiny(2), tmp_path, quiet=True)
+    with pytest.raises(ValueError):
+        train(tiny(4, **{"model.hidden": 8}), tmp_path, quiet=True)   # refused (another network)
+    assert train(tiny(4), tmp_path, quiet=True).step == 4               # not blocked by a lock
+    assert os.path.getsize(tmp_path / ".lock") == 0
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "run"
+    path.write_text("not a folder")
+    assert _cli_train(path, "--config.training.n_iters=2") == 2
+    assert "is an existing file, not a folder" in _one_error_line(capsys)
+    assert path.read_text() == "not a folder"
+
+
+def test_a_read_only_workdir_fails_before_the_data_is_loaded(tmp_path, capsys, monkeypatch):
+    from sde_diffusion import _files, training
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).startswith(str(workdir)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *a, **k)
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was loaded before the workdir was checked")
+
+    monkeypatch.setattr(_files.os, "open", read_only)
+    monkeypatch.setattr(training, "load_data", no_data)
+    assert _cli_train(workdir, "--config.training.n_iters=2") == 2
+    line = _one_error_line(capsys)
+    assert "Read-only file system" in line and str(workdir) in line
+    assert os.listdir(workdir) == []
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    from sde_diffusion import checkpoints
+    train(tiny(7), tmp_path, quiet=True)
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        train(tiny(14), tmp_path, quiet=True)
+    assert "checkpoint_last.pt" in str(info.value) and "unchanged" in str(info.value)
+    assert _cli_train(tmp_path, "--config.training.n_iters=14") == 2
+    line = _one_error_line(capsys)
+    assert "No space left on device" in line and str(tmp_path / "checkpoint_last.pt") in line
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "checkpoint_last.pt")["step"] == 7
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]      # no temporary file left
+
+
+def test_stale_temporary_files_in_the_workdir_are_removed_at_start(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from sde_diffusion._files import _host
+    (tmp_path / "samples").mkdir()
+    stale = [tmp_path / f".checkpoint_last.pt.tmp-{dead.pid}-{_host()}-0123abcd",
+             tmp_path / "samples" / f".step_3.png.tmp-{dead.pid}-{_host()}-89abcdef"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    train(tiny(0), tmp_path, quiet=True)
+    assert not any(p.exists() for p in stale)
+
+
+# ---- resuming: refused when the network or the SDE changed ------------------------------------------
+@pytest.mark.parametrize("change, field", [
+    ({"model.hidden": 32}, "model.hidden: 16 -> 32"),
+    ({"model.depth": 3}, "model.depth: 2 -> 3"),
+    ({"model.parameterization": "x0"}, "model.parameterization: 'eps' -> 'x0'"),
+])
+def test_resuming_with_another_network_is_refused_naming_the_fields(tmp_path, capsys, change, field):
+    train(tiny(3), tmp_path, quiet=True)
+    before = _tree(tmp_path, ignore=(".lock",))
+    with pytest.raises(ValueError) as info:
+        train(tiny(6, **change), tmp_path, quiet=True)
+    msg = str(info.value)
+    assert "another network" in msg and field in msg and "--no-resume" in msg and "new workdir" in msg
+    assert _tree(tmp_path, ignore=(".lock",)) == before
+    key, value = next(iter(change.items()))
+    assert _cli_train(tmp_path, "--config.training.n_iters=6", f"--config.{key}={value}") == 2
+    assert field in _one_error_line(capsys)
+    assert train(tiny(6, **change), tmp_path, quiet=True, resume=False).step == 6   # starting over
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"training.sde": "vesde"}, "training.sde: 'vpsde' -> 'vesde'"),
+    ({"model.beta_max": 10.0}, "model.beta_max: 20.0 -> 10.0"),
+    ({"training.sde": "vpsde_cosine"}, "training.sde: 'vpsde' -> 'vpsde_cosine'"),
+])
+def test_resuming_with_another_sde_is_refused(tmp_path, capsys, change, field):
+    train(tiny(3), tmp_path, quiet=True)
+    before = _tree(tmp_path, ignore=(".lock",))
+    with pytest.raises(ValueError) as info:
+        train(tiny(6, **change), tmp_path, quiet=True)
+    msg = str(info.value)
+    assert "trained under VPSDE(" in msg and field in msg and "--no-resume" in msg
+    assert _tree(tmp_path, ignore=(".lock",)) == before
+    key, value = next(iter(change.items()))
+    assert _cli_train(tmp_path, "--config.training.n_iters=6", f"--config.{key}={value}") == 2
+    assert field in _one_error_line(capsys)
+    assert _cli_train(tmp_path, "--config.training.n_iters=6", f"--config.{key}={value}",
+                      "--no-resume") == 0
+
+
+def test_changes_that_leave_the_model_and_the_sde_alone_resume_with_a_warning(tmp_path):
+    train(tiny(3), tmp_path, quiet=True)
+    # the sampling end of the SDE, and a cosine parameter of a linear schedule, change no weights
+    with pytest.warns(UserWarning, match="optim.lr") as record:
+        result = train(tiny(6, **{"optim.lr": 1e-4, "model.sde_eps": 1e-4, "model.cosine_s": 0.01}),
+                       tmp_path, quiet=True)
+    assert result.resumed_from == 3 and result.step == 6
+    assert "model.sde_eps" in str(record[0].message)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_resuming_from_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, damage):
+    train(tiny(3), tmp_path, quiet=True)
+    path = tmp_path / "checkpoint_last.pt"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 3], "empty": b"",
+                      "text": b"hello\n"}[damage])
+    with pytest.raises(ValueError, match="--no-resume") as info:
+        train(tiny(6), tmp_path, quiet=True)
+    assert str(path) in str(info.value)
+    assert _cli_train(tmp_path, "--config.training.n_iters=6") == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and "--no-resume" in line and "weights_only" not in line
+    assert _cli_train(tmp_path, "--config.training.n_iters=6", "--no-resume") == 0
+    assert load_checkpoint(path)["step"] == 6
+
+
+def test_resuming_your_own_network_that_changed_is_one_sentence(tmp_path):
+    def make(width):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, 2))
+
+    class Net(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.body = make(width)
+
+        def forward(self, x, t, y=None):
+            return self.body(torch.cat([x, t[:, None]], 1))
+
+    train(tiny(3), tmp_path, quiet=True, net=Net(8))
+    with pytest.raises(ValueError, match="its network does not fit this run's") as info:
+        train(tiny(6), tmp_path, quiet=True, net=Net(16))
+    assert "\n" not in str(info.value) and "--no-resume" in str(info.value)
+
+
+# ---- optional packages: checked first ---------------------------------------------------------------
+def test_digits_without_scikit_learn_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)          # "import sklearn" now fails
+    workdir = tmp_path / "run"
+    assert _cli_train(workdir, "--config.training.n_iters=1", config=DIGITS, base=TINY_UNET) == 2
+    line = _one_error_line(capsys)
+    assert "pip install scikit-learn" in line
+    assert not workdir.exists()
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        train(tiny(1, DIGITS, TINY_UNET), workdir, quiet=True)
+    assert not workdir.exists()
+
+
+def test_settings_are_checked_before_the_workdir_is_made(tmp_path):
+    for bad in ({"optim.optimizer": "SGD"}, {"model.ema_rate": 1.5},
+                {"training.mixed_precision": "fp8"}, {"training.sde": "nope"}):
+        with pytest.raises(ValueError):
+            train(tiny(3, **bad), tmp_path / "never", quiet=True)
+        assert not (tmp_path / "never").exists(), bad
