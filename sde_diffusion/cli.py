@@ -119,8 +119,9 @@ def _save_picture(x, path_png: str, reference=None) -> Optional[str]:
 def cmd_train(args, rest: Sequence[str]) -> int:
     import signal
 
+    from ._files import LockHeldError, OutputError
     from .config import apply_overrides, load_config
-    from .training import NonFiniteLossError, evaluate_model, train
+    from .training import NonFiniteLossError, check_dependencies, evaluate_model, train
 
     if not os.path.isfile(args.config):
         raise UserError(f"--config {args.config!r}: no such file")
@@ -131,11 +132,17 @@ def cmd_train(args, rest: Sequence[str]) -> int:
         config.device = args.device
     if args.seed is not None:
         config.seed = args.seed
-    try:
+    try:  # train() checks this too; here a missing package is the user's one-line error
+        check_dependencies(config)
+    except ImportError as err:
+        raise UserError(str(err)) from None
+    try:  # a workdir in use, unwritable or full; other mistakes are ValueErrors (main maps them)
         result = train(config, args.workdir, quiet=args.quiet, resume=not args.no_resume)
     except NonFiniteLossError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE
+    except (LockHeldError, OutputError) as err:
+        raise UserError(str(err)) from None
     if result.rank != 0:  # under torchrun only rank 0 reports and evaluates
         return 128 + int(getattr(signal, result.interrupted)) if result.interrupted else 0
     _say(args, f"trained to step {result.step}; checkpoint: {result.checkpoint}")
