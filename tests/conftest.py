@@ -3,7 +3,8 @@ import torch
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (CI runs them: pytest -m slow --runslow)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # One thread per test process: tests are small, and several threads on a shared 2-core machine
-# slow them down many times over (CI runs two processes with pytest-xdist instead).
+# slow them down many times over.
 torch.set_num_threads(1)
 
 
