@@ -7,6 +7,8 @@ and diffusers' schedulers, side by side, at the same NFE, from the same starting
     python benchmarks/samplers.py --quick       # smoke run (< 2 min)
     python benchmarks/samplers.py --device cuda --image-batch 256   # GPU: overhead vs model time
                                                 # on a (B, 3, 32, 32) mixture
+    python benchmarks/samplers.py --noise-only  # int-seed (indexed) vs torch.Generator noise at
+                                                # batch 1, 64, 4096: samplers_noise.{md,csv}
 
 What is measured (see docs/samplers.md, "Benchmark"):
 
@@ -375,6 +377,110 @@ def run_benchmark(args) -> List[Dict]:
     return rows
 
 
+# ---- indexed (int seed) against batch-level noise ---------------------------------------------------
+NOISE_BATCHES = (1, 64, 4096)
+NOISE_MODES = {
+    "batch-level (torch.Generator)": lambda seed, dev: torch.Generator(device=dev).manual_seed(seed),
+    "indexed (int seed)": lambda seed, dev: seed,
+}
+
+
+def noise_benchmark(args) -> List[Dict]:
+    """The cost of batch-size-independent noise: an int seed (chunked per-index generators) against
+    one torch.Generator for the batch, side by side, at several batch sizes. Two measurements:
+    one noise draw alone (the least of ``--timing-repeats`` runs of 20 draws, per draw), and whole
+    stochastic sampling runs on the fast oracle (``--noise-steps`` steps; the least of the repeats)."""
+    from sde_diffusion.samplers import NoiseSource
+    from sde_diffusion.samplers.base import chunk_size
+
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    clock = time.process_time if dev.type == "cpu" else time.perf_counter
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def least(fn) -> float:
+        fn()                                      # warm-up (allocations, lazy initialisation)
+        best = math.inf
+        for _ in range(args.timing_repeats):
+            sync()
+            start = clock()
+            fn()
+            sync()
+            best = min(best, clock() - start)
+        return best
+
+    batches = [int(b) for b in args.noise_batches.split(",")]
+    rows: List[Dict] = []
+    draws = 20
+    for event in [(args.dim,), (3, 32, 32)]:
+        for batch in batches:
+            for mode, make in NOISE_MODES.items():
+                def noise(make=make, batch=batch, event=event):
+                    src = NoiseSource(make(args.seed, dev), (batch,) + event, dtype, dev)
+                    for _ in range(draws):
+                        src.randn()
+                seconds = least(noise) / draws
+                rows.append(dict(what="one noise draw", event="x".join(map(str, event)),
+                                 chunk=chunk_size(event), batch=batch, noise=mode, seconds=seconds))
+                print(f"  noise draw {rows[-1]['event']:>8s} batch {batch:5d} {mode:30s} "
+                      f"{1e3 * seconds:9.4f} ms", flush=True)
+    sde = VPSDE()
+    oracle = TimedMixture(random_mixture(args.dim, args.modes, seed=args.seed, sde=sde), device=dev,
+                          clock=clock)
+    for solver in ("euler_maruyama", "sde_dpm_solver++"):
+        for batch in batches:
+            for mode, make in NOISE_MODES.items():
+                def run(make=make, batch=batch, solver=solver):
+                    with torch.no_grad():
+                        sample(oracle, sde, shape=(batch, args.dim), solver=solver,
+                               steps=args.noise_steps, generator=make(args.seed, dev), dtype=dtype,
+                               device=dev, progress=False)
+                seconds = least(run)
+                rows.append(dict(what=f"{solver}, {args.noise_steps} steps", event=str(args.dim),
+                                 chunk=chunk_size((args.dim,)), batch=batch, noise=mode,
+                                 seconds=seconds))
+                print(f"  {solver:16s} batch {batch:5d} {mode:30s} {seconds:8.4f} s", flush=True)
+    return rows
+
+
+def write_noise_results(rows, args, out_dir: Path) -> List[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name
+    cols = ["what", "event", "chunk", "batch", "noise", "seconds"]
+    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    clock = "CPU time of the process" if args.device == "cpu" else "wall time with synchronisation"
+    lines = [
+        "# Indexed noise (int seed) against batch-level noise (torch.Generator)", "",
+        f"`python benchmarks/samplers.py --noise-only` on {args.device} "
+        f"({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}; {clock}, "
+        f"the least of {args.timing_repeats} repeats. An int seed gives every sample noise that "
+        "depends on its index only (chunks of consecutive samples, one generator each; "
+        "docs/samplers.md, 'Seeds'); a torch.Generator draws the whole batch at once.", "",
+        "| measured | event | chunk | batch | batch-level | indexed | indexed / batch-level |",
+        "|---|---|---|---|---|---|---|"]
+    keyed = {(r["what"], r["event"], r["batch"], r["noise"]): r for r in rows}
+    seen = []
+    for r in rows:
+        key = (r["what"], r["event"], r["batch"])
+        if key in seen:
+            continue
+        seen.append(key)
+        plain = keyed[key + ("batch-level (torch.Generator)",)]["seconds"]
+        indexed = keyed[key + ("indexed (int seed)",)]["seconds"]
+        unit, scale = ("ms", 1e3) if r["what"] == "one noise draw" else ("s", 1.0)
+        lines.append(f"| {r['what']} | {r['event']} | {r['chunk']} | {r['batch']} | "
+                     f"{scale * plain:.4g} {unit} | {scale * indexed:.4g} {unit} | "
+                     f"{indexed / plain:.2f} |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 # ---- reporting --------------------------------------------------------------------------------------
 def best_by_nfe(rows, library_pred, nfe_target):
     cands = [r for r in rows if library_pred(r["library"]) and r["kind"] == "ODE"
@@ -548,10 +654,25 @@ def main(argv=None):
     ap.add_argument("--timing-nfe", type=int, default=100, help="NFE budget whose runs are timed repeatedly")
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--name", default="", help="output file stem (default samplers[_quick|_image])")
+    ap.add_argument("--name", default="",
+                    help="output file stem (default samplers[_quick|_image|_noise])")
+    ap.add_argument("--noise-only", action="store_true",
+                    help="only measure indexed (int seed) against batch-level noise, side by side; "
+                         "writes samplers_noise.{md,csv} (a few minutes)")
+    ap.add_argument("--noise-batches", default=",".join(map(str, NOISE_BATCHES)),
+                    help="batch sizes of --noise-only")
+    ap.add_argument("--noise-steps", type=int, default=100,
+                    help="steps of the sampling runs of --noise-only")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.noise_only:
+        args.name = args.name or "samplers_noise"
+        args.timing_repeats = max(args.timing_repeats, 5)
+        lines = write_noise_results(noise_benchmark(args), args, Path(args.out))
+        print("\n".join(lines))
+        print(f"wrote {args.out}/{args.name}.md, .csv")
+        return
     if args.quick:
         args.batch, args.error_batch = min(args.batch, 1024), min(args.error_batch, 256)
         args.pilot, args.optimize_max_nfe = min(args.pilot, 512), min(args.optimize_max_nfe, 10)

@@ -26,7 +26,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            nfe: Optional[int] = None, grid: Union[str, GridLike, None] = None,
            t_start: Optional[float] = None, t_end: Optional[float] = None, rho: float = 7.0,
            sigma_data: float = 0.5,
-           generator: GeneratorLike = None, denoise: bool = False,
+           generator: GeneratorLike = None, index_offset: int = 0, denoise: bool = False,
            dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
@@ -53,7 +53,15 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             ``t_start``/``t_end``, is an error); default: the solver's own
             (``get_solver(name).grid``, its paper's choice).
         rho, sigma_data: shape of the ``karras`` and ``focus`` grids.
-        generator: ``None``, an int seed, a ``torch.Generator``, or one generator per sample.
+        generator: an int seed (default ``None``: torch's global generator), a
+            ``torch.Generator``, or one generator per sample. With an int seed the noise of a
+            sample -- in ``x_T`` and at every stochastic step -- depends only on the seed and the
+            sample's index, not on the batch size: ``shape=(16, ...)`` starts with the samples of
+            ``shape=(8, ...)``. A ``torch.Generator`` draws batch-level noise (a little faster,
+            batch-size dependent). See :class:`~sde_diffusion.samplers.NoiseSource`.
+        index_offset: with an int seed, the index of this batch's first sample in the whole
+            seeded run: processes drawing ``shape=(n, ...)`` with offsets ``0, n, 2n, ...``
+            together give the samples of one batch of the whole size.
         denoise: finish with one Tweedie step ``x <- E[x0 | x_eps]`` (score_sde's noise removal).
         progress: show a tqdm bar (default: only when stderr is a terminal).
         return_trajectory: keep the state after every step in ``result.trajectory``.
@@ -76,7 +84,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     elif steps is None:
         steps = 1 if info.adaptive else sde.N
     check_steps(steps)
-    x_T, noise = start_state(sde, shape, x_T, generator, dtype, device)
+    x_T, noise = start_state(sde, shape, x_T, generator, dtype, device, index_offset=index_offset)
     shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
     if times is None:
         times = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end, rho,
@@ -93,7 +101,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
 
 def start_state(sde: SDE, shape: Optional[Sequence[int]], x_T: Optional[torch.Tensor],
                 generator: GeneratorLike, dtype: torch.dtype,
-                device: Union[str, torch.device, None]) -> Tuple[torch.Tensor, NoiseSource]:
+                device: Union[str, torch.device, None], *,
+                index_offset: int = 0) -> Tuple[torch.Tensor, NoiseSource]:
     """The starting state -- ``x_T`` as given, or drawn from the prior for ``shape`` -- and the
     noise source shaped like it. ``x_T`` fixes dtype and device; otherwise ``device`` defaults to
     the generator's (CPU without one)."""
@@ -101,14 +110,14 @@ def start_state(sde: SDE, shape: Optional[Sequence[int]], x_T: Optional[torch.Te
     if x_T is not None:
         require(isinstance(x_T, torch.Tensor) and x_T.is_floating_point() and x_T.ndim >= 1,
                 "x_T must be a floating-point tensor of shape (batch, ...)")
-        return x_T, NoiseSource(generator, x_T.shape, x_T.dtype, x_T.device)
+        return x_T, NoiseSource(generator, x_T.shape, x_T.dtype, x_T.device, index_offset)
     shape = tuple(int(s) for s in shape)
     require(len(shape) >= 1 and all(s >= 1 for s in shape),
             f"shape must be (batch, ...) of positive sizes, got {shape}")
     if device is None:
         device = generator.device if isinstance(generator, torch.Generator) else "cpu"
-    noise = NoiseSource(generator, shape, dtype, torch.device(device))
-    return noise.randn() * sde.prior_std, noise
+    noise = NoiseSource(generator, shape, dtype, torch.device(device), index_offset)
+    return noise.prior() * sde.prior_std, noise
 
 
 def custom_grid(grid: GridLike, sde: SDE) -> torch.Tensor:

@@ -3,6 +3,7 @@ log-SNR, the noise source) and the loop that drives it (progress bar, callback, 
 detection with the step and time, NFE accounting)."""
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Union
@@ -13,24 +14,82 @@ from .._checks import all_finite, require
 from ..models.wrapper import NonFiniteError, ScoreModel
 from ..sdes import SDE
 
-__all__ = ["NoiseSource", "SolverContext", "SampleResult", "GeneratorLike"]
+__all__ = ["NoiseSource", "SolverContext", "SampleResult", "GeneratorLike", "chunk_size",
+           "NOISE_CHUNK_ELEMENTS", "NOISE_MAX_CHUNK"]
 
 GeneratorLike = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
 
-class NoiseSource:
-    """Standard normal draws shaped like the state.
+#: An integer seed draws noise in chunks of consecutive sample indices; a chunk holds
+#: ``2 ** floor(log2(NOISE_CHUNK_ELEMENTS / event_numel))`` samples, between 1 and
+#: ``NOISE_MAX_CHUNK``: 256 samples of a low-dimensional event, 64 of a 3x32x32 image, 1 of a
+#: 3x256x256 one. Part of the reproducibility contract of a seed: changing either constant changes
+#: every seeded sample.
+NOISE_CHUNK_ELEMENTS = 2 ** 18
+NOISE_MAX_CHUNK = 256
+_PRIOR, _STEPS = 0, 1        # the two noise streams of a seed: x_T, and the solver's steps
 
-    ``generator`` may be ``None`` (global RNG), an ``int`` seed, one ``torch.Generator`` for the
-    batch, or one generator per sample: then every sample's noise depends on its own generator
-    only, so a sample is the same whatever batch it is drawn in.
+
+def chunk_size(event_shape: Sequence[int]) -> int:
+    """Samples per noise chunk of an integer seed for events of ``event_shape`` (see
+    :data:`NOISE_CHUNK_ELEMENTS`)."""
+    numel = 1
+    for n in event_shape:
+        numel *= int(n)
+    size = 1
+    while size < NOISE_MAX_CHUNK and 2 * size * numel <= NOISE_CHUNK_ELEMENTS:
+        size *= 2
+    return size
+
+
+def _stream_base(seed: int, stream: int) -> int:
+    """A 64-bit number derived from ``(seed, stream)`` (BLAKE2b): chunk ``c`` of the stream is
+    seeded with ``base + c``, so the chunks of one stream never share a seed (CPU generators use
+    the low 32 bits of a seed, and those differ too)."""
+    digest = hashlib.blake2b(f"sde_diffusion.noise/{seed}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class NoiseSource:
+    """Standard normal draws shaped like the state, ``(batch, *event)``.
+
+    ``generator`` may be
+
+    - an ``int`` seed: *indexed* noise. The noise of sample ``i`` (its index in the whole run,
+      ``index_offset + position in the batch``) at every draw depends only on the seed, ``i`` and
+      the draw's number, not on the batch size: a batch of 16 starts with the samples of a batch
+      of 8, and processes that draw disjoint index ranges (``index_offset``) of one seed together
+      draw the samples of one big batch. The sample indices are cut into chunks of
+      :func:`chunk_size` samples; chunk ``c`` of a seed has its own ``torch.Generator`` (seeded
+      from the seed and ``c``), and draw ``k`` of a chunk is the ``k``-th draw of shape
+      ``(chunk, *event)`` from it; a batch draws the chunks it overlaps and keeps its rows. The
+      starting state ``x_T`` and the solver's steps use two separate streams, so a solver's noise
+      is the same whether ``x_T`` was drawn from the seed or given. Noise depends on the device
+      type and dtype, as torch's generators do.
+    - one ``torch.Generator``: *batch-level* noise, one ``randn`` of the whole batch per draw (the
+      fastest; what k-diffusion does); a sample's noise depends on the batch size.
+    - one generator per sample: every sample's noise depends on its own generator only.
+    - ``None``: torch's global generator, batch-level.
     """
 
     def __init__(self, generator: GeneratorLike, shape: Sequence[int], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, index_offset: int = 0):
         self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
+        require(isinstance(index_offset, int) and not isinstance(index_offset, bool)
+                and index_offset >= 0, f"index_offset must be an integer >= 0, got {index_offset!r}")
+        self.seed: Optional[int] = None
         if isinstance(generator, int) and not isinstance(generator, bool):
-            generator = torch.Generator(device=self.device).manual_seed(generator)
+            require(-2 ** 63 <= generator < 2 ** 64,
+                    f"an integer seed must lie in [-2**63, 2**64), got {generator}")
+            self.seed, generator = generator, None
+            self.chunk = chunk_size(self.shape[1:])
+            self._chunks = {}          # chunk index -> its generator of the steps' stream
+            self._scratch: Optional[torch.Tensor] = None
+        else:
+            require(index_offset == 0, f"index_offset={index_offset} needs an integer seed "
+                                       f"(generator=<int>): with "
+                                       f"{'no seed' if generator is None else type(generator).__name__} "
+                                       f"the noise does not follow sample indices")
         if isinstance(generator, (list, tuple)):
             require(len(generator) == self.shape[0],
                     f"got {len(generator)} per-sample generators for a batch of {self.shape[0]}")
@@ -41,8 +100,18 @@ class NoiseSource:
                     f"generator must be None, an int seed, a torch.Generator or a list of them, "
                     f"got {type(generator).__name__}")
         self.generator = generator
+        self.index_offset = index_offset
+
+    def prior(self) -> torch.Tensor:
+        """The draw for the starting state (the prior's standard normal ``z``)."""
+        if self.seed is not None:
+            return self._indexed({}, _PRIOR)
+        return self.randn()
 
     def randn(self) -> torch.Tensor:
+        """The next draw of the solver's noise."""
+        if self.seed is not None:
+            return self._indexed(self._chunks, _STEPS)
         g = self.generator
         if isinstance(g, (list, tuple)):
             return torch.stack([self._draw(self.shape[1:], gi) for gi in g])
@@ -52,6 +121,32 @@ class NoiseSource:
         if g is None or g.device == self.device:
             return torch.randn(shape, generator=g, dtype=self.dtype, device=self.device)
         return torch.randn(shape, generator=g, dtype=self.dtype, device=g.device).to(self.device)
+
+    def _indexed(self, generators: dict, stream: int) -> torch.Tensor:
+        """One draw of indexed noise: every chunk the batch overlaps advances by one
+        ``(chunk, *event)`` draw; whole chunks are drawn in place, the partial ones at the ends
+        into a scratch chunk whose rows are copied."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        size, first = self.chunk, self.index_offset
+        end = first + self.shape[0]
+        base = None
+        for c in range(first // size, (end - 1) // size + 1):
+            g = generators.get(c)
+            if g is None:
+                if base is None:
+                    base = _stream_base(self.seed, stream)
+                g = torch.Generator(device=self.device).manual_seed((base + c) % 2 ** 64)
+                generators[c] = g
+            lo, hi = max(c * size, first), min((c + 1) * size, end)
+            if hi - lo == size:
+                out[lo - first:hi - first].normal_(generator=g)
+            else:
+                if self._scratch is None:
+                    self._scratch = torch.empty((size,) + self.shape[1:], dtype=self.dtype,
+                                                device=self.device)
+                self._scratch.normal_(generator=g)
+                out[lo - first:hi - first].copy_(self._scratch[lo - c * size:hi - c * size])
+        return out
 
 
 @dataclass

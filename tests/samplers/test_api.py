@@ -48,8 +48,10 @@ def test_seeds_reproduce(solver):
     info = get_solver(solver)
     kw = dict(shape=(4, 2, 3), solver=solver, steps=STEPS, dtype=torch.float64)
     a = sample(MIX, generator=7, **kw).samples
+    assert torch.equal(a, sample(MIX, generator=7, **kw).samples)
+    # a torch.Generator draws batch-level noise (an int seed indexed noise): reproducible too
     b = sample(MIX, generator=torch.Generator().manual_seed(7), **kw).samples
-    assert torch.equal(a, b)
+    assert torch.equal(b, sample(MIX, generator=torch.Generator().manual_seed(7), **kw).samples)
     c = sample(MIX, generator=8, **kw).samples
     assert not torch.equal(a, c)
     x_T = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -68,6 +70,59 @@ def test_per_sample_generators_make_samples_batch_independent(solver):
     torch.testing.assert_close(small, big[:2], rtol=0, atol=1e-12)
     alone = sample(MIX, shape=(1, 2, 3), generator=_gens([12]), **kw).samples
     torch.testing.assert_close(alone, big[2:3], rtol=0, atol=1e-12)
+
+
+# options that make a stochastic solver draw noise (DDIM's default eta=0 and EDM's samplers
+# without churn draw none)
+NOISY = {"ddim": {"eta": 1.0}, "edm_heun": {"S_churn": 10.0}, "edm_euler": {"S_churn": 10.0}}
+STOCHASTIC = [name for name, info in available_solvers().items() if info.stochastic]
+
+
+@pytest.mark.parametrize("solver", STOCHASTIC)
+def test_integer_seed_noise_follows_the_sample_index_not_the_batch_size(solver):
+    """Same seed, different batch size: the same samples (x_T from the seed and every step's
+    noise); disjoint index_offset slices make up the full batch; the solver's noise does not
+    depend on whether x_T came from the seed or was given."""
+    options = {**BATCH_FREE.get(solver, {}), **NOISY.get(solver, {})}
+    kw = dict(solver=solver, steps=STEPS, dtype=torch.float64, generator=0, **options)
+    full = sample(MIX, shape=(16, 2, 3), return_trajectory=True, **kw)
+    first = sample(MIX, shape=(8, 2, 3), return_trajectory=True, **kw)
+    torch.testing.assert_close(first.trajectory, full.trajectory[:, :8], rtol=0, atol=1e-12)
+    parts = [sample(MIX, shape=(n, 2, 3), index_offset=offset, **kw).samples
+             for offset, n in [(0, 3), (3, 6), (9, 7)]]
+    torch.testing.assert_close(torch.cat(parts), full.samples, rtol=0, atol=1e-12)
+    x_T = full.trajectory[0]
+    given = sample(MIX, x_T=x_T, **kw).samples
+    torch.testing.assert_close(given, full.samples, rtol=0, atol=1e-12)
+    other_seed = sample(MIX, x_T=x_T, **{**kw, "generator": 1}).samples
+    assert not torch.allclose(other_seed, full.samples), "the solver must draw noise"
+
+
+def test_indexed_noise_chunks_and_offsets():
+    """The noise source itself, over chunk boundaries (whole chunks drawn in place, partial ones
+    through the scratch chunk): rows depend on (seed, index, draw) only; chunks and draws differ."""
+    from sde_diffusion.samplers import NoiseSource
+    from sde_diffusion.samplers.base import chunk_size
+
+    event = (4, 32, 32)
+    assert chunk_size(event) == 64 and chunk_size((2,)) == 256 and chunk_size((3, 256, 256)) == 1
+    ref = NoiseSource(5, (300,) + event, torch.float32, "cpu")
+    draws = [ref.prior()] + [ref.randn() for _ in range(3)]
+    for offset, n in [(0, 64), (0, 200), (37, 100), (64, 128), (250, 50), (299, 1)]:
+        part = NoiseSource(5, (n,) + event, torch.float32, "cpu", index_offset=offset)
+        got = [part.prior()] + [part.randn() for _ in range(3)]
+        for k, (a, b) in enumerate(zip(got, draws)):
+            assert torch.equal(a, b[offset:offset + n]), (offset, n, k)
+    z = torch.stack(draws)
+    assert abs(float(z.mean())) < 5e-3 and abs(float(z.std()) - 1) < 5e-3
+    assert not torch.equal(draws[1][:64], draws[1][64:128])      # chunks differ
+    assert not torch.equal(draws[1], draws[2])                   # draws differ
+    assert not torch.equal(draws[0], draws[1])                   # x_T's stream is another
+    with pytest.raises(ValueError, match="index_offset=3 needs an integer seed"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", steps=2, index_offset=3,
+               generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="index_offset must be an integer >= 0, got -1"):
+        sample(MIX, shape=(2, 2, 3), solver="ddim", steps=2, index_offset=-1, generator=0)
 
 
 def _float32_mlp_model():

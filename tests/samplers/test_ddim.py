@@ -39,7 +39,7 @@ def test_eta_one_step_is_the_exact_posterior(name):
     mix = random_mixture(2, 4, sde=sde)
     t0, t1 = 0.7, 0.2
     x = X * sde.prior_std
-    out = sample(mix, x_T=x, solver="ddim", eta=1.0, generator=11,
+    out = sample(mix, x_T=x, solver="ddim", eta=1.0, generator=torch.Generator().manual_seed(11),
                  grid=torch.tensor([t0, t1], dtype=torch.float64)).samples
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     a, s = _scales(sde, t0)

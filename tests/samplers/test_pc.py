@@ -33,7 +33,7 @@ def _single_corrector_step(corrector, sde, x, seed, **options):
     mix = random_mixture(2, 4, sde=sde)
     t1 = 0.3
     out = sample(mix, x_T=x, solver="pc", predictor="none", corrector=corrector, n_steps=1,
-                 grid=torch.tensor([0.5, t1], dtype=torch.float64), generator=seed, **options)
+                 grid=torch.tensor([0.5, t1], dtype=torch.float64), generator=torch.Generator().manual_seed(seed), **options)
     assert out.nfe == 1
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
     t = torch.full((x.shape[0],), t1, dtype=x.dtype)

@@ -79,7 +79,7 @@ def test_z_scores_detect_a_wrong_variance():
 def _one_step(sde, solver, x, t0, t1, seed, **options):
     mix = separated_mixture(sde)
     result = sample(mix, x_T=x, solver=solver, grid=torch.tensor([t0, t1], dtype=torch.float64),
-                    generator=seed, **options)
+                    generator=torch.Generator().manual_seed(seed), **options)
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
     t = torch.full((x.shape[0],), t0, dtype=x.dtype)
     return mix, result.samples, z, mix.score(x, t)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sde_diffusion import VESDE, VPSDE, optimize_grid, random_mixture, sample
+from sde_diffusion.samplers import NoiseSource
 from sde_diffusion.samplers.reference import exact_flow_map
 
 SDES = {"vp": VPSDE(), "ve": VESDE()}
@@ -122,7 +123,7 @@ def test_pilot_given_as_x_T_equals_pilot_drawn_from_shape():
     sde = VPSDE()
     mix = random_mixture(2, 3, seed=0, sde=sde)
     drawn = optimize_grid(mix, sde, "ddim", 4, shape=(32, 2), generator=3, max_evals=30)
-    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(3)) * sde.prior_std
+    x_T = NoiseSource(3, (32, 2), torch.float32, "cpu").prior() * sde.prior_std   # seed 3's x_T
     given = optimize_grid(mix, sde, "ddim", 4, x_T=x_T, max_evals=30)
     assert torch.equal(drawn.times, given.times) and given.pilot_size == 32
 
