@@ -4,7 +4,7 @@
   through it, so a crash leaves either the old file or the new one, never half. New files get the
   mode a plain ``open(path, "w")`` gives (``0o666`` less the umask); a file that is replaced keeps
   its mode.
-- Temporary files are named ``.<name>.tmp-<pid>-<host>-<8 hex digits>`` in the target's folder. A
+- Temporary files are named ``.<name>.<pid>@<host>.<8 hex digits>.tmp`` in the target's folder. A
   write that was interrupted (killed process, power loss) leaves one behind; the first
   :func:`atomic_write` of a process into a folder removes the stale ones there
   (:func:`remove_stale_temporaries`).
@@ -40,13 +40,14 @@ STORAGE_ERRNOS = frozenset(getattr(errno, name) for name in
 #: checked from here, counts as stale when it has not been modified for this long (seconds).
 STALE_FOREIGN_S = 24 * 3600.0
 
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<host>[A-Za-z0-9._-]*)-[0-9a-f]{8}$")
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]*)\.[0-9a-f]{8}\.tmp$")
 _cleaned: Set[str] = set()
 _cleaned_lock = threading.Lock()
 
 
 def _host() -> str:
-    """This machine's name, reduced to the characters a temporary file's name may hold."""
+    """This machine's name, reduced to the characters a temporary file's name may hold (no ``@``,
+    so the last ``@`` of a name separates the pid from the host)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64]
 
 
@@ -159,13 +160,13 @@ def remove_stale_temporaries(folder: PathLike) -> List[str]:
 def _new_temporary(path: str, folder: str) -> str:
     """Create the temporary file for ``path`` with mode 0o666 less the umask (what ``open`` gives),
     or the mode of the file it will replace."""
-    base = f".{os.path.basename(path)}.tmp-{os.getpid()}-{_host()}-"
+    base = f".{os.path.basename(path)}.{os.getpid()}@{_host()}."
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = None
     while True:
-        tmp = os.path.join(folder, base + secrets.token_hex(4))
+        tmp = os.path.join(folder, base + secrets.token_hex(4) + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

@@ -100,8 +100,8 @@ class ResumeError(ValueError):
     data shape, or an unreadable checkpoint); ``train(..., resume=False)`` starts over."""
 
 
-START_OVER = ("to start over, pass --no-resume (resume=False; checkpoint_last.pt and loss_log.csv "
-              "are then overwritten) or use a new workdir")
+START_OVER = ("start over with --no-resume (resume=False; it overwrites checkpoint_last.pt and "
+              "loss_log.csv) or in a new workdir")
 
 
 @dataclass

@@ -56,7 +56,7 @@ def _dead_pid():
 
 
 def _tmp_name(target, pid, host=None):
-    return f".{target}.tmp-{pid}-{host or _files._host()}-0123abcd"
+    return f".{target}.{pid}@{host or _files._host()}.0123abcd.tmp"
 
 
 def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path):
@@ -72,7 +72,8 @@ def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path):
             "other host, old": _tmp_name("d.png", 1, "elsewhere.example"),
             "other host, fresh": _tmp_name("e.png", 1, "elsewhere.example"),
             "not ours": ".notes.abc.tmp",
-            "a user's file": "results.tmp-1-x-0123abcd",
+            "a user's file": "results.1@x.0123abcd.tmp",
+            "a user's hidden file": ".results.1@x.0123abcd.tmp.bak",
         }
         for name in planted.values():
             (tmp_path / name).write_text("partial")

@@ -380,7 +380,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     assert "No space left on device" in line and str(tmp_path / "checkpoint_last.pt") in line
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "checkpoint_last.pt")["step"] == 7
-    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]      # no temporary file left
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]   # no temporary file left
 
 
 def test_stale_temporary_files_in_the_workdir_are_removed_at_start(tmp_path):
@@ -388,8 +388,8 @@ def test_stale_temporary_files_in_the_workdir_are_removed_at_start(tmp_path):
     dead.wait()
     from sde_diffusion._files import _host
     (tmp_path / "samples").mkdir()
-    stale = [tmp_path / f".checkpoint_last.pt.tmp-{dead.pid}-{_host()}-0123abcd",
-             tmp_path / "samples" / f".step_3.png.tmp-{dead.pid}-{_host()}-89abcdef"]
+    stale = [tmp_path / f".checkpoint_last.pt.{dead.pid}@{_host()}.0123abcd.tmp",
+             tmp_path / "samples" / f".step_3.png.{dead.pid}@{_host()}.89abcdef.tmp"]
     for p in stale:
         p.write_bytes(b"partial")
     train(tiny(0), tmp_path, quiet=True)
