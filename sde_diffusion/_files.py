@@ -250,8 +250,9 @@ class ExclusiveLock:
     when its holder dies, so the lock of a crashed process never blocks: the file then still names
     the dead holder, and the next ``acquire`` overwrites it. ``release()`` empties the file and
     unlocks it (the file stays: removing it would let two processes lock two different files).
-    Where the file system has no locks (``ENOLCK``, ``EOPNOTSUPP``), ``acquire`` returns ``False``
-    and nothing is locked; else it returns ``True``. Usable as a context manager.
+    Where the file system (or the OS) has no locks (``ENOLCK``, ``EOPNOTSUPP``, no ``fcntl``),
+    ``acquire`` returns ``False`` and nothing is locked; else it returns ``True``. Usable as a
+    context manager.
     """
 
     def __init__(self, path: PathLike, **info: Any):
@@ -268,8 +269,10 @@ class ExclusiveLock:
         return holder if isinstance(holder, dict) else {}
 
     def acquire(self) -> bool:
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no flock
+            return False
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
@@ -300,11 +303,11 @@ class ExclusiveLock:
         return True
 
     def release(self) -> None:
-        import fcntl
-
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        import fcntl
+
         try:
             os.ftruncate(fd, 0)
         except OSError:
