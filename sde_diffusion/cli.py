@@ -115,6 +115,135 @@ def _save_picture(x, path_png: str, reference=None) -> Optional[str]:
     return None
 
 
+def _has_picture(shape: Sequence[int]) -> bool:
+    """Whether :func:`_save_picture` draws samples of this event shape."""
+    return (len(shape) == 3 and shape[0] in (1, 3)) or tuple(shape) == (2,)
+
+
+# ---- checks made before any work --------------------------------------------------------------
+#: optional modules a subcommand needs, imported before it starts working (pip name beside)
+NEEDS = {"demo": ("matplotlib",), "compare": ("matplotlib",)}
+PIP_NAMES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}
+
+
+def _require_modules(command: str, modules: Sequence[str], why: str = "") -> None:
+    """Import each of ``modules`` now, so that a missing one fails in a second, not after minutes
+    of work; one line naming what to install."""
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        pip = " ".join(PIP_NAMES.get(m, m) for m in missing)
+        raise UserError(f"{command} needs {', '.join(PIP_NAMES.get(m, m) for m in missing)}"
+                        f"{why}, which is not installed: pip install {pip}")
+
+
+def _check_dependencies(args) -> None:
+    """Every optional dependency ``args.command`` will need (``sample``'s pictures are checked
+    once the data shape is known, still before sampling)."""
+    _require_modules(args.command, NEEDS.get(args.command, ()))
+    if getattr(args, "data", None) == "digits":
+        _require_modules(args.command, ("sklearn",), " for the digits data set")
+
+
+def _check_out_file(path: str, overwrite: bool, option: str = "--out") -> None:
+    """An output file can be written: not an existing file unless ``overwrite``, not a folder, and
+    its folder exists (it is created) and takes a new file."""
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{option} {path!r} exists; pass --overwrite to replace it, or choose "
+                        f"another {option}")
+    _check_writable_folder(os.path.dirname(os.path.abspath(path)), f"{option} {path!r}")
+
+
+def _check_writable_folder(folder: str, what: str) -> None:
+    """Create ``folder`` if needed and write (then remove) a temporary file in it."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"{what}: cannot write to the folder {folder!r} ({reason})") from None
+
+
+def _check_steps(steps: int, what: str) -> None:
+    """At most the samplers' ``MAX_STEPS`` grid steps (refused at once, not after allocating)."""
+    from .samplers.grids import check_steps
+
+    try:
+        check_steps(steps, what)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _check_nfe_budgets(specs, nfes: Sequence[int]) -> None:
+    """Budgets that buy a solver more than ``MAX_STEPS`` steps are refused before any work (a
+    budget below a solver's minimum is only a skipped row of the table)."""
+    from .samplers import get_solver
+    from .samplers.grids import MAX_STEPS
+
+    for spec in specs:
+        info = get_solver(spec.name)
+        for nfe in nfes:
+            if info.nfe is not None and nfe > MAX_STEPS:
+                try:
+                    info.steps_for_nfe(int(nfe), **spec.options)
+                except ValueError as err:
+                    raise UserError(f"--nfe {nfe}: {err}") from None
+
+
+def _check_memory(n: int, shape: Sequence[int], what: str) -> None:
+    """Refuse a batch whose samples alone (float32) would take more than half of the machine's
+    memory: it could only fail, after the model was loaded and maybe after a long wait."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: nothing to compare with
+        return
+    need = 4 * n * math.prod(shape)
+    if need > total / 2:
+        raise UserError(f"{what} {n}: {n} samples of shape {tuple(shape)} take {need / 2**30:.1f} "
+                        f"GiB in float32, more than half of this machine's {total / 2**30:.0f} "
+                        f"GiB; use a smaller {what}")
+
+
+def _check_grid_name(grid: Optional[str]) -> None:
+    from .samplers.grids import GRIDS
+
+    if grid is not None and not _is_grid_file(grid) and grid not in GRIDS:
+        raise UserError(f"--grid {grid!r} is not a grid name ({', '.join(GRIDS)}) nor a grid "
+                        f"file (FILE.json written by optimize-grid)")
+
+
+def _json_safe(obj):
+    """``obj`` with every NaN/Inf float (also numpy and 0-d tensor numbers) replaced by ``None``:
+    JSON has no NaN or Infinity, and strict parsers reject Python's ``NaN`` literal."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return obj
+    return value if math.isfinite(value) else None
+
+
+def _dumps(obj, **kwargs) -> str:
+    """Valid JSON text of ``obj``: NaN/Inf written as ``null``."""
+    return json.dumps(_json_safe(obj), allow_nan=False, **kwargs)
+
+
 # ---- subcommands ------------------------------------------------------------------------------
 def cmd_train(args, rest: Sequence[str]) -> int:
     import signal
@@ -152,7 +281,7 @@ def cmd_train(args, rest: Sequence[str]) -> int:
     if args.eval:
         scores = evaluate_model(result.model, config)
         _write_json(os.path.join(args.workdir, "eval.json"), scores)
-        print(json.dumps(scores), flush=True)
+        print(_dumps(scores), flush=True)
     return 0
 
 
@@ -185,15 +314,23 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     from .samplers import sample
 
     _no_extra(rest)
-    model, sde, mixture, config, shape = _load_model(args)
-    grid, steps = args.grid, args.steps
-    if _is_grid_file(args.grid):
-        saved = _read_grid_file(args.grid, sde)
-        spec = parse_solver_spec(args.solver or saved["label"])
+    # everything cheap first: the solver, the grid (file), the steps, the output
+    saved = _read_grid_file(args.grid) if _is_grid_file(args.grid) else None
+    spec = parse_solver_spec(args.solver or (saved["label"] if saved else "euler_maruyama"))
+    if saved is not None:
         _check_grid_matches(args.grid, saved, spec, args.steps)
-        grid, steps = torch.tensor(saved["times"], dtype=torch.float64), None
-    else:
-        spec = parse_solver_spec(args.solver or "euler_maruyama")
+    _check_grid_name(args.grid)
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    png = out[:-4] + ".png"
+    _check_out_file(out, args.overwrite)
+    model, sde, mixture, config, shape = _load_model(args)
+    _check_memory(args.n, shape, "--n")
+    if _has_picture(shape):
+        _require_modules("sample", ("matplotlib",), " to draw the picture beside the samples")
+        _check_out_file(png, args.overwrite, option="the picture")
+    grid, steps = args.grid, args.steps
+    if saved is not None:
+        grid, steps = _grid_times(args.grid, saved, sde), None
     device = _device(args.device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
@@ -201,16 +338,15 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
                         grid=grid, generator=g, device=device, denoise=args.denoise,
                         progress=None if not args.quiet else False, **spec.options)
     x = result.samples.float().cpu()
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
             np.savez(fh, samples=x.numpy(), nfe=result.nfe, solver=spec.label)
 
     atomic_write(out, write)
-    png = _save_picture(x, out[:-4] + ".png")
-    print(json.dumps({"samples": out, "picture": png, "n": args.n, "nfe": result.nfe,
-                      "solver": spec.label, "grid": args.grid}))
+    picture = _save_picture(x, png)
+    print(_dumps({"samples": out, "picture": picture, "n": args.n, "nfe": result.nfe,
+                  "solver": spec.label, "grid": args.grid}))
     return 0
 
 
@@ -242,13 +378,11 @@ def _effective_options(name: str, options: dict) -> dict:
     return json.loads(json.dumps(full, default=str))
 
 
-def _read_grid_file(path: str, sde) -> dict:
-    """A grid file written by ``optimize-grid``, checked: format, solver, options and the times
-    (finite, strictly decreasing, within (0, T]). Plain JSON: nothing in it is executed."""
-    import torch
-
+def _read_grid_file(path: str) -> dict:
+    """A grid file written by ``optimize-grid``, checked as far as it can be without the model:
+    format, solver, options, times (at least two finite numbers); :func:`_grid_times` checks the
+    rest against the model's SDE. Plain JSON: nothing in it is executed."""
     from .samplers import get_solver
-    from .samplers.api import custom_grid
 
     where = f"--grid {path!r}"
     if not os.path.isfile(path):
@@ -274,14 +408,25 @@ def _read_grid_file(path: str, sde) -> dict:
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in times)
             or not all(math.isfinite(v) for v in times)):
         raise UserError(f"{where}: 'times' must be a list of at least two finite numbers")
-    try:  # decreasing, inside (0, T]: the check sample() makes of any custom grid
-        custom_grid(torch.tensor(times, dtype=torch.float64), sde)
+    saved["label"] = _solver_label(solver, options)
+    return saved
+
+
+def _grid_times(path: str, saved: dict, sde):
+    """The times of a grid file as a float64 tensor, checked against the model's SDE: strictly
+    decreasing inside (0, T] (the check ``sample`` makes of any custom grid), the same SDE."""
+    import torch
+
+    from .samplers.api import custom_grid
+
+    where = f"--grid {path!r}"
+    try:
+        times = custom_grid(torch.tensor(saved["times"], dtype=torch.float64), sde)
     except ValueError as err:
         raise UserError(f"{where}: {err}") from None
     if "sde" in saved and saved["sde"] != repr(sde):
         raise UserError(f"{where} was fitted under {saved['sde']}, but the model's SDE is {sde!r}")
-    saved["label"] = _solver_label(solver, options)
-    return saved
+    return times
 
 
 def _check_grid_matches(path: str, saved: dict, spec, steps: Optional[int]) -> None:
@@ -302,6 +447,7 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
 
     from .experiments import parse_solver_spec
     from .samplers import optimize_grid
+    from .samplers.tuning import check_grid_request
 
     _no_extra(rest)
     for name, value, least in (("--nfe", args.nfe, 1), ("--pilot", args.pilot, 1),
@@ -313,8 +459,12 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
     if _is_grid_file(args.grid):
         raise UserError(f"--grid {args.grid!r}: optimize-grid starts from a grid name (uniform, "
                         f"logsnr, karras, quadratic, focus), not a grid file")
-    model, sde, mixture, config, shape = _load_model(args)
+    _check_grid_name(args.grid)
     spec = parse_solver_spec(args.solver)
+    check_grid_request(spec.name, args.steps, args.nfe, **spec.options)
+    _check_out_file(args.out, args.overwrite)
+    model, sde, mixture, config, shape = _load_model(args)
+    _check_memory(args.pilot, shape, "--pilot")
     device = _device(args.device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     fit = optimize_grid(model, solver=spec.name, steps=args.steps, nfe=args.nfe,
@@ -325,8 +475,8 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
     record = {"format": GRID_FORMAT, "solver": fit.solver, "options": fit.options, "nfe": fit.nfe,
               "times": [float(t) for t in fit.times.to(torch.float64)],
               "initial_error": fit.initial_error, "pilot_error": fit.pilot_error,
-              "initial_validation_error": _json_float(fit.initial_validation_error),
-              "validation_error": _json_float(fit.validation_error),
+              "initial_validation_error": fit.initial_validation_error,
+              "validation_error": fit.validation_error,
               "validation_size": fit.validation_size, "teacher_error": fit.teacher_error,
               "evaluations": fit.evaluations,
               "model_calls": fit.model_calls, "pilot_size": fit.pilot_size,
@@ -341,26 +491,40 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
 
 
 def _write_json(path: str, obj) -> None:
-    """``obj`` as indented JSON, written atomically."""
+    """``obj`` as indented, valid JSON (NaN/Inf as ``null``), written atomically."""
     from ._files import atomic_write
+
+    text = _dumps(obj, indent=2) + "\n"
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
+            fh.write(text)
 
     atomic_write(path, write)
-
-
-def _json_float(value: float):
-    """NaN is not JSON: ``None`` instead."""
-    return None if math.isnan(value) else value
 
 
 def _default_grid(solver: str) -> str:
     from .samplers import get_solver
 
     return get_solver(solver).grid
+
+
+#: data sets the CLI can draw by name (besides .npz/.npy files and 'oracle')
+TOY_DATA = ("moons", "swiss_roll", "8gaussians", "checkerboard", "rings")
+
+
+def _check_data_arg(args) -> None:
+    """``--data``: a toy name, ``digits``, an existing .npz/.npy file, or ``oracle`` with
+    ``--oracle``; checked before the model is loaded."""
+    if args.data == "oracle":
+        if not getattr(args, "oracle", None):
+            raise UserError("--data oracle needs --oracle")
+    elif args.data.endswith((".npz", ".npy")):
+        if not os.path.isfile(args.data):
+            raise UserError(f"--data {args.data!r}: no such file")
+    elif args.data not in TOY_DATA + ("digits",):
+        raise UserError(f"--data {args.data!r} is not a data set: give one of "
+                        f"{', '.join(TOY_DATA + ('digits',))}, an .npz/.npy file or 'oracle'")
 
 
 def _load_data(args, mixture, sde, n: int):
@@ -389,7 +553,13 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
     from .likelihood import log_likelihood
 
     _no_extra(rest)
-    model, sde, mixture, _, _ = _load_model(args)
+    _check_data_arg(args)
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a finite number > 0, got {value}")
+    model, sde, mixture, _, shape = _load_model(args)
+    _check_memory(args.n, shape, "--n")
     device = _device(args.device)
     x = _load_data(args, mixture, sde, args.n).to(device)
     if hasattr(model, "net") and isinstance(model.net, torch.nn.Module):
@@ -398,30 +568,61 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
     result = log_likelihood(model, sde, x, divergence=divergence, n_probes=args.probes or 1,
                             rtol=args.rtol, atol=args.atol,
                             generator=torch.Generator(device=device).manual_seed(args.seed))
-    bpd = result.bpd.double().cpu()
-    nll = result.nll.double().cpu()
-    half = 1.96 * float(bpd.std()) / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
-    report = {"n": len(bpd), "dim": result.dim, "divergence": divergence,
-              "nll_nats": float(nll.mean()), "bpd": float(bpd.mean()), "bpd_ci95": half,
+    stats = result.summary(trim=0.1)
+    report = {"n": stats["n"], "dim": result.dim, "divergence": divergence,
+              "nll_nats": stats["nll_mean"], "bpd": stats["bpd_mean"],
+              "bpd_ci95": stats["bpd_ci95"], "nll_median_nats": stats["nll_median"],
+              "nll_trimmed_mean_nats": stats["nll_trimmed_mean"], "bpd_median": stats["bpd_median"],
+              "bpd_trimmed_mean": stats["bpd_trimmed_mean"], "trim": stats["trim"],
+              "latent_outliers": stats["latent_outliers"], "outlier_tail": stats["outlier_tail"],
               "nfe": result.nfe}
     if mixture is not None and args.data == "oracle":
         exact = mixture.log_prob(x.cpu(), sde.eps)
         report["exact_nll_nats"] = float(-exact.mean())
         report["max_abs_error_nats"] = float((result.log_likelihood.cpu() - exact).abs().max())
-    print(json.dumps(report))
+    if stats["latent_outliers"]:
+        print(f"{PROG}: warning: {stats['latent_outliers']} of {stats['n']} points map to a latent "
+              f"x_T far outside the prior (|x_T|^2 beyond its chi-square quantile 1 - "
+              f"{result.outlier_tail:g}): points the model never saw; their NLL can dominate the "
+              f"mean, see nll_median_nats and nll_trimmed_mean_nats", file=sys.stderr, flush=True)
+    print(_dumps(report))
     return 0
 
 
 def cmd_compare(args, rest: Sequence[str]) -> int:
     import torch
 
-    from .experiments import compare_solvers, parse_solver_list
+    from .experiments import (COMPARE_METRICS, ORACLE_METRICS, _deterministic, compare_solvers,
+                              parse_solver_list)
     from .reports import plot_error_vs_nfe, write_csv, write_markdown_table
 
     _no_extra(rest)
-    model, sde, mixture, config, shape = _load_model(args)
     specs = parse_solver_list(args.solvers)
     nfes = _ints(args.nfe, "--nfe")
+    _check_nfe_budgets(specs, nfes)
+    if args.n < 2:
+        raise UserError(f"--n must be >= 2 (a sample set to compare), got {args.n}")
+    if args.metric not in COMPARE_METRICS:
+        raise UserError(f"--metric {args.metric!r} is not a metric; valid: "
+                        f"{', '.join(COMPARE_METRICS)}")
+    if args.metric in ORACLE_METRICS and not args.oracle:
+        raise UserError(f"--metric {args.metric} compares mode weights and variances with an exact "
+                        f"mixture: it needs --oracle (with --checkpoint use sliced_w or flow_rmse)")
+    if args.metric == "flow_rmse" and all(not _deterministic(s) for s in specs):
+        raise UserError("--metric flow_rmse measures deterministic solvers, and --solvers holds "
+                        "none (e.g. add ddim:eta=0 or dpm_solver++)")
+    if _is_grid_file(args.grid):
+        raise UserError(f"--grid {args.grid!r}: compare takes a grid name (a fitted grid belongs to "
+                        f"one solver at one budget; sample it with 'sample --grid')")
+    _check_grid_name(args.grid)
+    outputs = [os.path.join(args.out, name) for name in
+               ("compare.md", "compare.csv", f"{args.metric}_vs_nfe.png")]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a file; give a folder")
+    for path in outputs:
+        _check_out_file(path, args.overwrite)
+    model, sde, mixture, config, shape = _load_model(args)
+    _check_memory(args.n, shape, "--n")
     if mixture is not None:
         reference = mixture.sample(args.n, t=sde.eps, generator=torch.Generator().manual_seed(args.seed + 7),
                                    dtype=torch.float64)
@@ -433,13 +634,9 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
                                grid=args.grid, seed=args.seed, sample_shape=shape,
                                flow_reference=args.metric == "flow_rmse" or mixture is not None,
                                progress=(lambda s: _say(args, f"  {s}")))
-    os.makedirs(args.out, exist_ok=True)
-    table = write_markdown_table(rows, os.path.join(args.out, "compare.md"))
-    write_csv(rows, os.path.join(args.out, "compare.csv"))
-    if not any(args.metric in r for r in rows):
-        raise UserError(f"--metric {args.metric!r} is not available here; computed: "
-                        f"{', '.join(sorted({k for r in rows for k in r}))}")
-    plot_error_vs_nfe(rows, args.metric, os.path.join(args.out, f"{args.metric}_vs_nfe.png"))
+    table = write_markdown_table(rows, outputs[0])
+    write_csv(rows, outputs[1])
+    plot_error_vs_nfe(rows, args.metric, outputs[2])
     print(table)
     _say(args, f"wrote {args.out}/compare.md, compare.csv and {args.metric}_vs_nfe.png")
     return 0
@@ -449,10 +646,23 @@ def cmd_demo(args, rest: Sequence[str]) -> int:
     from .demo import run_demo
 
     _no_extra(rest)
-    path = run_demo(args.out, iters=args.iters, n=args.n, nfes=_ints(args.nfe, "--nfe"),
-                    seed=args.seed, quiet=args.quiet)
+    nfes = _ints(args.nfe, "--nfe")
+    if args.n < 2:
+        raise UserError(f"--n must be >= 2 (a sample set to compare), got {args.n}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a file; give a folder")
+    _check_writable_folder(args.out, f"--out {args.out!r}")
+    path = run_demo(args.out, iters=args.iters, n=args.n, nfes=nfes, seed=args.seed,
+                    quiet=args.quiet, retrain=args.retrain, command=_command_line(args))
     print(f"report: {path}")
     return 0
+
+
+def _command_line(args) -> str:
+    """The command as given to :func:`main` (for a report's provenance)."""
+    import shlex
+
+    return " ".join(shlex.quote(str(a)) for a in [PROG, *args.argv])
 
 
 def _no_extra(rest: Sequence[str]) -> None:
@@ -477,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the toy config's)")
     p.add_argument("--n", type=int, default=2000, help="samples per solver (default 2000)")
     p.add_argument("--nfe", default="10,20,50,100,200", help="NFE budgets (default 10,20,50,100,200)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train again even when the report folder holds a finished training of the "
+                        "same config (reused by default)")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -512,7 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a FILE.json written by optimize-grid")
     p.add_argument("--denoise", action="store_true", help="finish with a Tweedie denoising step")
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--out", default="samples.npz", help="output .npz (a .png picture is written beside it)")
+    p.add_argument("--out", default="samples.npz",
+                   help="output .npz (a .png picture is written beside it); an existing file is "
+                        "not replaced without --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
 
@@ -538,7 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric to plot: sliced_w, flow_rmse, weight_tv or var_ratio_err")
     p.add_argument("--grid", default=None, help="one time grid for every solver (default: each its own)")
     p.add_argument("--n", type=int, default=2000, help="samples per run (default 2000)")
-    p.add_argument("--out", default="compare", help="output folder (default ./compare)")
+    p.add_argument("--out", default="compare",
+                   help="output folder (default ./compare); its files are not replaced without "
+                        "--overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_common(p)
     p.set_defaults(func=cmd_compare)
 
@@ -566,7 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=float, default=0.25,
                    help="share of the pilot held out to choose among the search's grids (early "
                         "stopping; default 0.25, 0 to return the best fit)")
-    p.add_argument("--out", default="grid.json", help="output grid file (default grid.json)")
+    p.add_argument("--out", default="grid.json",
+                   help="output grid file (default grid.json; not replaced without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
     p.add_argument("--seed", type=int, default=1000,
                    help="seed of the pilot noise (default 1000: not sample's default 0, so that "
@@ -581,6 +802,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, rest = parser.parse_known_args(argv)
+        args.argv = argv
         if args.command == "train":
             _check_train_overrides(rest)
         if args.command == "likelihood" and args.probes is None:
@@ -589,6 +811,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             value = getattr(args, name, None)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be >= 1, got {value}")
+        if getattr(args, "steps", None) is not None:  # before anything is loaded or allocated
+            _check_steps(args.steps, "--steps")
+        if args.command != "train":  # train's config names its data; training checks that
+            _check_dependencies(args)
         return int(args.func(args, rest) or 0)
     except UserError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -37,7 +37,7 @@ from .sdes import SDE
 __all__ = [
     "log_likelihood", "LikelihoodResult", "integrate_flow", "image_log_likelihood",
     "ImageLikelihoodResult", "dequantize", "bits_per_dim_offset", "discrete_bits_per_dim",
-    "DIVERGENCES", "SOLVERS", "SCIPY_METHODS",
+    "DIVERGENCES", "SOLVERS", "SCIPY_METHODS", "OUTLIER_TAIL",
 ]
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
@@ -69,6 +69,16 @@ class LikelihoodResult:
         dim: ``D``, the number of dimensions per sample.
         divergence: ``"exact"`` or ``"hutchinson"`` (what ``"auto"`` resolved to).
         wall_time: seconds spent.
+        latent_norm2: ``||x_T||^2 / (prior_std^2 D)`` per sample: distributed as
+            ``chi^2_D / D`` (mean 1) when ``x_T`` follows the SDE's prior ``N(0, prior_std^2 I)``.
+        latent_outlier: ``True`` where the latent lies far outside that prior: ``||x_T||^2 /
+            prior_std^2`` above the ``1 - outlier_tail`` quantile of ``chi^2_D`` (or not finite).
+            Points the model never saw (off the data manifold) land there, and their NLL,
+            thousands of nats, can dominate ``nll.mean()``: compare :attr:`nll_median` and
+            :meth:`nll_trimmed_mean`. Measured against the SDE's prior even when a custom
+            ``prior_logp`` is given.
+        outlier_tail: the prior's tail probability beyond the threshold (default
+            :data:`OUTLIER_TAIL` = 1e-6: one in a million prior draws is flagged by chance).
     """
 
     log_likelihood: torch.Tensor
@@ -82,11 +92,45 @@ class LikelihoodResult:
     dim: int
     divergence: str
     wall_time: float
+    latent_norm2: Optional[torch.Tensor] = None
+    latent_outlier: Optional[torch.Tensor] = None
+    outlier_tail: float = 1e-6
 
     @property
     def nll_per_dim(self) -> torch.Tensor:
         """``nll / D`` in nats per dimension."""
         return self.nll / self.dim
+
+    @property
+    def nll_median(self) -> float:
+        """Median NLL in nats (the middle value; the mean of the two middle ones for an even
+        batch): robust to a few points the model never saw."""
+        return float(self.nll.detach().double().cpu().quantile(0.5))
+
+    def nll_trimmed_mean(self, trim: float = 0.1) -> float:
+        """Mean NLL in nats after dropping the ``floor(trim * n)`` smallest and largest values
+        (``trim`` = 0.1: the 10% trimmed mean, as ``scipy.stats.trim_mean(nll, 0.1)``)."""
+        return _trimmed_mean(self.nll, trim)
+
+    @property
+    def n_latent_outliers(self) -> int:
+        """How many samples have a latent far outside the prior (:attr:`latent_outlier`)."""
+        return 0 if self.latent_outlier is None else int(self.latent_outlier.sum())
+
+    def summary(self, trim: float = 0.1) -> dict:
+        """Plain numbers over the batch: ``n``, ``dim``, the NLL in nats (``nll_mean``,
+        ``nll_median``, ``nll_trimmed_mean`` with ``trim``), the same in bits/dim (``bpd_*``),
+        ``bpd_ci95`` (half-width of the normal 95% interval of the mean bits/dim; NaN for one
+        sample), ``latent_outliers`` (a count) and ``outlier_tail``, ``nfe``."""
+        bpd = self.bpd.detach().double().cpu()
+        n, scale = len(bpd), self.dim * LN2
+        return {"n": n, "dim": self.dim, "nll_mean": float(self.nll.double().mean()),
+                "nll_median": self.nll_median, "nll_trimmed_mean": self.nll_trimmed_mean(trim),
+                "trim": trim, "bpd_mean": float(bpd.mean()), "bpd_median": self.nll_median / scale,
+                "bpd_trimmed_mean": self.nll_trimmed_mean(trim) / scale,
+                "bpd_ci95": 1.96 * float(bpd.std()) / math.sqrt(n) if n > 1 else math.nan,
+                "latent_outliers": self.n_latent_outliers, "outlier_tail": self.outlier_tail,
+                "nfe": self.nfe}
 
 
 @dataclass
@@ -115,6 +159,29 @@ class ImageLikelihoodResult:
     offset_bits: float
     nfe: int
     draws: List[LikelihoodResult] = field(default_factory=list)
+
+
+#: prior tail probability beyond which a latent counts as far outside the prior (LikelihoodResult)
+OUTLIER_TAIL = 1e-6
+
+
+def _trimmed_mean(values: torch.Tensor, trim: float) -> float:
+    require(isinstance(trim, (int, float)) and 0 <= trim < 0.5, f"trim must lie in [0, 0.5), got {trim!r}")
+    v = values.detach().double().cpu().flatten().sort().values
+    k = int(math.floor(trim * len(v)))
+    return float(v[k:len(v) - k].mean())
+
+
+def _latent_outliers(latent: torch.Tensor, prior_std: float, tail: float):
+    """``(||z||^2 / (prior_std^2 D), flagged)``: flagged where ``||z||^2 / prior_std^2`` exceeds the
+    ``1 - tail`` quantile of ``chi^2_D``, the law of the squared norm of a ``D``-dim prior draw."""
+    from scipy.stats import chi2
+
+    z = latent.detach().double().reshape(latent.shape[0], -1)
+    D = z.shape[1]
+    norm2 = z.pow(2).sum(1) / prior_std ** 2
+    flagged = ~(norm2 <= chi2.isf(tail, D))       # NaN counts as flagged
+    return norm2 / D, flagged
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -465,10 +532,12 @@ def log_likelihood(model, sde: Optional[SDE], x: torch.Tensor, *, divergence: st
     prior = prior.to(dtype=x.dtype, device=x.device)
     ll = prior + delta
     nll = -ll
+    norm2, outlier = _latent_outliers(latent, sde.prior_std, OUTLIER_TAIL)
     return LikelihoodResult(log_likelihood=ll, nll=nll, bpd=nll / (D * LN2), latent=latent,
                             prior_logp=prior, delta_logp=delta, nfe=model.nfe - nfe0,
                             n_fevals=n_fevals, dim=D, divergence=divergence,
-                            wall_time=time.perf_counter() - start)
+                            wall_time=time.perf_counter() - start, latent_norm2=norm2,
+                            latent_outlier=outlier, outlier_tail=OUTLIER_TAIL)
 
 
 def integrate_flow(model, sde: Optional[SDE], x: torch.Tensor, t_start: float, t_end: float, *,

@@ -4,8 +4,10 @@ then ``os.replace``)."""
 from __future__ import annotations
 
 import csv
-from typing import Dict, List, Optional, Sequence
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ._checks import require
@@ -13,11 +15,13 @@ from ._files import atomic_write
 from .metrics import _matplotlib
 
 __all__ = ["write_markdown_table", "write_csv", "write_text", "plot_error_vs_nfe",
-           "plot_sample_panels", "plot_trajectories"]
+           "plot_sample_panels", "plot_trajectories", "provenance", "REFERENCE_COLOR"]
 
 
-_COLUMNS = ["solver", "kind", "nfe_budget", "nfe", "steps", "flow_rmse", "sliced_w", "weight_tv",
-            "var_ratio_err", "wall_s", "skipped"]
+_COLUMNS = ["solver", "kind", "nfe_budget", "nfe", "steps", "flow_rmse", "sliced_w", "sliced_w_se",
+            "weight_tv", "var_ratio_err", "wall_s", "skipped"]
+#: colour of the reference (data) density contours drawn over samples
+REFERENCE_COLOR = "#d95f02"
 
 
 def _columns(rows: Sequence[dict]) -> List[str]:
@@ -63,8 +67,14 @@ def write_text(path: str, text: str) -> str:
     return atomic_write(path, write)
 
 
-def plot_error_vs_nfe(rows: Sequence[dict], metric: str, path: str, title: Optional[str] = None) -> str:
-    """Log-log plot of ``metric`` against NFE, one line per solver; PNG written atomically."""
+def plot_error_vs_nfe(rows: Sequence[dict], metric: str, path: str, title: Optional[str] = None,
+                      floor: Optional[Tuple[float, float]] = None,
+                      floor_label: str = "data vs data") -> str:
+    """Log-log plot of ``metric`` against NFE, one line per solver; PNG written atomically.
+
+    Rows holding ``METRIC_se`` get error bars of +-1 standard error (cut at 90% of the value below,
+    for the log axis). ``floor = (value, spread)`` draws a horizontal line with a band of
+    +-``spread`` (e.g. the metric between two data sets of the same size)."""
     Figure, FigureCanvasAgg = _matplotlib()
     fig = Figure(figsize=(6.5, 4.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -72,12 +82,24 @@ def plot_error_vs_nfe(rows: Sequence[dict], metric: str, path: str, title: Optio
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
     plotted = 0
     for s in solvers:
-        pts = sorted((r["nfe"], r[metric]) for r in rows
+        pts = sorted((r["nfe"], r[metric], r.get(f"{metric}_se")) for r in rows
                      if r["solver"] == s and metric in r and r[metric] is not None and r[metric] > 0)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
-            plotted += 1
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        se = [p[2] if p[2] is not None and math.isfinite(p[2]) else 0.0 for p in pts]
+        if any(se):
+            ax.errorbar(xs, ys, yerr=[[min(e, 0.9 * y) for e, y in zip(se, ys)], se], marker="o",
+                        capsize=2, label=s)
+        else:
+            ax.plot(xs, ys, marker="o", label=s)
+        plotted += 1
     require(plotted > 0, f"no row holds the metric {metric!r}")
+    if floor is not None:
+        value, spread = floor
+        ax.axhline(value, color="k", lw=1, ls="--", label=floor_label)
+        if spread and spread > 0:
+            ax.axhspan(max(value - spread, 0.1 * value), value + spread, color="k", alpha=0.08, lw=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
@@ -94,11 +116,28 @@ def _grid_of_axes(fig, n: int, ncol: int):
     return [fig.add_subplot(nrow, ncol, i + 1) for i in range(n)]
 
 
+def _density_contours(ax, reference: torch.Tensor, lim: float, bins: int = 80) -> None:
+    """Contour lines of the reference points' density (a 2-D histogram smoothed by a Gaussian of
+    1.5 bins), at 5%, 20% and 50% of its peak, in :data:`REFERENCE_COLOR`: drawn over samples,
+    they stay visible where the samples cover the data, and show where samples miss it."""
+    from scipy.ndimage import gaussian_filter
+
+    ref = reference.detach().cpu().double().numpy()
+    hist, xe, ye = np.histogram2d(ref[:, 0], ref[:, 1], bins=bins, range=[[-lim, lim], [-lim, lim]])
+    dens = gaussian_filter(hist.T, 1.5)
+    if dens.max() <= 0:
+        return
+    centres = (0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1]))
+    ax.contour(*centres, dens / dens.max(), levels=[0.05, 0.2, 0.5], colors=REFERENCE_COLOR,
+               linewidths=0.9)
+
+
 def plot_sample_panels(panels: Dict[str, torch.Tensor], path: str,
                        reference: Optional[torch.Tensor] = None, ncol: int = 4,
                        lim: float = 1.6) -> str:
-    """One scatter panel per entry of ``panels`` (label -> ``(N, 2)`` samples), over optional
-    ``reference`` points in grey: the samples of each solver side by side."""
+    """One scatter panel per entry of ``panels`` (label -> ``(N, 2)`` samples), the samples of
+    each solver side by side; the optional ``reference`` points are drawn over each panel as
+    contour lines of their density (:func:`_density_contours`), so that both stay visible."""
     require(len(panels) > 0, "no samples to plot")
     Figure, FigureCanvasAgg = _matplotlib()
     ncol = min(ncol, len(panels))
@@ -108,10 +147,9 @@ def plot_sample_panels(panels: Dict[str, torch.Tensor], path: str,
     for ax, (label, pts) in zip(_grid_of_axes(fig, len(panels), ncol), panels.items()):
         pts = pts.detach().cpu().double()
         require(pts.ndim == 2 and pts.shape[1] == 2, f"panel {label!r} must hold (N, 2) points")
-        if reference is not None:
-            ref = reference.detach().cpu().double()
-            ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75", linewidths=0)
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, c="tab:blue", linewidths=0)
+        if reference is not None:
+            _density_contours(ax, reference, lim)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
@@ -149,3 +187,43 @@ def plot_trajectories(trajectories: Dict[str, torch.Tensor], path: str,
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def provenance(seed: Optional[int] = None, command: Optional[str] = None, **extra) -> Dict[str, object]:
+    """What a report needs to be reproduced: the date (UTC), the command, the seed, the versions of
+    sde_diffusion, torch, numpy and Python, the platform, torch's CPU threads and the git commit of
+    the package's checkout (with ``-dirty`` when it has uncommitted changes; ``None`` outside a
+    git checkout or without git)."""
+    import datetime
+    import platform
+
+    from . import __version__
+
+    record: Dict[str, object] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command, "seed": seed, "sde_diffusion": __version__,
+        "git_commit": _git_commit(), "torch": torch.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    record.update(extra)
+    return record
+
+
+def _git_commit() -> Optional[str]:
+    import os
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:  # the package's own files must be tracked (not a copy inside some other repository)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], cwd=here,
+                                 capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10)
+        if tracked.returncode != 0 or head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")

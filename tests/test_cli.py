@@ -1,5 +1,6 @@
 """The sde-diffusion command, end to end in subprocesses on tiny settings, error paths included."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from sde_diffusion.cli import main
+from sde_diffusion.cli import build_parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CONFIG = os.path.join(REPO, "configs", "toy", "moons_vp.py")
@@ -204,6 +205,47 @@ def test_demo_report_has_every_section_and_picture(tmp_path):
         assert f"({picture})" in report and (out / picture).stat().st_size > 1000, picture
     for table in ("samplers.csv", "likelihood.csv"):
         assert (out / table).exists()
+    # item 10: error bars, the floor at the table's sample size, robust likelihood, provenance
+    assert "| sliced_w | sliced_w_se |" in report and "bootstrap standard error" in report
+    assert "Floor: a fresh data set of the same size, 200 points" in report
+    assert "nll_median" in report and "latent_outliers" in report
+    record = json.loads((out / "provenance.json").read_text())
+    for key in ("date_utc", "command", "seed", "sde_diffusion", "torch", "numpy", "python",
+                "git_commit"):
+        assert key in record and f"- {key}: `" in report, key
+    assert record["seed"] == 0 and record["command"].startswith("sde-diffusion demo --out")
+    rows = (out / "samplers.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert all(float(r.split(",")[header.index("sliced_w_se")]) > 0 for r in rows[1:])
+
+
+def test_demo_rerun_reuses_the_finished_training(tmp_path, capsys):
+    """Item 1: a rerun must not retrain from scratch; --retrain does; another config does."""
+    from sde_diffusion.config import apply_overrides, toy_config
+    from sde_diffusion.demo import _training_plan
+
+    out = tmp_path / "demo"
+    base = ["demo", "--out", str(out), "--iters", "6", "--n", "64", "--nfe", "10"]
+    assert main(base) == 0
+    assert ": training\n" in capsys.readouterr().out
+    ckpt = out / "train" / "checkpoint_last.pt"
+    before = (ckpt.stat().st_mtime_ns, ckpt.read_bytes())
+    assert main(base) == 0
+    assert "reusing the finished training in" in capsys.readouterr().out
+    assert (ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == before
+    assert "reused (`--retrain` trains again)" in (out / "report.md").read_text()
+    assert json.loads((out / "provenance.json").read_text())["training_reused"] is True
+    # the plans of other runs (without running them): --retrain, another config
+    config = toy_config("moons", "vpsde")
+    apply_overrides(config, {"seed": 0, "device": "cpu", "training.n_iters": 6,
+                             "optim.warmup": 1})
+    assert _training_plan(str(out / "train"), config, False)[0] is True
+    resume, message = _training_plan(str(out / "train"), config, True)
+    assert resume is False and "training afresh (--retrain" in message
+    assert build_parser().parse_args([*base, "--retrain"]).retrain is True
+    apply_overrides(config, {"seed": 1})
+    resume, message = _training_plan(str(out / "train"), config, False)
+    assert resume is False and "another config: seed differ" in message
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -304,7 +346,8 @@ def test_sample_with_a_grid_file_uses_its_times(grid_file, tmp_path, capsys):
     np.testing.assert_array_equal(np.load(out)["samples"], expected.numpy())
     # the same solver spelled out, and --steps equal to the file's, are accepted
     assert main(["sample", "--oracle", "ring8", "--grid", str(grid_file), "--solver",
-                 "unipc:order=3", "--steps", "6", "--n", "10", "--out", str(out), "--quiet"]) == 0
+                 "unipc:order=3", "--steps", "6", "--n", "10", "--out", str(out), "--quiet",
+                 "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -365,3 +408,268 @@ def test_optimize_grid_user_errors_are_one_line(args, fragments, tmp_path, monke
     _one_line_error(main(["optimize-grid", "--oracle", "ring8", "--quiet", *args]), capsys,
                     *fragments)
     assert not (tmp_path / "grid.json").exists()
+
+
+# ---- nothing that fails late may cost minutes: dependencies and inputs checked first (issue 10) ----
+def test_matplotlib_is_a_core_dependency():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    required = [line.split(">")[0].split("=")[0].strip()
+                for line in cfg["options"]["install_requires"].strip().splitlines()]
+    assert "matplotlib" in required
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "--iters", "2", "--n", "50", "--nfe", "10"],
+    ["compare", "--oracle", "gmm2d", "--solvers", "ddim", "--nfe", "10", "--n", "50"],
+    ["sample", "--oracle", "ring8", "--steps", "5", "--n", "10"],       # a 2-D scatter picture
+])
+def test_missing_matplotlib_fails_before_any_work(args, tmp_path, monkeypatch, capsys):
+    """Without matplotlib the demo used to train for minutes, then fail (item 1)."""
+    import sde_diffusion.demo as demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib fails
+    started = []
+    monkeypatch.setattr(demo, "_run_demo", lambda *a, **k: started.append(a) or "report.md")
+    _one_line_error(main([*args, "--out", str(tmp_path / "out")]), capsys, "needs matplotlib",
+                    "pip install matplotlib")
+    assert not started and sorted(os.listdir(tmp_path)) == []      # no training, no file
+
+
+def test_sample_without_matplotlib_is_fine_for_data_without_a_picture(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "g.npz"
+    assert main(["sample", "--oracle", "gmm64", "--solver", "ddim", "--steps", "3", "--n", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    assert np.load(out)["samples"].shape == (4, 64)
+
+
+def _no_loading(monkeypatch):
+    """Make loading a model (or an oracle) fail loudly: the error must come before it."""
+    import sde_diffusion.cli as cli
+
+    def refuse(args):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "_load_model", refuse)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["sample", "--oracle", "ring8", "--solver", "ddim:eta=abc"], ["eta='abc'", "a number"]),
+    (["sample", "--oracle", "ring8", "--solver", "unipc:corrector=1"], ["True or False"]),
+    (["sample", "--oracle", "ring8", "--solver", "ddim:wobble=1"], ["no option 'wobble'"]),
+    (["sample", "--oracle", "ring8", "--grid", "wiggly"], ["--grid 'wiggly'", "logsnr"]),
+    (["sample", "--oracle", "ring8", "--out", "taken.npz"], ["exists", "--overwrite"]),
+    (["sample", "--oracle", "ring8", "--out", "afile/x.npz"], ["cannot write", "afile"]),
+    (["sample", "--oracle", "ring8", "--out", "adir"], ["--out 'adir.npz' is a folder"]),
+    (["compare", "--oracle", "gmm2d", "--metric", "fid"], ["--metric 'fid'", "sliced_w"]),
+    (["compare", "--checkpoint", "run", "--metric", "weight_tv"], ["needs --oracle"]),
+    (["compare", "--oracle", "gmm2d", "--solvers", "ancestral,pc", "--metric", "flow_rmse"],
+     ["deterministic"]),
+    (["compare", "--oracle", "gmm2d", "--solvers", "ddim:eta=x"], ["a number"]),
+    (["compare", "--oracle", "gmm2d", "--n", "1"], ["--n must be >= 2"]),
+    (["compare", "--oracle", "gmm2d", "--grid", "g.json"], ["grid name"]),
+    (["compare", "--oracle", "gmm2d", "--out", "taken.npz"], ["is a file"]),
+    (["compare", "--oracle", "gmm2d", "--out", "old"], ["compare.md", "exists", "--overwrite"]),
+    (["optimize-grid", "--oracle", "ring8", "--nfe", "6", "--solver", "ddim:eta=1"], ["stochastic"]),
+    (["optimize-grid", "--oracle", "ring8", "--nfe", "6", "--solver", "unipc:order=x"],
+     ["an integer"]),
+    (["optimize-grid", "--oracle", "ring8", "--steps", "1"], ["at least 2 steps"]),
+    (["optimize-grid", "--oracle", "ring8", "--nfe", "6", "--out", "taken.npz"], ["--overwrite"]),
+    (["likelihood", "--oracle", "gmm2d", "--data", "moon"], ["--data 'moon'", "moons"]),
+    (["likelihood", "--checkpoint", "run", "--data", "oracle"], ["needs --oracle"]),
+    (["likelihood", "--oracle", "gmm2d", "--data", "oracle", "--rtol", "0"], ["--rtol"]),
+    (["likelihood", "--oracle", "gmm2d", "--data", "oracle", "--atol", "nan"], ["--atol"]),
+    (["sample", "--oracle", "ring8", "--steps", "1000000000"], ["--steps=1000000000", "100000"]),
+    (["optimize-grid", "--oracle", "ring8", "--steps", "1000000000"], ["maximum of 100000"]),
+    (["optimize-grid", "--oracle", "ring8", "--nfe", "1000000000"], ["maximum of 100000"]),
+    (["compare", "--oracle", "gmm2d", "--nfe", "10,1000000000"], ["--nfe 1000000000", "100000"]),
+    (["demo", "--out", "taken.npz"], ["is a file"]),
+    (["demo", "--nfe", "0"], ["--nfe must be"]),
+    (["demo", "--n", "1"], ["--n must be >= 2"]),
+])
+def test_cheap_inputs_are_checked_before_loading_or_work(args, fragments, tmp_path, monkeypatch,
+                                                         capsys):
+    """Item 7: output writable and not silently replaced, metric, solver and options, sizes and
+    grids are checked before a model is loaded (and long before sampling or training)."""
+    import sde_diffusion.demo as demo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken.npz").write_bytes(b"keep me")
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "adir.npz").mkdir()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "compare.md").write_text("an earlier study")
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(demo, "_run_demo", lambda *a, **k: pytest.fail("the demo started"))
+    _one_line_error(main(args), capsys, *fragments)
+    assert (tmp_path / "taken.npz").read_bytes() == b"keep me"
+    assert (tmp_path / "old" / "compare.md").read_text() == "an earlier study"
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "--oracle", "gmm64", "--n", "1000000000000"],
+    ["likelihood", "--oracle", "gmm64", "--data", "oracle", "--n", "1000000000000"],
+    ["optimize-grid", "--oracle", "gmm64", "--nfe", "10", "--pilot", "1000000000000"],
+])
+def test_a_batch_larger_than_memory_is_refused_before_work(args, tmp_path, monkeypatch, capsys):
+    """Item 6: 10^12 samples of 64 numbers (256 TB) are refused at once, naming the option."""
+    monkeypatch.chdir(tmp_path)
+    option = [a for a in args if a in ("--n", "--pilot")][0]
+    _one_line_error(main(args), capsys, f"{option} 1000000000000", "GiB")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_refuses_to_replace_its_output_unless_overwrite(tmp_path, monkeypatch, capsys):
+    """Item 8: `sample` used to replace ./samples.npz silently; now it refuses, and --overwrite
+    replaces it (the picture beside it too)."""
+    monkeypatch.chdir(tmp_path)
+    base = ["sample", "--oracle", "ring8", "--solver", "ddim", "--steps", "4", "--quiet"]
+    assert main([*base, "--n", "10"]) == 0
+    assert np.load(tmp_path / "samples.npz")["samples"].shape == (10, 2)
+    capsys.readouterr()
+    _one_line_error(main([*base, "--n", "20"]), capsys, "'samples.npz' exists", "--overwrite")
+    assert np.load(tmp_path / "samples.npz")["samples"].shape == (10, 2)
+    (tmp_path / "samples.npz").unlink()            # the picture alone is protected as well
+    _one_line_error(main([*base, "--n", "20"]), capsys, "samples.png", "--overwrite")
+    assert main([*base, "--n", "20", "--overwrite"]) == 0
+    assert np.load(tmp_path / "samples.npz")["samples"].shape == (20, 2)
+
+
+def _strict_json(text):
+    """Parse JSON as a strict parser would: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not valid JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_outputs_are_valid_json(tmp_path, monkeypatch, capsys):
+    """Item 8: one point has no spread (bpd_ci95 is NaN): printed as null, not NaN."""
+    from sde_diffusion.cli import _write_json
+
+    assert main(["likelihood", "--oracle", "gmm2d", "--data", "oracle", "--n", "1"]) == 0
+    info = _strict_json(capsys.readouterr().out)
+    assert info["n"] == 1 and info["bpd_ci95"] is None and math.isfinite(info["bpd"])
+    path = tmp_path / "scores.json"
+    _write_json(str(path), {"sw": float("nan"), "all": [1.0, float("inf")], "n": 3})
+    assert _strict_json(path.read_text()) == {"sw": None, "all": [1.0, None], "n": 3}
+
+
+def test_likelihood_reports_robust_statistics_and_warns_of_far_latents(tmp_path, capsys):
+    """Item 9: two points far from the data drag the mean NLL; the JSON gives the median, the 10%
+    trimmed mean and the count of latents far outside the prior, with one warning line."""
+    import torch
+
+    from sde_diffusion.experiments import named_oracle
+    from sde_diffusion.sdes import VPSDE
+
+    sde = VPSDE()
+    mix = named_oracle("gmm2d", sde)
+    x = mix.sample(18, t=sde.eps, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = torch.cat([x, torch.tensor([[3.0, 3.0], [-4.0, 2.0]], dtype=torch.float64)])
+    np.savez(tmp_path / "pts.npz", x=x.numpy())
+    assert main(["likelihood", "--oracle", "gmm2d", "--data", str(tmp_path / "pts.npz"),
+                 "--n", "20"]) == 0
+    captured = capsys.readouterr()
+    info = _strict_json(captured.out)
+    exact = -mix.log_prob(x, sde.eps)
+    assert info["latent_outliers"] == 2 and info["outlier_tail"] == 1e-6 and info["trim"] == 0.1
+    assert info["nll_median_nats"] == pytest.approx(float(exact.quantile(0.5)), abs=1e-2)
+    assert info["nll_trimmed_mean_nats"] == pytest.approx(float(exact.sort().values[2:18].mean()),
+                                                          abs=1e-2)
+    assert info["nll_nats"] > info["nll_median_nats"] + 10
+    lines = [line for line in captured.err.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: warning: 2 of 20 points")
+    # in-distribution points: no warning
+    assert main(["likelihood", "--oracle", "gmm2d", "--data", "oracle", "--n", "16"]) == 0
+    captured = capsys.readouterr()
+    assert _strict_json(captured.out)["latent_outliers"] == 0 and "warning" not in captured.err
+
+
+def test_optimize_grid_prints_progress_lines_when_not_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """Item 11: off a terminal (CI, logs) optimize-grid reported nothing for minutes; now a line
+    every PROGRESS_EVERY seconds (0 here: every evaluation) with elapsed time and an estimate."""
+    import sde_diffusion.samplers.tuning as tuning
+
+    monkeypatch.setattr(tuning, "PROGRESS_EVERY", 0.0)
+    loud = [a for a in FIT if a != "--quiet"]
+    assert main([*loud, "--out", str(tmp_path / "g.json")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "evaluations" in line]
+    assert len(lines) == json.loads((tmp_path / "g.json").read_text())["evaluations"] > 5
+    assert lines[0].startswith("optimize_grid: 1/20 evaluations, 0:0")
+    assert "elapsed, at most ~" in lines[-1] and lines[-1].endswith("left (the search may stop sooner)")
+    assert main([*FIT, "--out", str(tmp_path / "h.json")]) == 0      # --quiet: nothing
+    assert capsys.readouterr().err == ""
+
+
+# ---- every command on a real trained checkpoint: a float32 TimeMLP (issue 10, item 2) -----------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """`sde-diffusion train --config configs/toy/moons_vp.py --workdir DIR
+    --config.training.n_iters=10`, as the README has it: a float32 network."""
+    import torch
+
+    from sde_diffusion.checkpoints import load_checkpoint
+
+    workdir = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", "--config", TOY_CONFIG, "--workdir", str(workdir),
+                 "--config.training.n_iters=10", "--quiet"]) == 0
+    ckpt = load_checkpoint(workdir / "checkpoint_last.pt")
+    assert ckpt["step"] == 10 and all(v.dtype == torch.float32 for v in ckpt["ema"].values()
+                                      if v.is_floating_point())
+    return workdir
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver++", "euler_maruyama", "ode", "unipc:order=3"])
+def test_sample_on_a_trained_checkpoint(trained_run, solver, tmp_path, capsys):
+    out = tmp_path / "x.npz"
+    assert main(["sample", "--checkpoint", str(trained_run), "--solver", solver, "--steps", "8",
+                 "--n", "32", "--out", str(out), "--quiet"]) == 0
+    info = _strict_json(capsys.readouterr().out)
+    x = np.load(out)["samples"]
+    assert x.shape == (32, 2) and np.isfinite(x).all() and info["n"] == 32
+    assert (tmp_path / "x.png").stat().st_size > 1000
+
+
+def test_likelihood_on_a_trained_checkpoint(trained_run, capsys):
+    assert main(["likelihood", "--checkpoint", str(trained_run), "--data", "moons", "--n", "16",
+                 "--exact"]) == 0
+    info = _strict_json(capsys.readouterr().out)
+    assert info["n"] == 16 and info["dim"] == 2 and math.isfinite(info["nll_nats"])
+    assert math.isfinite(info["nll_median_nats"]) and info["latent_outliers"] >= 0
+
+
+def test_compare_on_a_trained_checkpoint(trained_run, tmp_path, capsys):
+    """The README's `compare --checkpoint runs/r --solvers ddim --nfe 10` (float64 x_T into a
+    float32 network used to crash: mat1 and mat2 must have the same dtype)."""
+    out = tmp_path / "study"
+    assert main(["compare", "--checkpoint", str(trained_run), "--solvers", "ddim,ddim:eta=1",
+                 "--nfe", "10", "--n", "200", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    csv_lines = (out / "compare.csv").read_text().strip().splitlines()
+    header = csv_lines[0].split(",")
+    assert len(csv_lines) == 3 and "sliced_w" in header
+    assert all(math.isfinite(float(r.split(",")[header.index("sliced_w")])) for r in csv_lines[1:])
+    assert (out / "sliced_w_vs_nfe.png").stat().st_size > 1000
+    assert main(["compare", "--checkpoint", str(trained_run), "--solvers", "ddim,dpm_solver++",
+                 "--nfe", "10", "--n", "64", "--metric", "flow_rmse", "--out", str(out),
+                 "--quiet", "--overwrite"]) == 0
+    assert (out / "flow_rmse_vs_nfe.png").stat().st_size > 1000
+
+
+def test_optimize_grid_then_sample_on_a_trained_checkpoint(trained_run, tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    assert main(["optimize-grid", "--checkpoint", str(trained_run), "--nfe", "6", "--pilot", "64",
+                 "--max-evals", "10", "--out", str(grid), "--quiet"]) == 0
+    saved = _strict_json(grid.read_text())
+    assert saved["nfe"] == 6 and len(saved["times"]) == 7 and saved["sde"].startswith("VPSDE")
+    capsys.readouterr()
+    out = tmp_path / "fitted.npz"
+    assert main(["sample", "--checkpoint", str(trained_run), "--grid", str(grid), "--n", "32",
+                 "--out", str(out), "--quiet"]) == 0
+    info = _strict_json(capsys.readouterr().out)
+    assert info["nfe"] == 6 and info["solver"] == "unipc:order=3"
+    assert np.isfinite(np.load(out)["samples"]).all()

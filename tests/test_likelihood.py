@@ -360,3 +360,35 @@ def test_clear_errors():
     net = ScoreModel(lambda xx, t: lin(xx), sde, parameterization="eps")
     with pytest.raises(ValueError, match="cannot be evaluated on x of shape"):
         log_likelihood(net, sde, torch.zeros(2, 5, dtype=F64))
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
+def test_off_manifold_points_robust_statistics_and_latent_outliers(sde):
+    """Two points far from every mode (issue 10, item 9) map to latents with |x_T|^2 / prior_std^2
+    of ~600 (the chi^2_2 quantile 1 - 1e-6 is 27.6) and NLLs of ~300 nats that drag the mean far
+    from the typical point; the median and the 10% trimmed mean stay with the exact values of the
+    in-distribution points, and exactly the two are flagged."""
+    mix = random_mixture(2, 8, seed=0, sde=sde)
+    x_in = mix.sample(20, t=sde.eps, generator=torch.Generator().manual_seed(1), dtype=F64)
+    x = torch.cat([x_in, torch.tensor([[3.0, 3.0], [-4.0, 2.0]], dtype=F64)])
+    res = log_likelihood(mix, sde, x, divergence="exact", rtol=1e-7, atol=1e-7)
+    exact_nll = -mix.log_prob(x, sde.eps)
+    assert res.latent_outlier.tolist() == [False] * 20 + [True, True]
+    assert res.n_latent_outliers == 2 and res.outlier_tail == 1e-6
+    # per dimension: chi^2_2 / 2 under the prior, threshold 27.6 / 2
+    assert float(res.latent_norm2[:20].max()) < 27.6 / 2 < 100 < float(res.latent_norm2[20:].min())
+    assert float(res.nll.mean()) > float(exact_nll[:20].max()) + 10      # the mean is dominated
+    assert res.nll_median == pytest.approx(float(exact_nll.quantile(0.5)), abs=1e-3)
+    # 22 points, 10% trimmed: the 2 lowest and the 2 highest (the off-manifold points) dropped
+    kept = exact_nll.sort().values[2:20]
+    assert res.nll_trimmed_mean(0.1) == pytest.approx(float(kept.mean()), abs=1e-3)
+    assert res.nll_trimmed_mean(0.0) == pytest.approx(float(res.nll.mean()), rel=1e-12)
+    summary = res.summary()
+    assert summary["latent_outliers"] == 2 and summary["n"] == 22 and summary["trim"] == 0.1
+    assert summary["nll_median"] == res.nll_median
+    assert summary["bpd_median"] == pytest.approx(res.nll_median / (2 * math.log(2)))
+    with pytest.raises(ValueError, match="trim must lie in"):
+        res.nll_trimmed_mean(0.5)
+    # in-distribution data alone: nothing flagged
+    clean = log_likelihood(mix, sde, x_in, divergence="exact")
+    assert clean.n_latent_outliers == 0

@@ -34,6 +34,8 @@ few thousand samples is needed there (docs/samplers.md, "Optimized grids").
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -116,7 +118,9 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
             stopping: with rare, large errors a grid can fit the pilot and do worse elsewhere).
             The start grid is returned when nothing beats it there. ``0`` returns the best fit.
         dtype, device: of the pilot batch drawn from ``shape``.
-        progress: a tqdm bar over the evaluations (default: only when stderr is a terminal).
+        progress: ``None`` (default): a tqdm bar over the evaluations when stderr is a terminal,
+            otherwise (logs, CI) a line on stderr every 10 s with the evaluations done, the time
+            elapsed and an estimate of the time left; ``True``: a bar; ``False``: nothing.
 
     Returns:
         an :class:`OptimizedGrid`; ``result.times`` goes to ``sample(..., grid=result.times)``
@@ -125,20 +129,9 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
     from scipy.optimize import minimize
 
     info = get_solver(solver)
-    require(not info.adaptive, f"solver {solver!r} is adaptive: it chooses its own steps, there is "
-                               "no grid to optimize")
-    require(not info.stochastic or (solver == "ddim" and float(options.get("eta", 0.0)) == 0.0),
-            f"solver {solver!r} is stochastic: optimize_grid fits the probability-flow ODE's map, "
-            "use a deterministic solver")
-    _check_options(info, options)
+    steps = check_grid_request(solver, steps, nfe, **options)
     model = as_model(model, sde)
     sde = model.sde
-    require(steps is None or nfe is None, "give steps or nfe, not both")
-    require(steps is not None or nfe is not None, "give the grid size: steps or nfe")
-    if nfe is not None:
-        steps = info.steps_for_nfe(int(nfe), **options)
-    require(isinstance(steps, int) and steps >= 2,
-            f"optimize_grid needs a grid of at least 2 steps (an interior point), got steps={steps!r}")
     require(isinstance(teacher_steps, int) and teacher_steps >= 2 * steps,
             f"teacher_steps must be an integer >= 2 * steps = {2 * steps}, got {teacher_steps!r}")
     require(0 <= validation < 1, f"validation must lie in [0, 1), got {validation!r}")
@@ -243,6 +236,28 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
                          pilot_size=x_T.shape[0], validation_size=n_val, initial_times=start)
 
 
+def check_grid_request(solver: str, steps: Optional[int] = None, nfe: Optional[int] = None,
+                       **options) -> int:
+    """Check what :func:`optimize_grid` is asked to fit before any work (the command line calls it
+    before loading a model): a registered, deterministic, fixed-step ``solver`` with valid
+    ``options``, and exactly one of ``steps`` / ``nfe`` giving a grid of at least 2 steps.
+    Returns the number of steps."""
+    info = get_solver(solver)
+    require(not info.adaptive, f"solver {solver!r} is adaptive: it chooses its own steps, there is "
+                               "no grid to optimize")
+    require(not info.stochastic or (solver == "ddim" and float(options.get("eta", 0.0)) == 0.0),
+            f"solver {solver!r} is stochastic: optimize_grid fits the probability-flow ODE's map, "
+            "use a deterministic solver")
+    _check_options(info, options)
+    require(steps is None or nfe is None, "give steps or nfe, not both")
+    require(steps is not None or nfe is not None, "give the grid size: steps or nfe")
+    if nfe is not None:
+        steps = info.steps_for_nfe(int(nfe), **options)
+    require(isinstance(steps, int) and steps >= 2,
+            f"optimize_grid needs a grid of at least 2 steps (an interior point), got steps={steps!r}")
+    return steps
+
+
 def _free_points(lam: np.ndarray, max_ratio: Optional[float]):
     """Every interior point free. Without a ratio bound ``z`` = log of the log-SNR increments (a
     softmax of ``z`` times the whole range). With one, ``z`` sets the log-ratios of consecutive
@@ -291,7 +306,45 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).mean().sqrt())
 
 
+#: seconds between progress lines when stderr is not a terminal
+PROGRESS_EVERY = 10.0
+
+
+class _ProgressLines:
+    """Progress for logs: a line on stderr every :data:`PROGRESS_EVERY` seconds with the
+    evaluations done, the time elapsed and an estimate of the time left at the search's rate so
+    far (an upper bound: Nelder-Mead often stops before its budget)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, k: int = 1) -> None:
+        self.done += k
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        print(f"optimize_grid: {self.done}/{self.total} evaluations, {_clock(elapsed)} elapsed, "
+              f"at most ~{_clock(left)} left (the search may stop sooner)", file=sys.stderr,
+              flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
 def _bar(progress: Optional[bool], total: int):
+    """A tqdm bar on a terminal (or with ``progress=True``); progress lines on stderr when stderr
+    is not a terminal and ``progress`` is ``None``; nothing with ``progress=False``."""
+    if progress is None and not sys.stderr.isatty():
+        return _ProgressLines(total)
     if not _show_progress(progress):
         return None
     from tqdm.auto import tqdm
