@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -25,7 +25,8 @@ from ._checks import TimeLike, as_time, check_positive, check_time_range, expand
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "SDE_NAMES", "make_sde", "sde_name",
+           "sde_from_dict"]
 
 
 class SDE(abc.ABC):
@@ -62,8 +63,8 @@ class SDE(abc.ABC):
         """Drift coefficient ``f(t)`` and squared diffusion ``g(t)^2``."""
 
     # ---- validated public views ---------------------------------------------------------------
-    def _time(self, t: TimeLike, like: Optional[torch.Tensor] = None, *,
-              sync: bool = True) -> torch.Tensor:
+    def time(self, t: TimeLike, like: Optional[torch.Tensor] = None, *,
+             sync: bool = True) -> torch.Tensor:
         """``t`` as a tensor (on ``like``'s device, in its dtype, expanded to its batch), checked to
         lie in ``[0, T]``. A number or CPU tensor is checked on the host before it moves to the
         device (no sync). A ``t`` already on a GPU is checked there, which syncs the device, unless
@@ -77,22 +78,32 @@ class SDE(abc.ABC):
         check_time_range(t, self.T, sync=sync)
         return t
 
+    _time = time   # the former private name; callers move to the public one (issue 11)
+
+    def log_alpha(self, t: TimeLike, *, sync: bool = True) -> torch.Tensor:
+        """``log alpha(t)``, for ``t`` checked as in :meth:`time`."""
+        return self._log_alpha(self.time(t, sync=sync))
+
+    def log_sigma(self, t: TimeLike, *, sync: bool = True) -> torch.Tensor:
+        """``log sigma(t)``, for ``t`` checked as in :meth:`time`."""
+        return self._log_sigma(self.time(t, sync=sync))
+
     def alpha(self, t: TimeLike) -> torch.Tensor:
         """Signal scale ``alpha(t)`` of ``x_t = alpha x0 + sigma z``."""
-        return self._log_alpha(self._time(t)).exp()
+        return self._log_alpha(self.time(t)).exp()
 
     def sigma(self, t: TimeLike) -> torch.Tensor:
         """Noise scale ``sigma(t)`` of ``x_t = alpha x0 + sigma z``."""
-        return self._log_sigma(self._time(t)).exp()
+        return self._log_sigma(self.time(t)).exp()
 
     def f_g2(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """The scalar drift coefficient ``f(t)`` and the squared diffusion ``g(t)^2``."""
-        return self._f_g2(self._time(t))
+        return self._f_g2(self.time(t))
 
     def lambda_(self, t: TimeLike) -> torch.Tensor:
         """Half log signal-to-noise ratio ``lambda(t) = log(alpha(t) / sigma(t))``, decreasing in t
         (the variable of DPM-Solver, Lu et al. 2022, Sec. 3.1)."""
-        t = self._time(t)
+        t = self.time(t)
         return self._log_alpha(t) - self._log_sigma(t)
 
     def t_of_lambda(self, lam: TimeLike) -> torch.Tensor:
@@ -120,14 +131,14 @@ class SDE(abc.ABC):
     def sde(self, x: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Drift ``f(t) x`` (shape of ``x``) and diffusion ``g(t)`` (shape ``(batch,)``) of the
         forward SDE dx = f(x, t) dt + g(t) dw ([SDE] eq. 5)."""
-        t = self._time(t, x)
+        t = self.time(t, x)
         f, g2 = self._f_g2(t)
         return expand_to(f, x) * x, g2.sqrt()
 
     def marginal_prob(self, x0: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean ``alpha(t) x0`` (shape of ``x0``) and std ``sigma(t)`` (shape ``(batch,)``) of the
         perturbation kernel p_0t(x_t | x0) ([SDE] Appendix B)."""
-        t = self._time(t, x0)
+        t = self.time(t, x0)
         return expand_to(self._log_alpha(t).exp(), x0) * x0, self._log_sigma(t).exp()
 
     def perturb(self, x0: torch.Tensor, t: TimeLike, noise: torch.Tensor) -> torch.Tensor:
@@ -175,12 +186,28 @@ class SDE(abc.ABC):
         probability-flow ODE ([SDE] eq. 13) driven by ``score_fn(x, t)``."""
         return ReverseSDE(self, score_fn, probability_flow)
 
+    # ---- identity -----------------------------------------------------------------------------
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
         return f"{type(self).__name__}({params})"
 
     def _params(self) -> dict:
+        """Every constructor argument that shapes the process (equality and :meth:`to_dict`)."""
         return {"N": self.N, "T": self.T, "eps": self.eps}
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when of the same class with the same parameters (not the same ``repr``)."""
+        if not isinstance(other, SDE):
+            return NotImplemented
+        return type(self) is type(other) and self._params() == other._params()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self._params().items()))))
+
+    def to_dict(self) -> dict:
+        """``{"name": <a name of SDE_NAMES>, **parameters}``, plain JSON; :func:`sde_from_dict`
+        rebuilds an equal SDE."""
+        return {"name": sde_name(self), **self._params()}
 
 
 class ReverseSDE:
@@ -196,7 +223,7 @@ class ReverseSDE:
 
     def sde(self, x: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reverse drift (shape of ``x``) and diffusion (``(batch,)``; zeros for the ODE)."""
-        t = self.forward._time(t, x)
+        t = self.forward.time(t, x)
         drift, diffusion = self.forward.sde(x, t)
         weight = 0.5 if self.probability_flow else 1.0
         drift = drift - expand_to(diffusion ** 2, x) * self.score_fn(x, t) * weight
@@ -204,7 +231,7 @@ class ReverseSDE:
 
     def discretize(self, x: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reverse of the discrete chain: ``f_rev = f_i - G_i^2 s`` (half for the ODE), ``G_rev``."""
-        t = self.forward._time(t, x)
+        t = self.forward.time(t, x)
         f, G = self.forward.discretize(x, t)
         weight = 0.5 if self.probability_flow else 1.0
         rev_f = f - expand_to(G ** 2, x) * self.score_fn(x, t) * weight
@@ -282,6 +309,8 @@ class VPSDE(SDE):
 
     def _params(self) -> dict:
         p = {"beta_min": self.beta_min, "beta_max": self.beta_max, "schedule": self.schedule}
+        if self.schedule == "cosine":
+            p.update(cosine_s=self.cosine_s, cosine_t_max=self.cosine_t_max)
         return {**p, **super()._params()}
 
     def _cos_angle(self, t: torch.Tensor) -> torch.Tensor:
@@ -307,7 +336,7 @@ class VPSDE(SDE):
 
     def beta(self, t: TimeLike) -> torch.Tensor:
         """Noise rate ``beta(t) = -2 d log alpha / dt``."""
-        return self._beta_rate(self._time(t))
+        return self._beta_rate(self.time(t))
 
     def _beta_rate(self, t: torch.Tensor) -> torch.Tensor:
         if self.schedule == "linear":
@@ -350,7 +379,7 @@ class VPSDE(SDE):
     def discretize(self, x, t):
         """DDPM chain ([SDE] Appendix B): ``x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z``,
         so ``f_i = (sqrt(1 - beta_i) - 1) x`` and ``G_i = sqrt(beta_i)``."""
-        t = self._time(t, x)
+        t = self.time(t, x)
         beta = self.discrete_betas.to(device=x.device, dtype=x.dtype)[self._step_index(t)]
         return expand_to(torch.sqrt(1 - beta) - 1, x) * x, beta.sqrt()
 
@@ -437,9 +466,56 @@ class VESDE(SDE):
     def discretize(self, x, t):
         """SMLD chain ([SDE] Appendix B): ``x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z``
         with ``sigma_{-1} = 0``."""
-        t = self._time(t, x)
+        t = self.time(t, x)
         i = self._step_index(t)
         sigmas = self.discrete_sigmas.to(device=x.device, dtype=x.dtype)
         sigma = sigmas[i]
         previous = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
         return torch.zeros_like(x), torch.sqrt(sigma ** 2 - previous ** 2)
+
+
+# ---- names ---------------------------------------------------------------------------------------
+#: The one table of SDE names, for configs, the command line, files and tests. Each name builds its
+#: SDE from keyword parameters (the class's own, e.g. ``beta_max=`` or ``sigma_max=``).
+SDE_NAMES: Dict[str, Callable[..., SDE]] = {
+    "vp": VPSDE,
+    "vp_cosine": lambda **kw: VPSDE(schedule="cosine", **kw),
+    "subvp": SubVPSDE,
+    "ve": VESDE,
+}
+#: score_sde's spellings (``config.training.sde = "vpsde"``), read as the names above.
+_ALIASES = {"vpsde": "vp", "vpsde_cosine": "vp_cosine", "subvpsde": "subvp", "vesde": "ve"}
+
+
+def canonical_sde_name(name: str) -> str:
+    """``name`` (case-insensitive, score_sde's ``vpsde``-style spellings accepted) as a key of
+    :data:`SDE_NAMES`; an unknown name raises a ``ValueError`` listing the valid ones."""
+    key = str(name).lower()
+    key = _ALIASES.get(key, key)
+    require(key in SDE_NAMES, f"unknown SDE {name!r}; valid: {', '.join(SDE_NAMES)} "
+                              f"(or score_sde's {', '.join(_ALIASES)})")
+    return key
+
+
+def make_sde(name: str, **params) -> SDE:
+    """The SDE called ``name`` in :data:`SDE_NAMES` with the given parameters."""
+    return SDE_NAMES[canonical_sde_name(name)](**params)
+
+
+def sde_name(sde: SDE) -> str:
+    """The :data:`SDE_NAMES` name of ``sde``'s kind (``ValueError`` for a class not in the table)."""
+    if isinstance(sde, VPSDE):
+        return "vp_cosine" if sde.schedule == "cosine" else "vp"
+    for name, cls in (("subvp", SubVPSDE), ("ve", VESDE)):
+        if isinstance(sde, cls):
+            return name
+    raise ValueError(f"{type(sde).__name__} has no name in SDE_NAMES ({', '.join(SDE_NAMES)})")
+
+
+def sde_from_dict(d: dict) -> SDE:
+    """Inverse of :meth:`SDE.to_dict`."""
+    require(isinstance(d, dict) and "name" in d, f"an SDE dict needs a 'name', got {d!r}")
+    params = {k: v for k, v in d.items() if k != "name"}
+    if canonical_sde_name(d["name"]) in ("vp", "vp_cosine"):
+        params.pop("schedule", None)
+    return make_sde(d["name"], **params)

@@ -3,6 +3,7 @@ log-SNR and its inverse, the DDPM/SMLD chains, the reverse SDE and probability-f
 input validation, dtype/device, and property-based checks over random parameters."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -577,3 +578,42 @@ def test_property_lambda_round_trip(sde, fracs):
     closed = sde.t_of_lambda(lam)
     torch.testing.assert_close(closed, t, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(SDE.t_of_lambda(sde, lam), closed, rtol=1e-8, atol=1e-12)
+
+
+# ---- identity and names ----------------------------------------------------------------------------
+def test_equality_is_by_parameters_not_repr():
+    from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
+
+    cosine = VPSDE(schedule="cosine")
+    assert cosine == VPSDE(schedule="cosine") and hash(cosine) == hash(VPSDE(schedule="cosine"))
+    assert cosine != VPSDE(schedule="cosine", cosine_s=0.01)          # equal reprs before
+    assert cosine != VPSDE(schedule="cosine", cosine_t_max=0.99)
+    assert VPSDE() != SubVPSDE() and VPSDE() != VPSDE(beta_max=10.0) and VESDE() != VESDE(eps=1e-3)
+    assert VPSDE() == VPSDE(cosine_s=0.5)      # cosine_s does not shape a linear schedule
+
+
+@pytest.mark.parametrize("name", ["vp", "vp_cosine", "subvp", "ve"])
+def test_names_table_round_trips(name):
+    from sde_diffusion.sdes import make_sde, sde_from_dict, sde_name
+
+    sde = make_sde(name, N=500)
+    assert sde_name(sde) == name and sde.N == 500
+    d = sde.to_dict()
+    assert json.loads(json.dumps(d)) == d and sde_from_dict(d) == sde
+
+
+def test_score_sde_spellings_and_unknown_names():
+    from sde_diffusion.sdes import VPSDE, make_sde
+
+    assert make_sde("VPSDE") == VPSDE() and make_sde("vpsde_cosine") == VPSDE(schedule="cosine")
+    with pytest.raises(ValueError, match="unknown SDE 'vpx'; valid: vp, vp_cosine, subvp, ve"):
+        make_sde("vpx")
+
+
+def test_public_log_views_are_checked():
+    sde = SDES["vp"]()
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    assert torch.allclose(sde.log_alpha(t).exp(), sde.alpha(t))
+    assert torch.allclose(sde.log_sigma(t).exp(), sde.sigma(t))
+    with pytest.raises(ValueError, match="1.5"):
+        sde.log_alpha(1.5)
