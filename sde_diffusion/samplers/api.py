@@ -74,8 +74,9 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     require(steps is None or nfe is None, "give steps or nfe, not both")
     _check_options(info, options)
     times = None if grid is None or isinstance(grid, str) else custom_grid(grid, sde)
+    planned = options
     if nfe is not None:
-        steps, options = info.for_nfe(int(nfe), **options)
+        steps, planned = info.for_nfe(int(nfe), **options)
     if times is not None:
         _check_grid_steps(info, times, steps, nfe, options)
         require(t_start is None and t_end is None,
@@ -84,6 +85,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     elif steps is None:
         steps = 1 if info.adaptive else sde.N
     check_steps(steps)
+    options = planned
     x_T, noise = start_state(sde, shape, x_T, generator, dtype, device, index_offset=index_offset)
     shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
     if times is None:
