@@ -602,6 +602,9 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
     _check_nfe_budgets(specs, nfes)
     if args.n < 2:
         raise UserError(f"--n must be >= 2 (a sample set to compare), got {args.n}")
+    if args.bootstrap == 1 or args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be 0 (none) or a number of resamples >= 2, got "
+                        f"{args.bootstrap}")
     if args.metric not in COMPARE_METRICS:
         raise UserError(f"--metric {args.metric!r} is not a metric; valid: "
                         f"{', '.join(COMPARE_METRICS)}")
@@ -626,13 +629,20 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
     if mixture is not None:
         reference = mixture.sample(args.n, t=sde.eps, generator=torch.Generator().manual_seed(args.seed + 7),
                                    dtype=torch.float64)
-    else:
-        reference = _load_data(argparse.Namespace(data=str(config.data.dataset), seed=args.seed), None,
-                               sde, args.n)
+    elif str(config.data.dataset) in TOY_DATA + ("digits",):
+        name = str(config.data.dataset)
+        if name == "digits":
+            _require_modules("compare", ("sklearn",), " for the digits data set")
+        reference = _load_data(argparse.Namespace(data=name, seed=args.seed), None, sde, args.n)
+    else:  # the checkpoint's own data set (an .npz, an image folder): as in training
+        from .training import load_data
+
+        reference = load_data(config)[:args.n].double()
     with torch.no_grad():
         rows = compare_solvers(model, specs, nfes, args.n, reference=reference, oracle=mixture,
                                grid=args.grid, seed=args.seed, sample_shape=shape,
                                flow_reference=args.metric == "flow_rmse" or mixture is not None,
+                               bootstrap=args.bootstrap,
                                progress=(lambda s: _say(args, f"  {s}")))
     table = write_markdown_table(rows, outputs[0])
     write_csv(rows, outputs[1])
@@ -754,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric to plot: sliced_w, flow_rmse, weight_tv or var_ratio_err")
     p.add_argument("--grid", default=None, help="one time grid for every solver (default: each its own)")
     p.add_argument("--n", type=int, default=2000, help="samples per run (default 2000)")
+    p.add_argument("--bootstrap", type=int, default=30,
+                   help="resamples for the bootstrap standard error of sliced_w (column "
+                        "sliced_w_se, error bars in its plot; default 30, 0 for none)")
     p.add_argument("--out", default="compare",
                    help="output folder (default ./compare); its files are not replaced without "
                         "--overwrite")

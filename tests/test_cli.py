@@ -471,6 +471,7 @@ def _no_loading(monkeypatch):
      ["deterministic"]),
     (["compare", "--oracle", "gmm2d", "--solvers", "ddim:eta=x"], ["a number"]),
     (["compare", "--oracle", "gmm2d", "--n", "1"], ["--n must be >= 2"]),
+    (["compare", "--oracle", "gmm2d", "--bootstrap", "1"], ["--bootstrap must be 0"]),
     (["compare", "--oracle", "gmm2d", "--grid", "g.json"], ["grid name"]),
     (["compare", "--oracle", "gmm2d", "--out", "taken.npz"], ["is a file"]),
     (["compare", "--oracle", "gmm2d", "--out", "old"], ["compare.md", "exists", "--overwrite"]),
@@ -652,7 +653,9 @@ def test_compare_on_a_trained_checkpoint(trained_run, tmp_path, capsys):
     csv_lines = (out / "compare.csv").read_text().strip().splitlines()
     header = csv_lines[0].split(",")
     assert len(csv_lines) == 3 and "sliced_w" in header
-    assert all(math.isfinite(float(r.split(",")[header.index("sliced_w")])) for r in csv_lines[1:])
+    for row in csv_lines[1:]:       # a distance with its bootstrap standard error (default 30)
+        values = row.split(",")
+        assert 0 < float(values[header.index("sliced_w_se")]) < float(values[header.index("sliced_w")])
     assert (out / "sliced_w_vs_nfe.png").stat().st_size > 1000
     assert main(["compare", "--checkpoint", str(trained_run), "--solvers", "ddim,dpm_solver++",
                  "--nfe", "10", "--n", "64", "--metric", "flow_rmse", "--out", str(out),
