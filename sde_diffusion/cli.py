@@ -332,10 +332,9 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     if saved is not None:
         grid, steps = _grid_times(args.grid, saved, sde), None
     device = _device(args.device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    with torch.no_grad():
+    with torch.no_grad():  # an int seed: sample i's noise depends on (seed, i) only, not on --n
         result = sample(model, shape=(args.n,) + shape, solver=spec.name, steps=steps,
-                        grid=grid, generator=g, device=device, denoise=args.denoise,
+                        grid=grid, generator=args.seed, device=device, denoise=args.denoise,
                         progress=None if not args.quiet else False, **spec.options)
     x = result.samples.float().cpu()
 

@@ -58,6 +58,17 @@ def test_sample_oracle_writes_npz_and_scatter(tmp_path):
     np.testing.assert_array_equal(np.load(again)["samples"], x)
 
 
+def test_sample_seed_gives_each_sample_its_own_noise(tmp_path):
+    """An integer --seed means what it means in sample(): sample i depends on (seed, i) only, so
+    --n 8 gives the first 8 samples of --n 16 (a stochastic solver: noise at every step too)."""
+    args = ["sample", "--oracle", "ring8", "--solver", "ddim:eta=1", "--steps", "10", "--seed", "4",
+            "--quiet"]
+    assert main([*args, "--n", "8", "--out", str(tmp_path / "a.npz")]) == 0
+    assert main([*args, "--n", "16", "--out", str(tmp_path / "b.npz")]) == 0
+    a, b = np.load(tmp_path / "a.npz")["samples"], np.load(tmp_path / "b.npz")["samples"]
+    np.testing.assert_array_equal(a, b[:8])
+
+
 def test_sample_images_write_grid(tmp_path):
     proc = run("sample", "--oracle", "image16", "--solver", "ddim", "--steps", "10", "--n", "16",
                "--out", str(tmp_path / "img"), "--quiet")
@@ -342,7 +353,7 @@ def test_sample_with_a_grid_file_uses_its_times(grid_file, tmp_path, capsys):
     assert info["nfe"] == saved["nfe"] == 6 and info["solver"] == "unipc:order=3"
     times = torch.tensor(saved["times"], dtype=torch.float64)
     expected = sample(named_oracle("ring8", VPSDE()), shape=(50, 2), solver="unipc", order=3,
-                      grid=times, generator=torch.Generator().manual_seed(0)).samples
+                      grid=times, generator=0).samples
     np.testing.assert_array_equal(np.load(out)["samples"], expected.numpy())
     # the same solver spelled out, and --steps equal to the file's, are accepted
     assert main(["sample", "--oracle", "ring8", "--grid", str(grid_file), "--solver",
