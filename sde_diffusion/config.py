@@ -26,14 +26,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 import ml_collections
 
 from ._checks import require
-from .sdes import SDE, SubVPSDE, VESDE, VPSDE
+from .sdes import SDE, canonical_sde_name, make_sde
 
-__all__ = ["default_config", "toy_config", "digits_config", "TOY_DATASETS", "load_config", "apply_overrides", "parse_overrides", "build_sde",
-           "flatten", "config_to_json", "config_from_json", "network_config", "SDE_NAMES",
-           "MODEL_KEYS", "NULLABLE_FIELDS"]
-
-#: names accepted by ``config.training.sde``.
-SDE_NAMES = ("vpsde", "vpsde_cosine", "subvpsde", "vesde")
+__all__ = ["default_config", "toy_config", "digits_config", "TOY_DATASETS", "load_config",
+           "apply_overrides", "parse_overrides", "build_sde", "flatten", "config_to_json",
+           "config_from_json", "network_config", "MODEL_KEYS", "NULLABLE_FIELDS"]
 
 #: fields that may be set back to ``None`` after holding a value (``None`` means "off/default").
 NULLABLE_FIELDS = ("num_classes", "embed_dim", "time_scale")
@@ -56,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.device = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 
     config.training = training = ml_collections.ConfigDict()
-    training.sde = "vpsde"               # one of SDE_NAMES
+    training.sde = "vpsde"               # a name of sde_diffusion.sdes.SDE_NAMES (or score_sde's)
     training.continuous = True           # continuous-time DSM; False: DDPM (VP) / SMLD (VE) loss
     training.likelihood_weighting = False  # lambda(t) = g(t)^2 instead of sigma(t)^2
     training.importance_sampling = False  # t ~ g^2/sigma^2 (uniform in log-SNR), reweighted
@@ -125,11 +122,12 @@ def toy_config(dataset: str = "moons", sde: str = "vpsde") -> ml_collections.Con
     parameterization, continuous DSM with score_sde's weighting, Adam with a short warm-up.
     Trains in about a minute on two CPU cores; see docs/training.md for the measured quality.
 
-    ``sde`` is one of :data:`SDE_NAMES`; for VE, ``sigma_max = 4`` (Song & Ermon 2020, technique
+    ``sde`` is a name of :data:`sde_diffusion.sdes.SDE_NAMES` (or score_sde's ``vpsde``-style
+    spelling, kept as given in ``training.sde``); for VE, ``sigma_max = 4`` (Song & Ermon 2020, technique
     1: about the largest distance between two training points, which lie in roughly [-1, 1]^2).
     """
     require(dataset in TOY_DATASETS, f"dataset must be one of {TOY_DATASETS}, got {dataset!r}")
-    require(sde in SDE_NAMES, f"sde must be one of {SDE_NAMES}, got {sde!r}")
+    canonical_sde_name(sde)
     config = default_config()
     config.seed = 0
 
@@ -179,7 +177,7 @@ def digits_config(sde: str = "vpsde") -> ml_collections.ConfigDict:
     """sklearn's 8x8 digits (``configs/digits/*.py``) with a small DDPM++-style
     :class:`~sde_diffusion.models.UNet` (0.7 M parameters), sized to train on a CPU in under
     30 minutes (6000 steps of batch 128; see docs/training.md for the measured quality)."""
-    require(sde in SDE_NAMES, f"sde must be one of {SDE_NAMES}, got {sde!r}")
+    canonical_sde_name(sde)
     config = default_config()
     config.seed = 0
 
@@ -472,26 +470,34 @@ class _nullcontext:
 
 
 # ---- builders -----------------------------------------------------------------------------------
+#: SDE constructor arguments that ``config.model`` holds under another name (score_sde's layout);
+#: every other argument is read from the ``config.model`` field of the same name.
+_SDE_FIELDS = {"N": "num_scales", "eps": "sde_eps"}
+
+
 def build_sde(config: ml_collections.ConfigDict) -> SDE:
-    """The forward SDE named by ``config.training.sde`` with parameters from ``config.model``
-    (score_sde's layout): ``beta_min``, ``beta_max`` (VP, sub-VP), ``sigma_min``, ``sigma_max``
-    (VE), ``num_scales`` (N of the discrete chains), ``cosine_s``/``cosine_t_max`` (cosine VP) and
-    ``sde_eps`` (the SDE's ``eps``; 0 keeps the SDE's default: 1e-3 VP/sub-VP, 1e-5 VE)."""
-    name = str(config.training.sde).lower()
-    require(name in SDE_NAMES, f"config.training.sde must be one of {SDE_NAMES}, got {name!r}")
+    """The forward SDE named by ``config.training.sde`` (a name of
+    :data:`sde_diffusion.sdes.SDE_NAMES`, or score_sde's ``vpsde``, ``vpsde_cosine``, ``subvpsde``,
+    ``vesde``) with its parameters from ``config.model`` (score_sde's layout): every constructor
+    argument of that SDE found there under its own name (``beta_min``, ``beta_max``,
+    ``sigma_min``, ``sigma_max``, ``cosine_s``, ``cosine_t_max``), ``num_scales`` as ``N`` and
+    ``sde_eps`` as ``eps`` (0 keeps the SDE's default: 1e-3 VP/sub-VP, 1e-5 VE). Arguments the
+    SDE does not take (``sigma_max`` for VP, ``cosine_s`` for the linear schedule) are not read."""
+    try:
+        name = canonical_sde_name(config.training.sde)
+    except ValueError as err:
+        raise ValueError(f"config.training.sde must be one of the SDE names: {err}") from None
     m = config.model
-    get = lambda key, default: m[key] if key in m else default  # noqa: E731
-    kw = {"N": int(get("num_scales", 1000))}
-    sde_eps = float(get("sde_eps", 0.0) or 0.0)
-    if sde_eps > 0:
-        kw["eps"] = sde_eps
-    if name in ("vpsde", "vpsde_cosine"):
-        return VPSDE(beta_min=get("beta_min", 0.1), beta_max=get("beta_max", 20.0),
-                     schedule="cosine" if name == "vpsde_cosine" else "linear",
-                     cosine_s=get("cosine_s", 0.008), cosine_t_max=get("cosine_t_max", 0.9946), **kw)
-    if name == "subvpsde":
-        return SubVPSDE(beta_min=get("beta_min", 0.1), beta_max=get("beta_max", 20.0), **kw)
-    return VESDE(sigma_min=get("sigma_min", 0.01), sigma_max=get("sigma_max", 50.0), **kw)
+    params = {}
+    for arg in make_sde(name).to_dict():   # the arguments this kind of SDE takes
+        key = _SDE_FIELDS.get(arg, arg)
+        if arg != "name" and key in m and m[key] is not None:
+            params[arg] = m[key]
+    if "N" in params:
+        params["N"] = int(params["N"])
+    if not float(params.get("eps", 0.0) or 0.0) > 0:
+        params.pop("eps", None)
+    return make_sde(name, **params)
 
 
 def network_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,4 +1,5 @@
 """Config files, overrides with type checking, the SDE builder, JSON round trips."""
+import copy
 import glob
 import os
 
@@ -108,6 +109,32 @@ def test_build_sde():
     c.training.sde = "edm"
     with pytest.raises(ValueError, match="config.training.sde must be one of"):
         build_sde(c)
+
+
+def test_config_sde_names_come_from_the_one_table():
+    """``training.sde`` takes every name of ``sdes.SDE_NAMES`` and score_sde's spellings (old
+    checkpoints hold those), and builds the same SDE as ``make_sde`` with the config's parameters."""
+    from sde_diffusion.sdes import SDE_NAMES, make_sde
+    from sde_diffusion.config import toy_config
+    c = default_config()
+    apply_overrides(c, {"model.beta_max": 10.0, "model.sigma_max": 7.0, "model.num_scales": 50,
+                        "model.cosine_s": 0.01})
+    expected = {"vp": make_sde("vp", beta_max=10.0, N=50),
+                "vp_cosine": make_sde("vp_cosine", beta_max=10.0, N=50, cosine_s=0.01),
+                "subvp": make_sde("subvp", beta_max=10.0, N=50),
+                "ve": make_sde("ve", sigma_max=7.0, N=50)}
+    assert set(expected) == set(SDE_NAMES)
+    aliases = {"vpsde": "vp", "vpsde_cosine": "vp_cosine", "subvpsde": "subvp", "vesde": "ve"}
+    for name, canonical in [*((n, n) for n in SDE_NAMES), *aliases.items()]:
+        c.training.sde = name
+        assert build_sde(c) == expected[canonical], name
+        assert toy_config("moons", name).training.sde == name
+    c.training.sde = "vp_cosine"
+    other = copy.deepcopy(c)
+    other.model.cosine_s = 0.02
+    assert build_sde(c) != build_sde(other)          # by parameters, not by name or repr
+    with pytest.raises(ValueError, match="unknown SDE 'edm'; valid: vp, vp_cosine"):
+        toy_config("moons", "edm")
 
 
 def test_json_round_trip():
