@@ -75,7 +75,7 @@ def main(argv) -> int:
     print(f"README.md line {block.line}, run as written in {work}:\n  $ {command}", flush=True)
     start = time.monotonic()
     log = work.parent / f"{work.name}.log"
-    proc = run_logged(["bash", "-c", command], cwd=work, env=clean_env(), log=log, timeout=1800)
+    proc = run_logged(["bash", "-c", command], cwd=work, env=clean_env(), log=log, timeout=900)
     seconds = time.monotonic() - start
     print(f"exit status {proc.returncode} after {seconds:.0f} s (output: {log})", flush=True)
     problems = [] if proc.returncode == 0 else [f"the command ended with status {proc.returncode}"]
