@@ -196,7 +196,7 @@ def _check_nfe_budgets(specs, nfes: Sequence[int]) -> None:
         for nfe in nfes:
             if info.nfe is not None and nfe > MAX_STEPS:
                 try:
-                    info.steps_for_nfe(int(nfe), **spec.options)
+                    info.for_nfe(int(nfe), **spec.options)
                 except ValueError as err:
                     raise UserError(f"--nfe {nfe}: {err}") from None
 

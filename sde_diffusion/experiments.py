@@ -165,13 +165,14 @@ def compare_solvers(model: ScoreModel, solvers: Sequence[SolverSpec], nfes: Sequ
         info = get_solver(spec.name)
         deterministic = _deterministic(spec)
         for budget in nfes:
+            options = dict(spec.options)
             if info.nfe is None:  # adaptive: one run, at its own tolerance
                 if budget != nfes[0]:
                     continue
                 steps = None
             else:
-                try:
-                    steps = info.steps_for_nfe(int(budget))
+                try:  # what sample(nfe=budget) does: the solver's own plan (dpm_solver's orders)
+                    steps, options = info.for_nfe(int(budget), **spec.options)
                 except ValueError as err:  # the budget is below the solver's minimum
                     rows.append({"solver": spec.label, "nfe_budget": int(budget), "skipped": str(err)})
                     continue
@@ -179,7 +180,7 @@ def compare_solvers(model: ScoreModel, solvers: Sequence[SolverSpec], nfes: Sequ
                 progress(f"{spec.label} @ {'adaptive' if steps is None else budget} NFE")
             start = time.perf_counter()
             result = sample(model, x_T=x_T.clone(), solver=spec.name, steps=steps or 1, grid=grid,
-                            generator=torch.Generator().manual_seed(seed + 1), **spec.options)
+                            generator=torch.Generator().manual_seed(seed + 1), **options)
             wall = time.perf_counter() - start
             x = result.samples
             row = {"solver": spec.label, "kind": "deterministic" if deterministic else "stochastic",

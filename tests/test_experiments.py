@@ -53,3 +53,16 @@ def test_edm_churn_makes_a_solver_stochastic():
 
     assert _deterministic(parse_solver_list("edm_heun")[0])
     assert not _deterministic(parse_solver_list("edm_heun:S_churn=40")[0])
+
+
+def test_compare_solvers_spends_a_budget_as_sample_does():
+    """A budget goes through the solver's own plan, as sample(nfe=...) does: dpm_solver spends
+    exactly 10 NFE with DPM-Solver-fast's orders (it spent 9: three third-order steps), and PC's
+    options count in its cost (its n_steps were ignored)."""
+    sde = VPSDE()
+    mix = named_oracle("gmm2d", sde)
+    rows = compare_solvers(OracleModel(mix, sde), parse_solver_list("dpm_solver,pc:n_steps=2"),
+                           [10], 64, oracle=mix, flow_reference=False)
+    got = {r["solver"]: (r["nfe"], r["steps"]) for r in rows}
+    assert got["dpm_solver"] == (10, 4)
+    assert got["pc:n_steps=2"] == (9, 3)
