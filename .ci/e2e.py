@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import (ROOT, CheckFailed, check_file, check_report, clean_env, copy_checkout,
+from ci_common import (ROOT, CheckFailed, check_file, check_report, clean_env, copy_checkout,
                     is_temporary, strict_json, tail)
 
 from markdown_blocks import DocCommand, fenced_blocks, inline_commands, shell_commands

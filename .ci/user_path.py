@@ -7,7 +7,7 @@
 The command text is read from README.md's ```bash blocks (never retyped here), so the README and
 CI cannot disagree: ``demo`` runs the first block that calls ``sde-diffusion demo``, ``tests`` the
 first block that calls ``pytest``. Each runs with ``bash -c`` in ``WORK`` (a new copy of the
-checkout's tracked and non-ignored files; it must not exist yet), with no stdin, no virtual
+checkout's tracked files, ``ci_common.copy_checkout``; it must not exist yet), with no stdin, no virtual
 environment of the caller active, and installs only what the command installs. Its virtual
 environment (``WORK/.venv`` if the README keeps ``.venv``) stays for the later CI steps.
 
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, check_report, clean_env, copy_checkout, run_logged
+from ci_common import ROOT, check_report, clean_env, copy_checkout, run_logged
 
 from markdown_blocks import fenced_blocks, inline_spans, shell_commands
 

@@ -27,11 +27,12 @@ class CheckFailed(Exception):
 
 
 def copy_checkout(src: Path, dst: Path) -> Path:
-    """A clean copy of the checkout ``src`` in ``dst``: the files git tracks plus untracked files
-    that are not ignored (so local uncommitted work is included, while virtual environments, runs
-    and reports are not). ``dst`` must not exist."""
-    listing = subprocess.run(["git", "-C", str(src), "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], check=True, capture_output=True).stdout
+    """A clean copy of the checkout ``src`` in ``dst``: the files git tracks, as they are in the
+    work tree (so uncommitted edits are included, while virtual environments, untracked outputs
+    of earlier runs such as ``samples.npz`` and new files not yet ``git add``-ed are not: what a
+    fresh clone of the commit would hold). ``dst`` must not exist."""
+    listing = subprocess.run(["git", "-C", str(src), "ls-files", "-z", "--cached"],
+                             check=True, capture_output=True).stdout
     dst.mkdir(parents=True)
     for name in sorted(set(listing.decode().split("\0")) - {""}):
         path = src / name
