@@ -222,7 +222,10 @@ def run_page(page: str, out: Path, env: Dict[str, str]) -> List[Tuple[str, str, 
         if "Traceback (most recent call last)" in proc.stderr:
             problems.append("a traceback on stderr")
         if proc.returncode != cmd.expect:
-            problems.append(f"exit status {proc.returncode}, expected {cmd.expect}")
+            # the toolkit's own message, which torchrun's report would otherwise bury
+            said = [ln for ln in proc.stderr.splitlines() if ln.startswith("sde-diffusion: error:")]
+            problems.append(f"exit status {proc.returncode}, expected {cmd.expect}"
+                            + (f" ({said[0]})" if said else ""))
         elif cmd.expect == 2:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             if len(lines) != 1 or not lines[0].startswith("sde-diffusion: error:"):
