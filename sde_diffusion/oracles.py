@@ -1,16 +1,39 @@
 r"""Exact ground truth: a Gaussian mixture pushed through any affine SDE.
 
-If ``x0 ~ sum_k w_k N(m_k, diag(s_k^2))`` and ``x_t = alpha(t) x0 + sigma(t) z``, then
+If ``x0 ~ sum_k w_k N(m_k, C_k)`` and ``x_t = alpha(t) x0 + sigma(t) z``, then
 
-.. math:: p_t(x) = \sum_k w_k\,\mathcal N\big(x;\ \alpha m_k,\ \operatorname{diag}(\alpha^2 s_k^2 + \sigma^2)\big),
+.. math:: p_t(x) = \sum_k w_k\,\mathcal N\big(x;\ \alpha m_k,\ \alpha^2 C_k + \sigma^2 I\big),
 
 so the score, the denoiser ``E[x0 | x_t]`` (Tweedie's formula) and the log-density are known in
 closed form at every ``t``. Tests and benchmarks measure samplers and likelihoods against it.
+
+The components are isotropic (``C_k = s_k^2 I``), diagonal (``C_k = diag(s_k^2)``) or full
+(``C_k = U_k diag(l_k) U_k^T``, eigendecomposed once at construction, so that
+``alpha^2 C_k + sigma^2 I = U_k diag(alpha^2 l_k + sigma^2) U_k^T`` at every ``t``). The way a call
+is computed is chosen at construction from the kind of components, and per call from whether the
+batch shares one time (then the time-dependent scalars, per-component variances and
+log-determinants are computed once):
+
+- isotropic, any times: ``||x - alpha m_k||^2 = ||x||^2 - 2 alpha x.m_k + alpha^2 ||m_k||^2`` by
+  one ``(batch, K)`` matrix product; the fields are one more product with the means;
+- diagonal, one time: the same expansion weighted by ``1 / v_k`` per axis (two products);
+- full, one time: one product rotates (and whitens) the batch into every component's eigenbasis,
+  one rotates back; for a score over a batch larger than ``dim``, precision matrices formed once
+  per call make it one product;
+- diagonal or full with per-sample times: the per-component differences, as the reference
+  formulas, in chunks of samples.
+
+No path holds a ``(batch, K, dim)`` temporary for the whole batch: at most a sixth of the
+input's elements per temporary (or ``_MIN_CHUNK``). The isotropic and diagonal paths compute in
+float64 (a float32 input is upcast an eighth of the batch at a time and the result rounded once:
+the expanded distances would otherwise lose about ``||x||^2 / ||x - alpha m_k||^2`` in relative
+accuracy); the others in the input's dtype.
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -20,28 +43,43 @@ from .sdes import SDE
 __all__ = ["GaussianMixture", "random_mixture"]
 
 ArrayLike = Union[torch.Tensor, Sequence]
+Scale = Union[float, torch.Tensor]          # a number, a 0-d tensor or a (batch, 1) column
+
+_LOG_2PI = math.log(2 * math.pi)
+#: elements a chunked temporary may always hold (8 MiB in float64), however small the input
+_MIN_CHUNK = 1 << 20
+_FIELDS = ("score", "x0", "eps")
+
+
+def _like(v: Scale, x: torch.Tensor) -> Scale:
+    """A float64 scale (number, 0-d tensor or column) in ``x``'s dtype."""
+    return v if isinstance(v, float) else v.to(x.dtype)
 
 
 class GaussianMixture:
-    """Mixture of Gaussians with isotropic or diagonal components, any event shape.
+    """Mixture of Gaussians with isotropic, diagonal or full-covariance components, any event shape.
 
     Args:
         weights: ``(K,)`` non-negative mixture weights (normalised here).
         means: ``(K, *event_shape)`` component means, e.g. ``(K, 2)`` or ``(K, 3, 32, 32)``.
         stds: ``(K,)`` isotropic standard deviations, or ``(K, *event_shape)`` diagonal ones.
         sde: forward SDE defining ``p_t``; needed by every method given a time ``t``.
+        covariances: instead of ``stds``, full ``(K, dim, dim)`` symmetric positive-definite
+            covariance matrices acting on the flattened event (``dim = prod(event_shape)``).
 
     A time ``t=None`` means the clean data distribution ``p_data``; a number or a ``(batch,)``
     tensor means the law of ``alpha(t) x0 + sigma(t) z`` under ``sde`` (for the VE SDE that
-    includes ``sigma_min`` noise at ``t = 0``). Parameters are stored in float64 and each call
-    computes in the dtype and on the device of its input.
+    includes ``sigma_min`` noise at ``t = 0``). A number, a 0-d tensor, an expanded tensor
+    (stride 0) or a CPU tensor whose entries are all equal is one shared time: the time-dependent
+    scalars are computed once. Parameters are stored in float64 and fixed at construction; each
+    call computes in the dtype and on the device of its input (copies of the parameters are
+    cached per dtype and device).
     """
 
-    def __init__(self, weights: ArrayLike, means: ArrayLike, stds: ArrayLike,
-                 sde: Optional[SDE] = None):
+    def __init__(self, weights: ArrayLike, means: ArrayLike, stds: Optional[ArrayLike] = None,
+                 sde: Optional[SDE] = None, *, covariances: Optional[ArrayLike] = None):
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
         m = torch.as_tensor(means, dtype=torch.float64)
-        s = torch.as_tensor(stds, dtype=torch.float64)
         K = w.shape[0]
         require(K >= 1, "weights must hold at least one component")
         require(bool(torch.isfinite(w).all()) and bool((w >= 0).all()) and float(w.sum()) > 0,
@@ -50,20 +88,87 @@ class GaussianMixture:
                 f"means must have shape (K={K}, *event_shape), got {tuple(m.shape)}")
         if not bool(torch.isfinite(m).all()):
             raise ValueError(f"means must be finite, got {m[~torch.isfinite(m)][0].item()!r}")
-        if s.ndim == 0:
-            s = s.expand(K)
-        if s.ndim == 1:
-            require(s.shape[0] == K, f"stds must have shape (K={K},) or {tuple(m.shape)}, got {tuple(s.shape)}")
-            s = expand_to(s, m).expand_as(m)
-        require(s.shape == m.shape,
-                f"stds must have shape (K={K},) or {tuple(m.shape)}, got {tuple(s.shape)}")
-        require(bool(torch.isfinite(s).all()) and bool((s > 0).all()),
-                f"stds must be finite and > 0, got min {float(s.min())!r}")
+        require((stds is None) != (covariances is None),
+                "pass exactly one of stds (isotropic or diagonal components) and covariances (full ones)"
+                + (", got both" if stds is not None else ", got neither"))
         require(sde is None or isinstance(sde, SDE), f"sde must be an SDE instance, got {sde!r}")
         self.weights = w / w.sum()
         self.means = m
-        self.stds = s.contiguous()
         self.sde = sde
+        dim = m[0].numel()
+        flat_m = m.reshape(K, dim)
+        self._cache: Dict[Tuple[torch.device, torch.dtype], Dict[str, torch.Tensor]] = {}
+        if covariances is None:
+            s = torch.as_tensor(stds, dtype=torch.float64)
+            if s.ndim == 0:
+                s = s.expand(K)
+            if s.ndim == 1:
+                require(s.shape[0] == K,
+                        f"stds must have shape (K={K},) or {tuple(m.shape)}, got {tuple(s.shape)}")
+                s = expand_to(s, m).expand_as(m)
+            require(s.shape == m.shape,
+                    f"stds must have shape (K={K},) or {tuple(m.shape)}, got {tuple(s.shape)}")
+            require(bool(torch.isfinite(s).all()) and bool((s > 0).all()),
+                    f"stds must be finite and > 0, got min {float(s.min())!r}")
+            self.stds: Optional[torch.Tensor] = s.contiguous()
+            self.covariances: Optional[torch.Tensor] = None
+            var = self.stds.reshape(K, dim) ** 2
+            self._kind = "isotropic" if bool((var == var[:, :1]).all()) else "diagonal"
+            # (K, dim) variances along the axes in which the differences are taken (the data axes)
+            self._base = {"means": flat_m, "axis_means": flat_m, "axis_var": var,
+                          "iso_var": var[:, 0].contiguous(), "sq_norms": (flat_m * flat_m).sum(1)}
+        else:
+            c = torch.as_tensor(covariances, dtype=torch.float64)
+            require(tuple(c.shape) == (K, dim, dim),
+                    f"covariances must have shape (K={K}, {dim}, {dim}), got {tuple(c.shape)}")
+            require(bool(torch.isfinite(c).all()), "covariances must be finite")
+            asym = float((c - c.mT).abs().max())
+            require(asym <= 1e-10 * max(float(c.abs().max()), 1e-300),
+                    f"covariances must be symmetric, got max |C - C^T| = {asym!r}")
+            c = 0.5 * (c + c.mT)
+            lam, U = torch.linalg.eigh(c)
+            self._set_full(lam, U, c, "covariances must be positive definite")
+
+    def _set_full(self, lam: torch.Tensor, U: torch.Tensor, c: torch.Tensor, what: str) -> None:
+        """Full components from ``C_k = U_k diag(lam_k) U_k^T`` (eigenvalues checked > 0)."""
+        K, dim = lam.shape
+        low = lam.min(1).values
+        k_bad = int(low.argmin())
+        require(bool((low > 0).all()),
+                f"{what}, got smallest eigenvalue {float(low[k_bad])!r} in component {k_bad}")
+        self.stds = None
+        self.covariances = c
+        self._kind = "full"
+        flat_m = self.means.reshape(K, dim)
+        # x.U_k - alpha m_k.U_k are the differences in component k's eigenbasis; rotations[:, k D + e]
+        # is U_k[:, e], so x @ rotations rotates x into every eigenbasis in one product
+        self._base = {"means": flat_m, "axis_means": torch.einsum("kd,kde->ke", flat_m, U),
+                      "axis_var": lam.contiguous(), "rotations": U.permute(1, 0, 2).reshape(dim, K * dim)}
+
+    @classmethod
+    def from_eigen(cls, weights: ArrayLike, means: ArrayLike, eigenvalues: ArrayLike,
+                   eigenvectors: ArrayLike, sde: Optional[SDE] = None) -> "GaussianMixture":
+        """Full components given as ``C_k = U_k diag(l_k) U_k^T``: ``eigenvalues`` ``(K, dim)``
+        (> 0) and orthonormal ``eigenvectors`` ``(K, dim, dim)`` (columns). Skips the
+        eigendecomposition (``O(K dim^3)``, minutes for ``dim`` in the thousands); the
+        orthonormality check and ``covariances`` cost two matrix products per component."""
+        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        mix = cls(w, means, torch.ones(w.shape[0], dtype=torch.float64), sde)   # validates the rest
+        K, dim = mix.n_components, mix.dim
+        lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
+        U = torch.as_tensor(eigenvectors, dtype=torch.float64)
+        require(tuple(lam.shape) == (K, dim),
+                f"eigenvalues must have shape (K={K}, {dim}), got {tuple(lam.shape)}")
+        require(tuple(U.shape) == (K, dim, dim),
+                f"eigenvectors must have shape (K={K}, {dim}, {dim}), got {tuple(U.shape)}")
+        require(bool(torch.isfinite(lam).all()) and bool(torch.isfinite(U).all()),
+                "eigenvalues and eigenvectors must be finite")
+        err = float((U.mT @ U - torch.eye(dim, dtype=torch.float64)).abs().max())
+        require(err <= 1e-10 * max(dim, 10),
+                f"eigenvectors must be orthonormal (columns), got max |U^T U - I| = {err!r}")
+        c = (U * lam[:, None, :]) @ U.mT
+        mix._set_full(lam, U, 0.5 * (c + c.mT), "eigenvalues must be > 0")
+        return mix
 
     # ---- descriptors --------------------------------------------------------------------------
     @property
@@ -78,118 +183,363 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means[0].numel()
 
+    @property
+    def kind(self) -> str:
+        """``"isotropic"``, ``"diagonal"`` or ``"full"``: which components (and so which fast path)."""
+        return self._kind
+
     def with_sde(self, sde: SDE) -> "GaussianMixture":
-        """The same mixture, diffused by ``sde``."""
-        return GaussianMixture(self.weights, self.means, self.stds, sde)
+        """The same mixture, diffused by ``sde`` (shares the parameters and their cached copies)."""
+        require(isinstance(sde, SDE), f"sde must be an SDE instance, got {sde!r}")
+        other = copy.copy(self)
+        other.sde = sde
+        return other
 
     def mean(self) -> torch.Tensor:
         """Mean of the clean data distribution."""
         return torch.einsum("k,k...->...", self.weights, self.means)
 
     def covariance(self) -> torch.Tensor:
-        """Covariance of the clean data, flattened to ``(dim, dim)``."""
-        m = self.means.reshape(self.n_components, -1)
-        v = self.stds.reshape(self.n_components, -1) ** 2
+        """Covariance of the clean data, flattened to ``(dim, dim)`` (law of total covariance)."""
+        m = self._base["means"]
         mu = self.weights @ m
-        second = torch.diag(self.weights @ v) + (m.T * self.weights) @ m
-        return second - torch.outer(mu, mu)
+        if self.covariances is not None:
+            within = torch.einsum("k,kde->de", self.weights, self.covariances)
+        else:
+            within = torch.diag(self.weights @ self._base["axis_var"])
+        return within + (m.T * self.weights) @ m - torch.outer(mu, mu)
 
     # ---- internals ----------------------------------------------------------------------------
-    def _scales(self, x: torch.Tensor, t: Optional[TimeLike]):
-        """alpha and sigma per sample, shaped ``(batch, 1, ...)`` to broadcast over components."""
-        if t is None:
-            one = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-            a, s = one, torch.zeros_like(one)
-        else:
-            require(self.sde is not None,
-                    "this mixture has no SDE: pass sde=... (or use with_sde) to evaluate at a time t")
-            t = self.sde._time(t, x)
-            a, s = self.sde._log_alpha(t).exp(), self.sde._log_sigma(t).exp()
-        shape = (x.shape[0], 1) + (1,) * len(self.event_shape)
-        return a.reshape(shape), s.reshape(shape)
-
     def _check_x(self, x: torch.Tensor) -> None:
         require(isinstance(x, torch.Tensor) and x.is_floating_point(),
                 f"x must be a floating-point tensor, got {type(x).__name__}")
         require(tuple(x.shape[1:]) == tuple(self.event_shape),
                 f"x must have shape (batch, {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}")
 
-    def _components(self, x: torch.Tensor, t: Optional[TimeLike]):
-        """Per-component log-densities ``(batch, K)``, means, variances and the noise scales."""
+    def _params(self, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """The parameters on ``like``'s device in ``dtype`` (default ``like``'s), converted once
+        and cached."""
+        key = (like.device, dtype or like.dtype)
+        if key not in self._cache:
+            p = {k: v.to(device=key[0], dtype=key[1]) for k, v in self._base.items()}
+            p["log_weights"] = self.weights.log().to(device=key[0], dtype=key[1])
+            self._cache[key] = p
+        return self._cache[key]
+
+    def _scales(self, x: torch.Tensor, t: Optional[TimeLike]) -> Tuple[Scale, Scale, bool]:
+        """``(alpha, sigma, shared)`` in float64, from ``t`` rounded to ``x``'s dtype. ``shared``:
+        every sample has the same time, and alpha and sigma are numbers (computed on the host) or,
+        for a time tensor already on another device, 0-d tensors there; otherwise they are
+        ``(batch, 1)`` columns. No device sync beyond the SDE's own range check of a time tensor
+        already on a GPU: a GPU tensor is a shared time only when it is expanded (stride 0)."""
+        if t is None:
+            return 1.0, 0.0, True
+        require(self.sde is not None,
+                "this mixture has no SDE: pass sde=... (or use with_sde) to evaluate at a time t")
+        if not isinstance(t, torch.Tensor) or (t.ndim == 0 and t.device.type == "cpu"):
+            t64 = self.sde.time(torch.as_tensor(t, dtype=x.dtype).double())
+            return float(self.sde._log_alpha(t64).exp()), float(self.sde._log_sigma(t64).exp()), True
+        t = self.sde.time(t, x)                                   # (batch,), x's dtype and device
+        B = t.shape[0]
+        if B >= 1 and (B == 1 or t.stride(0) == 0
+                       or (t.device.type == "cpu" and bool((t == t[0]).all()))):
+            t0 = t[0].double()
+            a, s = self.sde._log_alpha(t0).exp(), self.sde._log_sigma(t0).exp()
+            return (float(a), float(s), True) if t0.device.type == "cpu" else (a, s, True)
+        t = t.double()
+        return self.sde._log_alpha(t).exp()[:, None], self.sde._log_sigma(t).exp()[:, None], False
+
+    def _evaluate(self, x: torch.Tensor, t: Optional[TimeLike], what: str) -> torch.Tensor:
+        """``what`` in ``log_prob`` ``(batch,)``, ``resp`` ``(batch, K)``, ``score``, ``x0``, ``eps``
+        (shaped like ``x``), by the path chosen for this mixture's components."""
         self._check_x(x)
-        a, s = self._scales(x, t)
-        m = self.means.to(x)
-        var0 = (self.stds ** 2).to(x)
-        mean = a * m.unsqueeze(0)                      # (B, K, ...)
-        var = a * a * var0.unsqueeze(0) + s * s        # (B, K, ...)
-        diff = x.unsqueeze(1) - mean
-        dims = tuple(range(2, diff.ndim))
-        log_norm = -0.5 * ((diff * diff / var).sum(dims) + torch.log(2 * math.pi * var).sum(dims))
-        log_joint = log_norm + torch.log(self.weights.to(x))
-        return log_joint, diff, var, a, var0
+        a, s, shared = self._scales(x, t)
+        xf = x.reshape(x.shape[0], self.dim)
+        if self._kind == "isotropic":
+            out = self._in_float64(xf, what, self._isotropic(xf, a, s, what))
+        elif self._kind == "diagonal" and shared:
+            out = self._in_float64(xf, what, self._diagonal(xf, a, s, what))
+        elif shared:
+            out = self._full_shared(xf, a, s, what)
+        else:
+            out = self._per_sample(xf, a, s, what)
+        return out.reshape(x.shape) if what in _FIELDS else out
+
+    def _in_float64(self, xf: torch.Tensor, what: str,
+                    fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> torch.Tensor:
+        """``fn(x64, rows)`` on ``x`` in float64, returned in ``x``'s dtype. A float64 ``x`` is one
+        chunk (no copy); a lower precision is upcast an eighth of the batch at a time (so the
+        float64 temporaries stay within the input's size): in float32 the expanded distances
+        ``||x||^2 - 2 alpha x.m_k + alpha^2 ||m_k||^2`` would lose ``~||x||^2 / ||x - alpha m_k||^2``
+        in relative accuracy, and TF32 matrix products would lose far more."""
+        B, D = xf.shape
+        if xf.dtype == torch.float64:
+            return fn(xf, slice(None))
+        rows = max(1, B // 8, _MIN_CHUNK // max(D, 1))
+        if rows >= B:
+            return fn(xf.double(), slice(None)).to(xf.dtype)
+        shape = {"log_prob": (B,), "resp": (B, self.n_components)}.get(what, (B, D))
+        out = xf.new_empty(shape)
+        for i in range(0, B, rows):
+            out[i:i + rows] = fn(xf[i:i + rows].double(), slice(i, i + rows))
+        return out
+
+    def _isotropic(self, xf: torch.Tensor, a: Scale, s: Scale,
+                   what: str) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+        """Isotropic components, any times. With ``v_k = alpha^2 s_k^2 + sigma^2``,
+
+        ``log w_k N_k(x) = log w_k - D/2 log(2 pi v_k) - (||x||^2 - 2 alpha x.m_k + alpha^2 ||m_k||^2) / (2 v_k)``
+
+        (one ``(batch, K)`` matrix product). The fields use ``u_k = r_k / v_k`` normalised,
+        ``u = softmax(log w_k N_k - log v_k)``, and ``q = sum_k r_k / v_k``:
+        ``score = q (alpha u.M - x)``, ``E[x0 | x] = q (sigma^2 u.M + alpha (u.s^2) x)`` (the
+        per-component posterior means ``m_k + alpha s_k^2 / v_k (x - alpha m_k)`` summed without a
+        division by ``alpha``, so exact where ``alpha`` is tiny), ``eps = -sigma score``."""
+        p = self._params(xf, torch.float64)
+        M, s2 = p["means"], p["iso_var"]
+        field = what in _FIELDS
+        c1 = 0.5 * xf.shape[1] + (1.0 if field else 0.0)         # the power of 1 / v_k in the weights
+        log_w = p["log_weights"] - 0.5 * xf.shape[1] * _LOG_2PI
+        shared = not isinstance(a, torch.Tensor) or a.ndim < 2
+        if shared:                    # alpha / v_k folded into the product, -1 / (2 v_k) into one addcmul
+            v = a * a * s2 + s * s                                 # (K,)
+            base = log_w - c1 * torch.log(v) - (0.5 * a * a) * p["sq_norms"] / v
+            lin, quad = (M * (a / v)[:, None]).T, -0.5 / v
+
+        def fn(x: torch.Tensor, rows: slice) -> torch.Tensor:
+            sq = (x * x).sum(1, keepdim=True)
+            if shared:
+                aa, ss = a, s
+                lj = torch.addmm(base, x, lin).addcmul_(sq, quad)
+            else:                                                  # (c, K) per-sample variances
+                aa, ss = a[rows], s[rows]
+                vv = torch.addcmul(ss * ss, aa * aa, s2)
+                dist = torch.addmm(torch.addcmul(sq, aa * aa, p["sq_norms"]), x * (-2 * aa), M.T)
+                lj = torch.add(log_w, torch.log(vv), alpha=-c1).sub_(dist.div_(vv), alpha=0.5)
+            if what == "log_prob":
+                return torch.logsumexp(lj, dim=1)
+            if what == "resp":
+                return torch.softmax(lj, dim=1)
+            e = lj.sub_(lj.max(1, keepdim=True).values).exp_()    # proportional to r_k / v_k
+            norm = e.sum(1, keepdim=True)
+            es2 = (e @ s2).unsqueeze(1)
+            q = norm / (aa * aa * es2 + ss * ss * norm)             # sum_k r_k / v_k
+            out = (e / norm) @ M
+            if what == "x0":
+                out.mul_(ss * ss).addcmul_(x, es2 / norm * aa)
+                return out.mul_(q)
+            out = out.mul_(aa).sub_(x).mul_(q)
+            return out.mul_(-ss) if what == "eps" else out
+
+        return fn
+
+    def _diagonal(self, xf: torch.Tensor, a: Scale, s: Scale,
+                  what: str) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+        """Diagonal components, one time for the batch. With ``P_k = 1 / (alpha^2 s_k^2 + sigma^2)``
+        per axis, ``sum_d (x_d - alpha m_kd)^2 P_kd = (x^2).P_k - 2 alpha x.(m_k P_k) + alpha^2
+        sum_d m_kd^2 P_kd`` (two ``(batch, K)`` products); ``score = sum_k r_k P_k (alpha m_k - x)``,
+        ``E[x0 | x] = sum_k r_k (sigma^2 P_k m_k + alpha s_k^2 P_k x)``, ``eps = -sigma score``."""
+        p = self._params(xf, torch.float64)
+        var0, m = p["axis_var"], p["means"]
+        v = a * a * var0 + s * s                                   # (K, D)
+        prec = v.reciprocal()
+        mp = m * prec
+        base = p["log_weights"] - 0.5 * (torch.log(v).sum(1) + v.shape[1] * _LOG_2PI) \
+            - (0.5 * a * a) * (m * mp).sum(1)
+        lin, quad = (a * mp).T, (-0.5 * prec).T
+
+        def fn(x: torch.Tensor, rows: slice) -> torch.Tensor:
+            lj = torch.addmm(base, x, lin).addmm_(x * x, quad)
+            if what == "log_prob":
+                return torch.logsumexp(lj, dim=1)
+            r = torch.softmax(lj, dim=1)
+            if what == "resp":
+                return r
+            if what == "x0":
+                return (r @ ((s * s) * mp)).addcmul_(x, r @ (a * var0 * prec))
+            out = (r @ (a * mp)).addcmul_(x, r @ prec, value=-1)
+            return out.mul_(-s) if what == "eps" else out
+
+        return fn
+
+    def _chunks(self, xf: torch.Tensor, what: str):
+        """Row ranges whose ``(chunk, K, D)`` temporaries each hold at most a sixth of the input's
+        elements (at least ``_MIN_CHUNK``; four or five are alive at once), and the result
+        tensor they fill."""
+        B, D = xf.shape
+        K = self.n_components
+        chunk = max(1, max(B * D // 6, _MIN_CHUNK) // (K * D))
+        result = xf.new_empty({"log_prob": (B,), "resp": (B, K)}.get(what, (B, D)))
+        return [slice(i, i + chunk) for i in range(0, B, chunk)], result
+
+    def _full_shared(self, xf: torch.Tensor, a: Scale, s: Scale, what: str) -> torch.Tensor:
+        """Full components, one time for the batch, in ``x``'s dtype. With ``v_k = alpha^2 l_k +
+        sigma^2`` and the whitening ``W_k = U_k diag(v_k^-1/2)`` (once per call), ``y_k = W_k^T
+        (x - alpha m_k)`` for every ``k`` is one product per chunk, ``log N_k = -1/2 (||y_k||^2 +
+        sum_d log(2 pi v_kd))``, ``score = -sum_k r_k W_k y_k`` and ``E[x0 | x] = sum_k r_k (m_k +
+        U_k (alpha l_k v_k^-1/2 y_k))``: one product back. A score for a batch larger than ``D``
+        forms the precisions ``P_k = W_k W_k^T`` instead (``K D^3``): ``z_k = P_k (x - alpha m_k)``
+        gives ``log N_k`` (through ``(x - alpha m_k).z_k``) and ``score = -sum_k r_k z_k``, one
+        product per chunk instead of two."""
+        p = self._params(xf)
+        B, D = xf.shape
+        K = self.n_components
+        a, s = _like(a, xf), _like(s, xf)
+        v = a * a * p["axis_var"] + s * s                          # (K, D)
+        logdet = torch.log(v).sum(1) + D * _LOG_2PI
+        inv_sd = v.rsqrt()
+        rows, result = self._chunks(xf, what)
+        if what in ("score", "eps") and B > D:
+            U = p["rotations"].view(D, K, D).permute(1, 0, 2)       # (K, D, D): U_k
+            W = U * inv_sd[:, None, :]
+            prec, m = W @ W.mT, p["means"][:, None, :]
+            for sl in rows:
+                y = xf[None, sl] - a * m                           # (K, c, D)
+                z = torch.bmm(y, prec)
+                log_joint = p["log_weights"][:, None] - 0.5 * ((z * y).sum(2) + logdet[:, None])
+                r = torch.softmax(log_joint, dim=0)[:, :, None]   # (K, c, 1)
+                out = (z * r).sum(0)
+                result[sl] = out.mul_(s) if what == "eps" else out.neg_()
+            return result
+        W = p["rotations"] * inv_sd.reshape(1, K * D)              # (D, K D): [W_1 ... W_K]
+        shift = (a * p["axis_means"] * inv_sd).reshape(K * D)
+        for sl in rows:
+            y = torch.addmm(-shift, xf[sl], W)                     # (c, K D)
+            c = y.shape[0]
+            log_joint = p["log_weights"] - 0.5 * ((y * y).view(c, K, D).sum(2) + logdet)
+            if what == "log_prob":
+                result[sl] = torch.logsumexp(log_joint, dim=1)
+                continue
+            r = torch.softmax(log_joint, dim=1)
+            if what == "resp":
+                result[sl] = r
+                continue
+            y = y.view(c, K, D) * r[:, :, None]
+            if what == "x0":
+                result[sl] = torch.addmm(r @ p["means"], (y * (a * p["axis_var"] * inv_sd)).view(c, K * D),
+                                         p["rotations"].T)
+            else:
+                out = y.view(c, K * D) @ W.T
+                result[sl] = out.mul_(s) if what == "eps" else out.neg_()
+        return result
+
+    def _per_sample(self, xf: torch.Tensor, a: torch.Tensor, s: torch.Tensor, what: str) -> torch.Tensor:
+        """Diagonal or full components with per-sample times, in ``x``'s dtype: the differences
+        ``y_k = U_k^T (x - alpha m_k)`` (``U_k = I``, ``l_k = s_k^2`` for diagonal components) and
+        ``v_k = alpha^2 l_k + sigma^2`` per sample and component, as the reference formulas
+        ``log N_k = -1/2 sum_d (y_kd^2 / v_kd + log(2 pi v_kd))``, ``score = -sum_k r_k U_k
+        (y_k / v_k)``, ``E[x0 | x] = sum_k r_k (m_k + U_k (alpha l_k / v_k y_k))``."""
+        p = self._params(xf)
+        B, D = xf.shape
+        K = self.n_components
+        a, s = a.to(xf.dtype), s.to(xf.dtype)
+        lam, mu, rot = p["axis_var"], p["axis_means"], p.get("rotations")
+        rows, result = self._chunks(xf, what)
+        for sl in rows:
+            xc, ac, sc = xf[sl], a[sl, :, None], s[sl]            # (c, D), (c, 1, 1), (c, 1)
+            c = xc.shape[0]
+            v = torch.addcmul((sc * sc)[:, :, None], ac * ac, lam)   # (c, K, D)
+            y = (xc @ rot).view(c, K, D) if rot is not None else xc[:, None, :]
+            y = torch.addcmul(y, ac, mu, value=-1)
+            z = y / v
+            log_joint = p["log_weights"] - 0.5 * ((z * y).sum(2) + torch.log(v).sum(2) + D * _LOG_2PI)
+            if what == "log_prob":
+                result[sl] = torch.logsumexp(log_joint, dim=1)
+                continue
+            r = torch.softmax(log_joint, dim=1)
+            if what == "resp":
+                result[sl] = r
+                continue
+            r = r[:, :, None]
+            z = y * (ac * lam / v) * r if what == "x0" else z * (-r)
+            out = z.reshape(c, K * D) @ rot.T if rot is not None else z.sum(1)
+            if what == "x0":
+                out += r[:, :, 0] @ p["means"]
+            elif what == "eps":
+                out *= -sc
+            result[sl] = out
+        return result
 
     # ---- exact quantities ---------------------------------------------------------------------
     def log_prob(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
         """``log p_t(x)`` per sample, shape ``(batch,)`` (log-sum-exp over components)."""
-        log_joint = self._components(x, t)[0]
-        return torch.logsumexp(log_joint, dim=1)
+        return self._evaluate(x, t, "log_prob")
 
     def responsibilities(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
         """Posterior component probabilities ``p(k | x_t)``, shape ``(batch, K)``."""
-        return torch.softmax(self._components(x, t)[0], dim=1)
+        return self._evaluate(x, t, "resp")
 
     def score(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
-        """``grad_x log p_t(x) = sum_k r_k (-(x - alpha m_k) / var_k)``."""
-        log_joint, diff, var, _, _ = self._components(x, t)
-        r = expand_to(torch.softmax(log_joint, dim=1), diff)
-        return (r * (-diff / var)).sum(1)
+        """``grad_x log p_t(x) = sum_k r_k (alpha^2 C_k + sigma^2 I)^-1 (alpha m_k - x)``."""
+        return self._evaluate(x, t, "score")
 
     def x0(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Denoiser ``E[x0 | x_t = x] = sum_k r_k (m_k + alpha s_k^2 / var_k (x - alpha m_k))``,
-        computed per component so it stays exact where ``alpha`` is tiny."""
-        log_joint, diff, var, a, var0 = self._components(x, t)
-        r = expand_to(torch.softmax(log_joint, dim=1), diff)
-        post_mean = self.means.to(x).unsqueeze(0) + a * var0.unsqueeze(0) / var * diff
-        return (r * post_mean).sum(1)
+        """Denoiser ``E[x0 | x_t = x] = sum_k r_k (m_k + alpha C_k (alpha^2 C_k + sigma^2 I)^-1
+        (x - alpha m_k))``, computed per component (no division by ``alpha``) so it stays exact
+        where ``alpha`` is tiny."""
+        return self._evaluate(x, t, "x0")
 
     def eps(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """Noise predictor ``E[z | x_t = x] = -sigma(t) * score``."""
-        _, s = self._scales(x, t)
-        return -s.squeeze(1) * self.score(x, t)
+        return self._evaluate(x, t, "eps")
 
     def sample(self, n: int, t: Optional[TimeLike] = None,
                generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float32,
                device: Union[str, torch.device, None] = None,
                return_labels: bool = False):
-        """Draw ``n`` samples of ``p_t`` (``t=None``: clean data), optionally with their components."""
+        """Draw ``n`` samples of ``p_t`` (``t=None``: clean data), optionally with their components.
+        Full-covariance components draw ``m_k + U_k (sqrt(l_k) * z)``."""
         require(isinstance(n, int) and n >= 1, f"n must be an integer >= 1, got {n!r}")
         if generator is not None and device is None:
             device = generator.device
         labels = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator)
         noise = torch.randn((n,) + tuple(self.event_shape), generator=generator, device=device,
                             dtype=torch.float64)
-        x = self.means.to(device)[labels] + self.stds.to(device)[labels] * noise
+        if self.covariances is None:
+            x = self.means.to(device)[labels] + self.stds.to(device)[labels] * noise
+        else:
+            p = self._params(noise)
+            D, flat = self.dim, noise.reshape(n, -1)
+            x = p["means"][labels]
+            for k in range(self.n_components):
+                idx = (labels == k).nonzero().squeeze(1)
+                u = p["rotations"][:, k * D:(k + 1) * D]
+                x[idx] += (flat[idx] * p["axis_var"][k].sqrt()) @ u.T
+            x = x.reshape(noise.shape)
         if t is not None:
             z = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float64)
-            a, s = self._scales(x, t)
-            x = a.squeeze(1) * x + s.squeeze(1) * z
+            require(self.sde is not None,
+                    "this mixture has no SDE: pass sde=... (or use with_sde) to evaluate at a time t")
+            tt = self.sde.time(t, x)
+            a, s = expand_to(self.sde._log_alpha(tt).exp(), x), expand_to(self.sde._log_sigma(tt).exp(), x)
+            x = a * x + s * z
         x = x.to(dtype)
         return (x, labels) if return_labels else x
 
 
 def random_mixture(dim: Union[int, Sequence[int]] = 2, n_components: int = 8, seed: int = 0,
                    sde: Optional[SDE] = None, spread: float = 0.6,
-                   std_range: Sequence[float] = (0.05, 0.2), diagonal: bool = False) -> GaussianMixture:
+                   std_range: Sequence[float] = (0.05, 0.2), diagonal: bool = False,
+                   full: bool = False) -> GaussianMixture:
     """A reproducible mixture with unequal weights and widths, its means inside ``[-spread, spread]``
-    (data roughly in ``[-1, 1]`` like scaled images). ``dim`` may be an event shape."""
+    (data roughly in ``[-1, 1]`` like scaled images). ``dim`` may be an event shape. ``diagonal``:
+    a standard deviation per axis; ``full``: covariances ``U_k diag(s_k^2) U_k^T`` with such
+    per-axis ``s_k`` and random orthogonal ``U_k`` (QR of a Gaussian matrix), built by
+    :meth:`GaussianMixture.from_eigen`."""
     event = (dim,) if isinstance(dim, int) else tuple(dim)
     require(n_components >= 1, f"n_components must be >= 1, got {n_components!r}")
     lo, hi = float(std_range[0]), float(std_range[1])
     require(0 < lo <= hi, f"std_range must satisfy 0 < low <= high, got {tuple(std_range)}")
+    require(not (diagonal and full), "pass at most one of diagonal=True and full=True")
     g = torch.Generator().manual_seed(seed)
     weights = torch.rand(n_components, generator=g, dtype=torch.float64) + 0.2
     means = (torch.rand((n_components,) + event, generator=g, dtype=torch.float64) * 2 - 1) * spread
-    std_shape = (n_components,) + (event if diagonal else ())
+    std_shape = (n_components,) + (event if diagonal or full else ())
     stds = lo + (hi - lo) * torch.rand(std_shape, generator=g, dtype=torch.float64)
-    return GaussianMixture(weights, means, stds, sde)
+    if not full:
+        return GaussianMixture(weights, means, stds, sde)
+    d = math.prod(event)
+    q, r = torch.linalg.qr(torch.randn((n_components, d, d), generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]   # the Haar-distributed Q
+    return GaussianMixture.from_eigen(weights, means, stds.reshape(n_components, d) ** 2, q, sde)
