@@ -768,3 +768,140 @@ def test_gpu_paths_match_the_cpu_and_a_number_time_does_not_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
+
+# ---- full covariances ----------------------------------------------------------------------------
+
+def _rotation(d, seed):
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_full_covariance_equals_a_rotated_diagonal_mixture(sde_name):
+    """If x0 ~ sum_k w_k N(m_k, diag(s_k^2)) then R x0 ~ sum_k w_k N(R m_k, R diag(s_k^2) R^T), and
+    the isotropic noise is rotation invariant: log p_t(R x) = log p_t(x), score(R x) = R score(x),
+    E[x0 | R x] = R E[x0 | x], eps likewise, the same responsibilities."""
+    sde = SDES[sde_name]()
+    diag = random_mixture(dim=3, n_components=4, seed=11, sde=sde, diagonal=True)
+    R = _rotation(3, 12)
+    full = GaussianMixture(diag.weights, diag.means @ R.T, sde=sde,
+                           covariances=R @ torch.diag_embed(diag.stds ** 2) @ R.T)
+    assert full.kind == "full" and full.stds is None
+    n = 24                                              # > dim: the score's precision form
+    x = _samples(diag, n, 0.5, seed=13)
+    for t in _times_to_check(n):
+        for fn in METHODS:
+            if t is None and fn in ("x0", "eps"):
+                continue
+            ref = getattr(diag, fn)(x, t)
+            got = getattr(full, fn)(x @ R.T, t)
+            if fn in ("score", "x0", "eps"):
+                got = got @ R
+            torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11 * ref.abs().max().item(),
+                                       msg=f"{fn} t={t}")
+
+
+def test_full_score_forms_agree():
+    """The score of full components at one time: through precisions (batch larger than dim) and
+    through the eigenbases (batch up to dim) give the same answer; so does the per-sample path."""
+    mix = random_mixture(dim=6, n_components=3, seed=14, sde=VPSDE(), full=True)
+    x = _samples(mix, 30, 0.3, seed=15)
+    t = torch.full((30,), 0.3, dtype=F64)
+    t[0] = 0.35                                         # one other time: the per-sample path
+    for fn in ("score", "eps"):
+        big = getattr(mix, fn)(x, 0.3)
+        small = torch.cat([getattr(mix, fn)(x[i:i + 6], 0.3) for i in range(0, 30, 6)])
+        tol = dict(rtol=1e-12, atol=1e-12 * small.abs().max().item())
+        torch.testing.assert_close(big, small, **tol)
+        torch.testing.assert_close(getattr(mix, fn)(x, t)[1:], big[1:], **tol)
+
+
+@pytest.mark.parametrize("sde_name, t", [("vp", None)] + [(name, t) for name in SDES for t in (0.01, 0.4, 1.0)])
+def test_full_log_prob_integrates_to_one_in_2d(sde_name, t):
+    """Trapezoidal quadrature of a 2-D mixture with correlated components, as for the diagonal ones:
+    steps of half the smallest principal std, 10 of the largest beyond the outermost means."""
+    sde = SDES[sde_name]()
+    a, s = _scales(sde, t)
+    mix = random_mixture(dim=2, n_components=4, seed=16, sde=sde, full=True, std_range=(0.05, 0.3))
+    assert (mix.covariances[:, 0, 1].abs() > 1e-3).any()              # correlated, not diagonal
+    eig = torch.linalg.eigvalsh(a * a * mix.covariances + s * s * torch.eye(2, dtype=F64)).sqrt()
+    lo, hi = eig.min().item(), eig.max().item()
+    means = (a * mix.means).numpy()
+    axes = [_axis(means[:, j].mean(), np.ptp(means[:, j]) / 2 + 10 * hi, lo / 2) for j in range(2)]
+    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    density = torch.exp(mix.log_prob(torch.from_numpy(mesh.reshape(-1, 2)), t)).numpy().reshape(mesh.shape[:-1])
+    total = integrate.trapezoid(integrate.trapezoid(density, axes[1], axis=-1), axes[0])
+    assert float(total) == pytest.approx(1.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_full_samples_have_the_mixture_moments(sde_name):
+    sde = SDES[sde_name]()
+    mix = random_mixture(dim=3, n_components=3, seed=17, sde=sde, full=True, std_range=(0.1, 0.4))
+    x = _samples(mix, 40_000, None, seed=18)
+    _check_sample_moments(x, mix.mean(), mix.covariance(), "full clean")
+    a, s = _scales(sde, 0.3)
+    x = _samples(mix, 40_000, 0.3, seed=19)
+    _check_sample_moments(x, a * mix.mean(), a * a * mix.covariance() + s * s * torch.eye(3, dtype=F64),
+                          "full t=0.3")
+    # per component: the labels' samples have that component's covariance
+    x, labels = mix.sample(40_000, generator=torch.Generator().manual_seed(20), dtype=F64, return_labels=True)
+    for k in range(3):
+        _check_sample_moments(x[labels == k], mix.means[k], mix.covariances[k], f"component {k}")
+
+
+def test_full_covariance_formula_and_image_shaped_events():
+    """covariance() is the law of total covariance; a full mixture over (2, 2) images equals the
+    flattened one; from_eigen equals the covariances it implies."""
+    mix = random_mixture(dim=(2, 2), n_components=3, seed=21, sde=SubVPSDE(), full=True)
+    assert mix.event_shape == (2, 2) and mix.covariances.shape == (3, 4, 4)
+    w, m = mix.weights, mix.means.reshape(3, 4)
+    mu = w @ m
+    cov = sum(w[k] * (mix.covariances[k] + torch.outer(m[k] - mu, m[k] - mu)) for k in range(3))
+    torch.testing.assert_close(mix.covariance(), cov, rtol=1e-12, atol=1e-14)
+    flat = GaussianMixture(w, m, sde=mix.sde, covariances=mix.covariances)
+    x = _samples(mix, 8, 0.4, seed=22)
+    assert x.shape == (8, 2, 2)
+    for fn in METHODS:
+        got, ref = getattr(mix, fn)(x, 0.4), getattr(flat, fn)(x.reshape(8, 4), 0.4)
+        torch.testing.assert_close(got.reshape(ref.shape), ref, rtol=1e-12, atol=1e-12 * ref.abs().max().item())
+    assert mix.with_sde(VESDE()).kind == "full"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stds=[0.1, 0.1], covariances=torch.eye(2).expand(2, 2, 2)), r"pass exactly one of stds .* got both"),
+    (dict(), r"pass exactly one of stds .* got neither"),
+    (dict(covariances=torch.eye(3).expand(2, 3, 3)),
+     r"covariances must have shape \(K=2, 2, 2\), got \(2, 3, 3\)"),
+    (dict(covariances=torch.tensor([[[1.0, 0.5], [0.0, 1.0]]] * 2)),
+     r"covariances must be symmetric, got max \|C - C\^T\| = 0\.5"),
+    (dict(covariances=torch.tensor([[[1.0, 2.0], [2.0, 1.0]]] * 2)),
+     r"covariances must be positive definite, got smallest eigenvalue -1\.0 in component 0"),
+    (dict(covariances=torch.tensor([[[1.0, 0.0], [0.0, math.nan]]] * 2)), r"covariances must be finite"),
+])
+def test_bad_covariances_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture([1.0, 1.0], [[0.0, 0.0], [1.0, 1.0]], **kwargs)
+
+
+def test_bad_eigendecompositions_name_the_value():
+    w, m = [1.0, 1.0], [[0.0, 0.0], [1.0, 1.0]]
+    eye = torch.eye(2, dtype=F64).expand(2, 2, 2)
+    with pytest.raises(ValueError, match=r"eigenvalues must be > 0, got smallest eigenvalue 0\.0 in component 1"):
+        GaussianMixture.from_eigen(w, m, [[1.0, 1.0], [1.0, 0.0]], eye)
+    with pytest.raises(ValueError,
+                       match=r"eigenvectors must be orthonormal \(columns\), got max \|U\^T U - I\| = 3\.0"):
+        GaussianMixture.from_eigen(w, m, [[1.0, 1.0]] * 2, 2 * eye)
+    with pytest.raises(ValueError, match=r"eigenvalues must have shape \(K=2, 2\), got \(2, 3\)"):
+        GaussianMixture.from_eigen(w, m, [[1.0, 1.0, 1.0]] * 2, eye)
+    with pytest.raises(ValueError, match=r"eigenvectors must have shape \(K=2, 2, 2\), got \(2, 2\)"):
+        GaussianMixture.from_eigen(w, m, [[1.0, 1.0]] * 2, torch.eye(2))
+    with pytest.raises(ValueError, match=r"pass at most one of diagonal=True and full=True"):
+        random_mixture(diagonal=True, full=True)
+    R = _rotation(2, 23)
+    lam = torch.tensor([[0.1, 0.4], [0.2, 0.3]], dtype=F64)
+    a = GaussianMixture.from_eigen(w, m, lam, torch.stack([R, R.T]))
+    b = GaussianMixture(w, m, covariances=a.covariances)
+    x = torch.randn(5, 2, dtype=F64)
+    torch.testing.assert_close(a.log_prob(x), b.log_prob(x), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(a.score(x), b.score(x), rtol=1e-12, atol=1e-12)
