@@ -34,7 +34,8 @@ import torch
 
 from ._checks import require
 from ._files import atomic_write
-from .config import build_sde, config_from_json, config_to_json, network_config
+from .config import config_from_json, config_to_json
+from .models.factory import model_from_config
 
 __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "latest_checkpoint",
            "capture_rng_states", "restore_rng_states", "CheckpointError", "LAST_NAME", "FORMAT"]
@@ -197,13 +198,11 @@ def model_from_checkpoint(path: PathLike, use_ema: bool = True,
                           device: Union[str, torch.device, None] = None):
     """Rebuild the trained model: ``(ScoreModel, sde, config)``.
 
-    The network is built from the stored config (``sde_diffusion.models.build_network``) and
+    The model is built from the stored config (``sde_diffusion.models.model_from_config``) and
     loaded with the EMA weights (``use_ema=True``, what samplers and likelihoods should use) or
     the raw weights; it is put in eval mode on ``device`` (default: CPU). ``path`` may also be a
     workdir, whose latest checkpoint is used.
     """
-    from .models import ScoreModel, build_network  # networks live above this leaf module
-
     path = os.fspath(path)
     if os.path.isdir(path):
         found = latest_checkpoint(path)
@@ -215,7 +214,7 @@ def model_from_checkpoint(path: PathLike, use_ema: bool = True,
     state = ckpt["ema"] if use_ema else ckpt["model"]
     if state is None:
         raise CheckpointError(f"{path!r} holds no {'EMA' if use_ema else 'raw'} weights")
-    net = build_network(network_config(config.model), tuple(ckpt["data_shape"]))
+    net, model = model_from_config(config, ckpt["data_shape"])
     try:
         net.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as err:
@@ -227,7 +226,4 @@ def model_from_checkpoint(path: PathLike, use_ema: bool = True,
         p.requires_grad_(False)
     if device is not None:
         net.to(device)
-    sde = build_sde(config)
-    model = ScoreModel(net, sde, parameterization=config.model.parameterization,
-                       time_input=config.model.time_input)
-    return model, sde, config
+    return model, model.sde, config

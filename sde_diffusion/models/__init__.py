@@ -1,8 +1,8 @@
 """Networks and the parameterization wrapper that turns any network into score / eps / x0."""
-from .factory import NETWORKS, build_network
+from .factory import NETWORKS, build_network, model_from_config
 from .mlp import TimeMLP
 from .unet import UNet
 from .wrapper import NonFiniteError, OracleModel, ScoreModel
 
 __all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "TimeMLP", "UNet", "build_network",
-           "NETWORKS"]
+           "model_from_config", "NETWORKS"]

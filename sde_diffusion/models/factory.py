@@ -1,16 +1,22 @@
-"""Build a network from an ``ml_collections`` model config (score_sde's ``config.model``)."""
+"""Build a network, and the model that wraps it, from an ``ml_collections`` config (score_sde's
+layout): :func:`build_network` from ``config.model``'s constructor fields, :func:`model_from_config`
+the :class:`~sde_diffusion.models.ScoreModel` of a whole config. Training, checkpoints and the
+command line build their models here and nowhere else."""
 from __future__ import annotations
 
 import inspect
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from .._checks import require
+from ..config import build_sde, network_config
+from ..sdes import SDE
 from .mlp import TimeMLP
 from .unet import UNet
+from .wrapper import ScoreModel
 
-__all__ = ["NETWORKS", "build_network"]
+__all__ = ["NETWORKS", "build_network", "model_from_config"]
 
 NETWORKS = {"mlp": TimeMLP, "unet": UNet}
 
@@ -58,3 +64,25 @@ def build_network(model_config, data_shape: Sequence[int]) -> nn.Module:
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     return cls(**sized, **kwargs)
+
+
+def model_from_config(config, data_shape: Optional[Sequence[int]] = None, *, sde: Optional[SDE] = None,
+                      net: Optional[nn.Module] = None,
+                      check_finite: bool = True) -> Tuple[nn.Module, ScoreModel]:
+    """``(net, model)``: the network ``config.model`` names, built for data of shape
+    ``data_shape`` (:func:`build_network` of :func:`~sde_diffusion.config.network_config`), and
+    the :class:`ScoreModel` that reads it with ``config.model.parameterization`` and
+    ``config.model.time_input`` under ``sde`` (default: :func:`~sde_diffusion.config.build_sde`
+    of ``config``).
+
+    Pass ``net`` (a network of your own, an EMA copy, a ``DistributedDataParallel`` wrapper) to
+    wrap it instead of building one; ``data_shape`` is then not needed. ``check_finite`` is the
+    wrapper's NaN/Inf check (off in the training loop, where it would sync the device per step).
+    """
+    if net is None:
+        require(data_shape is not None, "model_from_config needs data_shape to build a network")
+        net = build_network(network_config(config.model), tuple(int(s) for s in data_shape))
+    sde = build_sde(config) if sde is None else sde
+    model = ScoreModel(net, sde, parameterization=str(config.model.parameterization),
+                       time_input=str(config.model.time_input), check_finite=check_finite)
+    return net, model
