@@ -1,9 +1,11 @@
 """sde_diffusion: score-based generative modelling with SDEs (Song et al., 2021).
 
 The public API: the forward SDEs, the exact Gaussian-mixture oracle, the model wrapper, one
-sampling entry point with a registry of solvers, and the probability-flow log-likelihood.
-Training lives in :mod:`sde_diffusion.training`, networks in :mod:`sde_diffusion.models`.
+sampling entry point with a registry of solvers, the probability-flow log-likelihood, and
+training with preview pictures (:func:`train`, :func:`evaluate_model`). The training job itself
+lives in :mod:`sde_diffusion.training`, networks in :mod:`sde_diffusion.models`.
 """
+from .evaluation import evaluate_model, train
 from .likelihood import image_log_likelihood, log_likelihood
 from .models import OracleModel, ScoreModel
 from .oracles import GaussianMixture, random_mixture
@@ -15,4 +17,4 @@ __version__ = "0.1.0"
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture", "random_mixture",
            "ScoreModel", "OracleModel", "sample", "available_solvers", "make_grid", "optimize_grid",
            "log_likelihood",
-           "image_log_likelihood"]
+           "image_log_likelihood", "train", "evaluate_model"]

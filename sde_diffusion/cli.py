@@ -250,7 +250,8 @@ def cmd_train(args, rest: Sequence[str]) -> int:
 
     from ._files import LockHeldError, OutputError
     from .config import apply_overrides, load_config
-    from .training import NonFiniteLossError, check_dependencies, evaluate_model, train
+    from .evaluation import evaluate_model, previews
+    from .training import NonFiniteLossError, check_dependencies, train
 
     if not os.path.isfile(args.config):
         raise UserError(f"--config {args.config!r}: no such file")
@@ -261,12 +262,14 @@ def cmd_train(args, rest: Sequence[str]) -> int:
         config.device = args.device
     if args.seed is not None:
         config.seed = args.seed
-    try:  # train() checks this too; here a missing package is the user's one-line error
-        check_dependencies(config)
+    try:  # a missing package is the user's one-line error: the data's (train() checks them too)
+        check_dependencies(config)  # and matplotlib for the preview pictures (sample_freq > 0)
+        preview = previews(config, args.workdir)
     except ImportError as err:
         raise UserError(str(err)) from None
     try:  # a workdir in use, unwritable or full; other mistakes are ValueErrors (main maps them)
-        result = train(config, args.workdir, quiet=args.quiet, resume=not args.no_resume)
+        result = train(config, args.workdir, quiet=args.quiet, resume=not args.no_resume,
+                       preview=preview)
     except NonFiniteLossError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE

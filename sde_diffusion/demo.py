@@ -123,7 +123,7 @@ def _run_demo(out, iters, n, nfes, seed, quiet, n_likelihood, retrain, command, 
     from .reports import (plot_error_vs_nfe, plot_sample_panels, plot_trajectories, provenance,
                           write_csv, write_markdown_table, write_text)
     from .samplers import sample
-    from .training import evaluate_model, train
+    from .evaluation import evaluate_model, train
 
     os.makedirs(out, exist_ok=True)
     config = toy_config("moons", "vpsde")

@@ -125,7 +125,7 @@ def _train_entry(spelling):
     """The train command as a function of its arguments, in either spelling."""
     if spelling == "sde-diffusion train":
         return lambda args: main(["train", *args])
-    from sde_diffusion.training import main as module_main
+    from sde_diffusion.training.__main__ import main as module_main
     return module_main
 
 

@@ -160,7 +160,7 @@ def test_load_config_errors(tmp_path):
 
 
 def test_command_line_rejects_bad_overrides(tmp_path, capsys):
-    from sde_diffusion.training import main
+    from sde_diffusion.training.__main__ import main
     code = main(["--config", os.path.join(ROOT, "configs", "toy", "moons_vp.py"),
                  "--workdir", str(tmp_path), "--config.optim.lrr=1"])
     assert code == 2

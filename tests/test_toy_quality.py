@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sde_diffusion.config import load_config
-from sde_diffusion.training import evaluate_model, train
+from sde_diffusion.evaluation import evaluate_model
+from sde_diffusion.training import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 

@@ -14,7 +14,8 @@ import torch
 
 from sde_diffusion.checkpoints import load_checkpoint, model_from_checkpoint
 from sde_diffusion.config import apply_overrides, load_config
-from sde_diffusion.training import NonFiniteLossError, evaluate_model, train
+from sde_diffusion.evaluation import evaluate_model
+from sde_diffusion.training import NonFiniteLossError, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOONS = os.path.join(ROOT, "configs", "toy", "moons_vp.py")
@@ -199,8 +200,10 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
 
 
 def test_previews_and_evaluation(tmp_path):
-    result = train(tiny(6, **{"training.sample_freq": 3, "training.n_preview": 16}), tmp_path,
-                   quiet=True)
+    """``sde_diffusion.train`` (and ``sde-diffusion train``) draw previews by default."""
+    import sde_diffusion as sd
+    result = sd.train(tiny(6, **{"training.sample_freq": 3, "training.n_preview": 16}), tmp_path,
+                      quiet=True)
     assert [os.path.basename(p) for p in result.sample_paths] == ["step_3.png", "step_6.png"]
     assert all(os.path.getsize(p) > 0 for p in result.sample_paths)
     scores = evaluate_model(result.model, result.config, n_samples=200)
@@ -208,9 +211,33 @@ def test_previews_and_evaluation(tmp_path):
 
 
 def test_previews_do_not_change_the_training(tmp_path):
+    import sde_diffusion as sd
     a = train(tiny(6), tmp_path / "a", quiet=True)
-    b = train(tiny(6, **{"training.sample_freq": 2, "training.n_preview": 8}), tmp_path / "b", quiet=True)
+    b = sd.train(tiny(6, **{"training.sample_freq": 2, "training.n_preview": 8}), tmp_path / "b",
+                 quiet=True)
+    assert len(b.sample_paths) == 3
     _assert_same_state(a.net, b.net)
+
+
+def test_the_training_job_previews_through_the_hook_it_is_given(tmp_path):
+    """The job never samples itself: every sample_freq steps rank 0 calls the hook with the step,
+    a ScoreModel of the EMA weights and the training set; without a hook it warns and draws
+    nothing."""
+    from sde_diffusion.models import ScoreModel
+    calls = []
+
+    def hook(step, model, data):
+        calls.append((step, model, data.shape))
+        return f"preview-{step}" if step == 4 else None
+
+    result = train(tiny(5, **{"training.sample_freq": 2}), tmp_path / "a", quiet=True, preview=hook)
+    assert [c[0] for c in calls] == [2, 4] and result.sample_paths == ["preview-4"]
+    assert all(isinstance(m, ScoreModel) and not m.net.training and shape == (256, 2)
+               for _, m, shape in calls)
+    assert calls[-1][1].net is result.ema_net and calls[-1][1].parameterization == "eps"
+    with pytest.warns(UserWarning, match="sample_freq=2 but no preview hook"):
+        plain = train(tiny(5, **{"training.sample_freq": 2}), tmp_path / "b", quiet=True)
+    assert plain.sample_paths == [] and not (tmp_path / "b" / "samples").exists()
 
 
 def test_mixed_precision_on_cpu_warns_and_trains_in_float32(tmp_path):
