@@ -96,9 +96,10 @@ class SDE(abc.ABC):
         """Noise scale ``sigma(t)`` of ``x_t = alpha x0 + sigma z``."""
         return self._log_sigma(self.time(t)).exp()
 
-    def f_g2(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The scalar drift coefficient ``f(t)`` and the squared diffusion ``g(t)^2``."""
-        return self._f_g2(self.time(t))
+    def f_g2(self, t: TimeLike, *, sync: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The scalar drift coefficient ``f(t)`` and the squared diffusion ``g(t)^2``, for ``t``
+        checked as in :meth:`time`."""
+        return self._f_g2(self.time(t, sync=sync))
 
     def lambda_(self, t: TimeLike) -> torch.Tensor:
         """Half log signal-to-noise ratio ``lambda(t) = log(alpha(t) / sigma(t))``, decreasing in t
