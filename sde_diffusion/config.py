@@ -17,6 +17,7 @@ raises ``ValueError`` naming the key, the expected type and the value.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -72,12 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.method = "euler_maruyama"   # a solver name of sde_diffusion.samplers
     sampling.steps = 500
     sampling.noise_removal = True        # a final Tweedie step x <- E[x0 | x_eps] (score_sde)
-    sampling.n_samples = 5000
 
     config.eval = evaluate = ml_collections.ConfigDict()
-    evaluate.n_samples = 5000
+    evaluate.n_samples = 5000            # evaluate_model (the metric follows data.dataset)
     evaluate.batch_size = 1000
-    evaluate.metric = "sliced_wasserstein"  # or "frechet_digits"
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "moons"               # a name of sde_diffusion.data.get_dataset
@@ -145,7 +144,6 @@ def toy_config(dataset: str = "moons", sde: str = "vpsde") -> ml_collections.Con
     config.sampling.steps = 500
     config.eval.n_samples = 5000
     config.eval.batch_size = 5000
-    config.eval.metric = "sliced_wasserstein"
 
     config.data.dataset = dataset
     config.data.n_train = 20000
@@ -197,7 +195,6 @@ def digits_config(sde: str = "vpsde") -> ml_collections.ConfigDict:
     config.sampling.steps = 500
     config.eval.n_samples = 2000
     config.eval.batch_size = 500
-    config.eval.metric = "frechet_digits"
 
     config.data.dataset = "digits"
     config.data.image_size = 8
@@ -454,19 +451,11 @@ def _set(config: ml_collections.ConfigDict, key: str, value) -> None:
         node = node[part]
     if node[last] is None or value is None:
         # ml_collections types a None field on first assignment; re-create the field to retype it
-        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+        with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
             del node[last]
             node[last] = value
     else:
         node[last] = value
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- builders -----------------------------------------------------------------------------------
@@ -505,9 +494,3 @@ def network_config(model_config: ml_collections.ConfigDict) -> ml_collections.Co
     (:data:`MODEL_KEYS`): what ``sde_diffusion.models.build_network`` receives."""
     d = {k: model_config[k] for k in model_config.keys() if k not in MODEL_KEYS}
     return ml_collections.ConfigDict(d)
-
-
-def describe(config: ml_collections.ConfigDict) -> str:
-    """One ``key = value`` line per field, sorted (for logs)."""
-    return "\n".join(f"{k} = {v!r}" for k, v in sorted(flatten(config).items()))
-

@@ -137,6 +137,17 @@ def test_config_sde_names_come_from_the_one_table():
         toy_config("moons", "edm")
 
 
+def test_fields_nothing_reads_are_gone():
+    """sampling.n_samples and eval.metric were never read (evaluate_model takes eval.n_samples and
+    picks its metric from data.dataset): setting them is an unknown key, not a silent no-op."""
+    from sde_diffusion.config import digits_config, toy_config
+    for config in (default_config(), toy_config(), digits_config()):
+        for key in ("sampling.n_samples", "eval.metric"):
+            assert key not in flatten(config)
+            with pytest.raises(ValueError, match=f"unknown config key '{key}'"):
+                apply_overrides(config, [f"{key}=1"])
+
+
 def test_json_round_trip():
     c = load_config(os.path.join(ROOT, "configs", "digits", "vp.py"))
     back = config_from_json(config_to_json(c))
