@@ -17,17 +17,17 @@ log-determinants are computed once):
 - isotropic, any times: ``||x - alpha m_k||^2 = ||x||^2 - 2 alpha x.m_k + alpha^2 ||m_k||^2`` by
   one ``(batch, K)`` matrix product; the fields are one more product with the means;
 - diagonal, one time: the same expansion weighted by ``1 / v_k`` per axis (two products);
-- full, one time: one product rotates (and whitens) the batch into every component's eigenbasis,
-  one rotates back; for a score over a batch larger than ``dim``, precision matrices formed once
-  per call make it one product;
+- full, one time: one product rotates the batch into every component's eigenbasis, one rotates
+  back; for a score over a batch of at least ``K dim`` samples, precision matrices formed once per
+  call make it one product;
 - diagonal or full with per-sample times: the per-component differences, as the reference
   formulas, in chunks of samples.
 
 No path holds a ``(batch, K, dim)`` temporary for the whole batch: at most a sixth of the
-input's elements per temporary (or ``_MIN_CHUNK``). The isotropic and diagonal paths compute in
-float64 (a float32 input is upcast an eighth of the batch at a time and the result rounded once:
-the expanded distances would otherwise lose about ``||x||^2 / ||x - alpha m_k||^2`` in relative
-accuracy); the others in the input's dtype.
+input's elements per temporary (or 8 MiB; on a CPU at most 2 MiB, for the cache). The isotropic
+and diagonal paths compute in float64 (a float32 input is upcast an eighth of the batch at a time
+and the result rounded once: the expanded distances would otherwise lose about
+``||x||^2 / ||x - alpha m_k||^2`` in relative accuracy); the others in the input's dtype.
 """
 from __future__ import annotations
 
@@ -48,6 +48,16 @@ Scale = Union[float, torch.Tensor]          # a number, a 0-d tensor or a (batch
 _LOG_2PI = math.log(2 * math.pi)
 #: elements a chunked temporary may always hold (8 MiB in float64), however small the input
 _MIN_CHUNK = 1 << 20
+#: on a CPU, chunked temporaries stay near the cache's size (2 MiB in float64) instead: the
+#: element-wise passes over them run faster there than the extra Python loop costs
+_CPU_CHUNK = 1 << 18
+
+
+def _chunk_elements(share: int, device: torch.device) -> int:
+    """Elements a chunked temporary may hold: ``share`` (a fraction of the input's elements), at
+    least ``_MIN_CHUNK``; on a CPU at most ``_CPU_CHUNK``."""
+    n = max(share, _MIN_CHUNK)
+    return min(n, _CPU_CHUNK) if device.type == "cpu" else n
 _FIELDS = ("score", "x0", "eps")
 
 
@@ -275,7 +285,7 @@ class GaussianMixture:
         B, D = xf.shape
         if xf.dtype == torch.float64:
             return fn(xf, slice(None))
-        rows = max(1, B // 8, _MIN_CHUNK // max(D, 1))
+        rows = max(1, _chunk_elements(B * D // 8, xf.device) // max(D, 1))
         if rows >= B:
             return fn(xf.double(), slice(None)).to(xf.dtype)
         shape = {"log_prob": (B,), "resp": (B, self.n_components)}.get(what, (B, D))
@@ -364,21 +374,22 @@ class GaussianMixture:
 
     def _chunks(self, xf: torch.Tensor, what: str):
         """Row ranges whose ``(chunk, K, D)`` temporaries each hold at most a sixth of the input's
-        elements (at least ``_MIN_CHUNK``; four or five are alive at once), and the result
-        tensor they fill."""
+        elements (four or five are alive at once; see ``_chunk_elements``), and the result tensor
+        they fill."""
         B, D = xf.shape
         K = self.n_components
-        chunk = max(1, max(B * D // 6, _MIN_CHUNK) // (K * D))
+        chunk = max(1, _chunk_elements(B * D // 6, xf.device) // (K * D))
         result = xf.new_empty({"log_prob": (B,), "resp": (B, K)}.get(what, (B, D)))
         return [slice(i, i + chunk) for i in range(0, B, chunk)], result
 
     def _full_shared(self, xf: torch.Tensor, a: Scale, s: Scale, what: str) -> torch.Tensor:
         """Full components, one time for the batch, in ``x``'s dtype. With ``v_k = alpha^2 l_k +
-        sigma^2`` and the whitening ``W_k = U_k diag(v_k^-1/2)`` (once per call), ``y_k = W_k^T
-        (x - alpha m_k)`` for every ``k`` is one product per chunk, ``log N_k = -1/2 (||y_k||^2 +
-        sum_d log(2 pi v_kd))``, ``score = -sum_k r_k W_k y_k`` and ``E[x0 | x] = sum_k r_k (m_k +
-        U_k (alpha l_k v_k^-1/2 y_k))``: one product back. A score for a batch larger than ``D``
-        forms the precisions ``P_k = W_k W_k^T`` instead (``K D^3``): ``z_k = P_k (x - alpha m_k)``
+        sigma^2`` (once per call), the whitened differences ``y_k = v_k^-1/2 U_k^T (x - alpha m_k)``
+        for every ``k`` are one product per chunk, ``log N_k = -1/2 (||y_k||^2 + sum_d log(2 pi
+        v_kd))``, ``score = -sum_k r_k U_k (v_k^-1/2 y_k)`` and ``E[x0 | x] = sum_k r_k (m_k + U_k
+        (alpha l_k v_k^-1/2 y_k))``: one product back. When the batch holds at least ``K D``
+        samples, a score forms the precisions ``P_k = U_k diag(1 / v_k) U_k^T`` instead (``K D^3``
+        operations, ``K D^2`` numbers, at most the input's size): ``z_k = P_k (x - alpha m_k)``
         gives ``log N_k`` (through ``(x - alpha m_k).z_k``) and ``score = -sum_k r_k z_k``, one
         product per chunk instead of two."""
         p = self._params(xf)
@@ -387,12 +398,10 @@ class GaussianMixture:
         a, s = _like(a, xf), _like(s, xf)
         v = a * a * p["axis_var"] + s * s                          # (K, D)
         logdet = torch.log(v).sum(1) + D * _LOG_2PI
-        inv_sd = v.rsqrt()
         rows, result = self._chunks(xf, what)
-        if what in ("score", "eps") and B > D:
+        if what in ("score", "eps") and B >= K * D:
             U = p["rotations"].view(D, K, D).permute(1, 0, 2)       # (K, D, D): U_k
-            W = U * inv_sd[:, None, :]
-            prec, m = W @ W.mT, p["means"][:, None, :]
+            prec, m = (U / v[:, None, :]) @ U.mT, p["means"][:, None, :]
             for sl in rows:
                 y = xf[None, sl] - a * m                           # (K, c, D)
                 z = torch.bmm(y, prec)
@@ -401,12 +410,13 @@ class GaussianMixture:
                 out = (z * r).sum(0)
                 result[sl] = out.mul_(s) if what == "eps" else out.neg_()
             return result
-        W = p["rotations"] * inv_sd.reshape(1, K * D)              # (D, K D): [W_1 ... W_K]
-        shift = (a * p["axis_means"] * inv_sd).reshape(K * D)
+        rot, inv_sd = p["rotations"], v.rsqrt()
+        shift = a * p["axis_means"]
         for sl in rows:
-            y = torch.addmm(-shift, xf[sl], W)                     # (c, K D)
-            c = y.shape[0]
-            log_joint = p["log_weights"] - 0.5 * ((y * y).view(c, K, D).sum(2) + logdet)
+            xc = xf[sl]
+            c = xc.shape[0]
+            y = (xc @ rot).view(c, K, D).sub_(shift).mul_(inv_sd)  # whitened, (c, K, D)
+            log_joint = p["log_weights"] - 0.5 * ((y * y).sum(2) + logdet)
             if what == "log_prob":
                 result[sl] = torch.logsumexp(log_joint, dim=1)
                 continue
@@ -414,12 +424,11 @@ class GaussianMixture:
             if what == "resp":
                 result[sl] = r
                 continue
-            y = y.view(c, K, D) * r[:, :, None]
             if what == "x0":
-                result[sl] = torch.addmm(r @ p["means"], (y * (a * p["axis_var"] * inv_sd)).view(c, K * D),
-                                         p["rotations"].T)
+                z = y * (r[:, :, None] * (a * p["axis_var"] * inv_sd))
+                result[sl] = torch.addmm(r @ p["means"], z.view(c, K * D), rot.T)
             else:
-                out = y.view(c, K * D) @ W.T
+                out = (y * (r[:, :, None] * inv_sd)).view(c, K * D) @ rot.T
                 result[sl] = out.mul_(s) if what == "eps" else out.neg_()
         return result
 

@@ -546,12 +546,15 @@ def test_every_path_equals_the_reference_implementation(mix_name, sde_name):
     float64 round-off from the per-component formulas (the expanded distances included)."""
     sde = SDES[sde_name]()
     mix = (MIXTURES.get(mix_name) or MIXTURES_64[mix_name])(sde)
-    n = 24 if mix.dim <= 16 else 40          # 40 > 16: full's precision form for the score at 16-d
+    n = 96 if mix_name == "full16" else 24   # >= K dim: full's precision form for the score
     x = _samples(mix, n, 0.5, seed=3)
     for t in _times_to_check(n):
         _check_against(mix, mix, x, t)
     # points far out in the tails, where one component dominates
     _check_against(mix, mix, 3 * x, 0.05)
+    # a batch smaller than K dim: full components' score through the eigenbases
+    for t in (0.4, None):
+        _check_against(mix, mix, x[:2], t)
 
 
 def test_tiny_alpha_keeps_the_denoiser_exact():
