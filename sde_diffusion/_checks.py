@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Union
 
+import numpy as np
 import torch
 
 TimeLike = Union[float, int, torch.Tensor]
@@ -69,6 +70,18 @@ def expand_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def flat_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension but the first (batch)."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def as_samples(x, name: str) -> torch.Tensor:
+    """``x`` (a tensor or NumPy array with a leading sample dimension) as a float64 CPU tensor,
+    detached; ``ValueError`` naming ``name`` for another type, no samples, or NaN/Inf values."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    require(isinstance(x, torch.Tensor), f"{name} must be a tensor or numpy array, got {type(x).__name__}")
+    require(x.ndim >= 1 and x.shape[0] >= 1, f"{name} must have a leading sample dimension, got {tuple(x.shape)}")
+    x = x.detach().to("cpu", torch.float64)
+    require(bool(torch.isfinite(x).all()), f"{name} holds NaN or Inf values")
+    return x
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -106,7 +106,7 @@ def _ints(text: str, name: str) -> List[int]:
 
 def _save_picture(x, path_png: str, reference=None) -> Optional[str]:
     """A PNG beside the samples: an image grid for (N, C, H, W), a scatter for (N, 2)."""
-    from .metrics import save_image_grid, save_scatter
+    from .reports import save_image_grid, save_scatter
 
     if x.ndim == 4 and x.shape[1] in (1, 3):
         return save_image_grid(x[:64].clamp(-1, 1), path_png, nrow=8)
@@ -594,8 +594,7 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
 def cmd_compare(args, rest: Sequence[str]) -> int:
     import torch
 
-    from .experiments import (COMPARE_METRICS, ORACLE_METRICS, _deterministic, compare_solvers,
-                              parse_solver_list)
+    from .experiments import COMPARE_METRICS, ORACLE_METRICS, compare_solvers, parse_solver_list
     from .reports import plot_error_vs_nfe, write_csv, write_markdown_table
 
     _no_extra(rest)
@@ -613,7 +612,7 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
     if args.metric in ORACLE_METRICS and not args.oracle:
         raise UserError(f"--metric {args.metric} compares mode weights and variances with an exact "
                         f"mixture: it needs --oracle (with --checkpoint use sliced_w or flow_rmse)")
-    if args.metric == "flow_rmse" and all(not _deterministic(s) for s in specs):
+    if args.metric == "flow_rmse" and not any(s.deterministic for s in specs):
         raise UserError("--metric flow_rmse measures deterministic solvers, and --solvers holds "
                         "none (e.g. add ddim:eta=0 or dpm_solver++)")
     if _is_grid_file(args.grid):

@@ -1,8 +1,8 @@
 """Sample quality of a trained model, and the pictures a training run draws of it.
 
 This module sits on top of the three jobs: it samples a model (``sde_diffusion.samplers``), scores
-the samples (``sde_diffusion.metrics``) and hands the training job (``sde_diffusion.training``,
-which neither samples nor draws) its preview hook.
+the samples (``sde_diffusion.metrics``), draws them (``sde_diffusion.reports``) and hands the
+training job (``sde_diffusion.training``, which neither samples nor draws) its preview hook.
 
 - :func:`evaluate_model`: sample with ``config.sampling`` and score against fresh data (sliced
   Wasserstein for the 2-D toys, a Fréchet distance with baselines for digits).
@@ -24,8 +24,8 @@ from torch import nn
 
 from . import data as data_module
 from . import metrics
-from .metrics import require_matplotlib, save_image_grid, save_scatter
 from .models import ScoreModel
+from .reports import require_matplotlib, save_image_grid, save_scatter
 from .samplers import sample
 from .training import PreviewFn, TrainResult
 from .training import train as _train_job

@@ -1,5 +1,5 @@
-r"""Sample-quality metrics and pictures: sliced Wasserstein, a digits Fréchet distance, oracle mode
-statistics, image grids and scatter plots.
+r"""Sample-quality metrics: sliced Wasserstein, a digits Fréchet distance, oracle mode statistics.
+Pictures of samples are drawn by :mod:`sde_diffusion.reports`.
 
 - :func:`sliced_wasserstein`: ``SW_p(x, y) = (E_theta W_p^p(theta.x, theta.y))^{1/p}`` over random
   unit directions (Rabin et al. 2011; Bonneel et al. 2015), each 1-D distance computed exactly
@@ -9,8 +9,6 @@ statistics, image grids and scatter plots.
   layer of a small CNN trained here, deterministically, on sklearn's digits train split.
 - :func:`mode_statistics`: per-component weights, means and variances of samples of an oracle
   :class:`~sde_diffusion.oracles.GaussianMixture`, against the truth.
-- :func:`save_image_grid`, :func:`save_scatter`: PNG files via matplotlib's Agg canvas, written
-  atomically (temporary file in the same folder, then ``os.replace``).
 """
 from __future__ import annotations
 
@@ -23,22 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import require
-from ._files import atomic_write
+from ._checks import as_samples, require
 
 __all__ = ["sliced_wasserstein", "wasserstein_1d", "frechet_distance", "frechet_distance_from_stats",
            "gaussian_stats", "digits_classifier", "digits_features", "digits_accuracy",
-           "digits_fd_baselines", "mode_statistics", "save_image_grid", "save_scatter", "require_matplotlib"]
-
-
-def _as_tensor(x, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    require(isinstance(x, torch.Tensor), f"{name} must be a tensor or numpy array, got {type(x).__name__}")
-    require(x.ndim >= 1 and x.shape[0] >= 1, f"{name} must have a leading sample dimension, got {tuple(x.shape)}")
-    x = x.detach().to("cpu", torch.float64)
-    require(bool(torch.isfinite(x).all()), f"{name} holds NaN or Inf values")
-    return x
+           "digits_fd_baselines", "mode_statistics"]
 
 
 # ---- sliced Wasserstein --------------------------------------------------------------------------
@@ -67,7 +54,7 @@ def sliced_wasserstein(x, y, n_projections: int = 256, generator: Optional[torch
     ``generator``, or from a fixed seed 0 when ``None``, so the metric is deterministic); for
     ``D = 1`` the single direction gives the exact ``W_p``. Computed in float64 on the CPU.
     """
-    x, y = _as_tensor(x, "x").flatten(1), _as_tensor(y, "y").flatten(1)
+    x, y = as_samples(x, "x").flatten(1), as_samples(y, "y").flatten(1)
     require(x.shape[1] == y.shape[1], f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     require(isinstance(n_projections, int) and n_projections >= 1,
             f"n_projections must be an integer >= 1, got {n_projections!r}")
@@ -86,7 +73,7 @@ def sliced_wasserstein(x, y, n_projections: int = 256, generator: Optional[torch
 # ---- Fréchet distance ----------------------------------------------------------------------------
 def gaussian_stats(features) -> tuple:
     """Mean and (unbiased) covariance of ``(n, d)`` features, float64 numpy."""
-    f = _as_tensor(features, "features").flatten(1).numpy()
+    f = as_samples(features, "features").flatten(1).numpy()
     require(f.shape[0] >= 2, f"need at least 2 samples for a covariance, got {f.shape[0]}")
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
@@ -175,7 +162,7 @@ def _to_8_matrix(size: int) -> torch.Tensor:
 
 
 def _digits_input(images) -> torch.Tensor:
-    x = _as_tensor(images, "images").float()
+    x = as_samples(images, "images").float()
     require(x.ndim == 4 and x.shape[1] == 1 and x.shape[2] == x.shape[3] and x.shape[2] >= 8,
             f"digits images must have shape (N, 1, S, S) with S >= 8, got {tuple(x.shape)}")
     if x.shape[-1] != 8:
@@ -219,7 +206,7 @@ def frechet_distance(samples, reference, features: Union[str, Callable] = "digit
         fn = features
     else:
         require(features in FEATURES, f"features must be one of {FEATURES} or a callable, got {features!r}")
-        fn = digits_features if features == "digits" else (lambda z: _as_tensor(z, "samples").flatten(1))
+        fn = digits_features if features == "digits" else (lambda z: as_samples(z, "samples").flatten(1))
     f1, f2 = fn(samples), fn(reference)
     return frechet_distance_from_stats(*gaussian_stats(f1), *gaussian_stats(f2))
 
@@ -253,7 +240,7 @@ def mode_statistics(samples, mixture) -> dict:
     coordinates) and ``variance_ratio (K,)`` (mean over coordinates of ``variance / true_variance``).
     With overlapping modes hard assignment biases the variances down; use well separated modes.
     """
-    x = _as_tensor(samples, "samples")
+    x = as_samples(samples, "samples")
     require(tuple(x.shape[1:]) == tuple(mixture.event_shape),
             f"samples must have shape (N, {', '.join(map(str, mixture.event_shape))}), got {tuple(x.shape)}")
     K, N = mixture.n_components, x.shape[0]
@@ -273,82 +260,3 @@ def mode_statistics(samples, mixture) -> dict:
             "weight_tv": float(0.5 * (weights - true_w).abs().sum()),
             "max_mean_error": float(err[counts > 0].max()) if bool((counts > 0).any()) else math.nan,
             "variance_ratio": (variances / true_var).mean(1)}
-
-
-# ---- pictures ------------------------------------------------------------------------------------
-def _matplotlib():
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - matplotlib is a test/bench dependency
-        raise ImportError("saving pictures needs matplotlib: pip install matplotlib") from exc
-    return Figure, FigureCanvasAgg
-
-
-def require_matplotlib() -> None:
-    """Raise ``ImportError`` saying ``pip install matplotlib`` when pictures cannot be saved: a
-    check to make before work whose results include pictures."""
-    _matplotlib()
-
-
-def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 1.0) -> np.ndarray:
-    """Tile ``(N, C, H, W)`` images in [-1, 1] into an ``(rows, cols[, 3])`` array in [0, 1],
-    ``nrow`` images per row, separated by ``padding`` pixels of ``pad_value``."""
-    x = _as_tensor(images, "images")
-    require(x.ndim == 4 and x.shape[1] in (1, 3), f"images must have shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
-    require(isinstance(nrow, int) and nrow >= 1, f"nrow must be an integer >= 1, got {nrow!r}")
-    x = ((x.clamp(-1, 1) + 1) / 2).numpy()
-    N, C, H, W = x.shape
-    ncol, nrows = min(nrow, N), -(-N // nrow)
-    grid = np.full((C, padding + nrows * (H + padding), padding + ncol * (W + padding)), pad_value)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        top, left = padding + r * (H + padding), padding + c * (W + padding)
-        grid[:, top:top + H, left:left + W] = x[i]
-    return grid[0] if C == 1 else grid.transpose(1, 2, 0)
-
-
-def save_image_grid(images, path, nrow: int = 8, upscale: Optional[int] = None) -> str:
-    """Write ``(N, C, H, W)`` images in [-1, 1] (C = 1 grey or 3 RGB) as one PNG grid with ``nrow``
-    images per row. ``upscale`` enlarges pixels (nearest); default: enough for a >= 256 px wide
-    picture. Atomic write; returns the path."""
-    grid = image_grid(images, nrow)
-    scale = upscale if upscale is not None else max(1, -(-256 // grid.shape[1]))
-    require(isinstance(scale, int) and scale >= 1, f"upscale must be an integer >= 1, got {upscale!r}")
-    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-    Figure, FigureCanvasAgg = _matplotlib()
-    height, width = grid.shape[:2]
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
-    FigureCanvasAgg(fig)
-    fig.figimage(grid, cmap="gray", vmin=0.0, vmax=1.0, origin="upper")
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def save_scatter(points, path, reference=None, title: Optional[str] = None,
-                 lim: Optional[float] = None) -> str:
-    """Scatter plot of ``(N, 2)`` points (blue) over optional ``reference`` points (orange), equal
-    axes (``[-lim, lim]`` when given), PNG via the Agg canvas, atomic write; returns the path."""
-    pts = _as_tensor(points, "points")
-    require(pts.ndim == 2 and pts.shape[1] == 2, f"points must have shape (N, 2), got {tuple(pts.shape)}")
-    ref = None
-    if reference is not None:
-        ref = _as_tensor(reference, "reference")
-        require(ref.ndim == 2 and ref.shape[1] == 2, f"reference must have shape (M, 2), got {tuple(ref.shape)}")
-    Figure, FigureCanvasAgg = _matplotlib()
-    fig = Figure(figsize=(5, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    size = max(1.0, min(8.0, 6000.0 / pts.shape[0]))
-    if ref is not None:
-        ax.scatter(ref[:, 0], ref[:, 1], s=size, c="tab:orange", alpha=0.5, linewidths=0, label="reference")
-    ax.scatter(pts[:, 0], pts[:, 1], s=size, c="tab:blue", alpha=0.5, linewidths=0, label="samples")
-    if lim is not None:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    if ref is not None:
-        ax.legend(loc="upper right", markerscale=max(1.0, 4.0 / size))
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -1,5 +1,6 @@
 """Reports of experiments: Markdown tables, CSV files and PNG figures (error vs NFE, samples of
-each solver side by side, 2-D trajectories). Every file is written atomically (temporary file,
+each solver side by side, 2-D trajectories, image grids and scatter plots of samples). Every
+picture is drawn on matplotlib's Agg canvas; every file is written atomically (temporary file,
 then ``os.replace``)."""
 from __future__ import annotations
 
@@ -10,18 +11,33 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._checks import require
+from ._checks import as_samples, require
 from ._files import atomic_write
-from .metrics import _matplotlib
 
 __all__ = ["write_markdown_table", "write_csv", "write_text", "plot_error_vs_nfe",
-           "plot_sample_panels", "plot_trajectories", "provenance", "REFERENCE_COLOR"]
+           "plot_sample_panels", "plot_trajectories", "image_grid", "save_image_grid",
+           "save_scatter", "require_matplotlib", "provenance", "REFERENCE_COLOR"]
 
 
 _COLUMNS = ["solver", "kind", "nfe_budget", "nfe", "steps", "flow_rmse", "sliced_w", "sliced_w_se",
             "weight_tv", "var_ratio_err", "wall_s", "skipped"]
 #: colour of the reference (data) density contours drawn over samples
 REFERENCE_COLOR = "#d95f02"
+
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - matplotlib is a core dependency
+        raise ImportError("saving pictures needs matplotlib: pip install matplotlib") from exc
+    return Figure, FigureCanvasAgg
+
+
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` saying ``pip install matplotlib`` when pictures cannot be saved: a
+    check to make before work whose results include pictures."""
+    _matplotlib()
 
 
 def _columns(rows: Sequence[dict]) -> List[str]:
@@ -185,6 +201,70 @@ def plot_trajectories(trajectories: Dict[str, torch.Tensor], path: str,
         ax.set_aspect("equal")
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+# ---- pictures of samples ------------------------------------------------------------------------
+def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Tile ``(N, C, H, W)`` images in [-1, 1] into an ``(rows, cols[, 3])`` array in [0, 1],
+    ``nrow`` images per row, separated by ``padding`` pixels of ``pad_value``."""
+    x = as_samples(images, "images")
+    require(x.ndim == 4 and x.shape[1] in (1, 3), f"images must have shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+    require(isinstance(nrow, int) and nrow >= 1, f"nrow must be an integer >= 1, got {nrow!r}")
+    x = ((x.clamp(-1, 1) + 1) / 2).numpy()
+    N, C, H, W = x.shape
+    ncol, nrows = min(nrow, N), -(-N // nrow)
+    grid = np.full((C, padding + nrows * (H + padding), padding + ncol * (W + padding)), pad_value)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (H + padding), padding + c * (W + padding)
+        grid[:, top:top + H, left:left + W] = x[i]
+    return grid[0] if C == 1 else grid.transpose(1, 2, 0)
+
+
+def save_image_grid(images, path, nrow: int = 8, upscale: Optional[int] = None) -> str:
+    """Write ``(N, C, H, W)`` images in [-1, 1] (C = 1 grey or 3 RGB) as one PNG grid with ``nrow``
+    images per row. ``upscale`` enlarges pixels (nearest); default: enough for a >= 256 px wide
+    picture. Atomic write; returns the path."""
+    grid = image_grid(images, nrow)
+    scale = upscale if upscale is not None else max(1, -(-256 // grid.shape[1]))
+    require(isinstance(scale, int) and scale >= 1, f"upscale must be an integer >= 1, got {upscale!r}")
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    Figure, FigureCanvasAgg = _matplotlib()
+    height, width = grid.shape[:2]
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.figimage(grid, cmap="gray", vmin=0.0, vmax=1.0, origin="upper")
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def save_scatter(points, path, reference=None, title: Optional[str] = None,
+                 lim: Optional[float] = None) -> str:
+    """Scatter plot of ``(N, 2)`` points (blue) over optional ``reference`` points (orange), equal
+    axes (``[-lim, lim]`` when given), PNG via the Agg canvas, atomic write; returns the path."""
+    pts = as_samples(points, "points")
+    require(pts.ndim == 2 and pts.shape[1] == 2, f"points must have shape (N, 2), got {tuple(pts.shape)}")
+    ref = None
+    if reference is not None:
+        ref = as_samples(reference, "reference")
+        require(ref.ndim == 2 and ref.shape[1] == 2, f"reference must have shape (M, 2), got {tuple(ref.shape)}")
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(5, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    size = max(1.0, min(8.0, 6000.0 / pts.shape[0]))
+    if ref is not None:
+        ax.scatter(ref[:, 0], ref[:, 1], s=size, c="tab:orange", alpha=0.5, linewidths=0, label="reference")
+    ax.scatter(pts[:, 0], pts[:, 1], s=size, c="tab:blue", alpha=0.5, linewidths=0, label="samples")
+    if lim is not None:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if ref is not None:
+        ax.legend(loc="upper right", markerscale=max(1.0, 4.0 / size))
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 

@@ -1,7 +1,5 @@
-"""Metrics: sliced Wasserstein, Fréchet distance (closed form, digits classifier), mode statistics,
-and the PNG writers."""
+"""Metrics: sliced Wasserstein, Fréchet distance (closed form, digits classifier), mode statistics."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,8 +9,8 @@ from scipy import linalg, stats
 from sde_diffusion import GaussianMixture
 from sde_diffusion.data import digits
 from sde_diffusion.metrics import (digits_accuracy, digits_fd_baselines, frechet_distance,
-                                   frechet_distance_from_stats, mode_statistics, save_image_grid, save_scatter,
-                                   sliced_wasserstein, wasserstein_1d)
+                                   frechet_distance_from_stats, mode_statistics, sliced_wasserstein,
+                                   wasserstein_1d)
 
 
 def gen(seed):
@@ -132,38 +130,3 @@ def test_mode_statistics_sees_a_missing_mode_and_a_wrong_width():
                           rtol=0.1)
     with pytest.raises(ValueError, match=r"samples must have shape \(N, 2\)"):
         mode_statistics(torch.zeros(4, 3), gm)
-
-
-# ---- pictures ------------------------------------------------------------------------------------
-def test_save_image_grid(tmp_path):
-    import matplotlib.image as mpimg
-
-    imgs = -torch.ones(6, 1, 8, 8)
-    imgs[1] = 1.0                                                 # second image white
-    path = save_image_grid(imgs, tmp_path / "sub" / "grid.png", nrow=3, upscale=2)
-    assert os.listdir(tmp_path / "sub") == ["grid.png"]           # no temporary file left
-    pic = mpimg.imread(path)
-    assert pic.shape[:2] == (2 * (1 + 2 * 9), 2 * (1 + 3 * 9))    # 2 rows x 3 cols of 8 px + 1 px padding
-    grey = pic[..., 0]
-    assert grey[2 * 1 + 4, 2 * 1 + 4] == pytest.approx(0.0, abs=0.01)          # image 0: black
-    assert grey[2 * 1 + 4, 2 * (1 + 9) + 4] == pytest.approx(1.0, abs=0.01)    # image 1: white
-    rgb = torch.zeros(4, 3, 8, 8)
-    rgb[:, 0] = 1.0
-    pic = mpimg.imread(save_image_grid(rgb, tmp_path / "rgb.png", nrow=2))
-    assert pic.shape[1] >= 256                                    # auto upscale
-    scale = -(-256 // 19)                                         # 2 images of 8 px + 3 px padding
-    centre = scale * (1 + 4)
-    assert pic[centre, centre, 0] == pytest.approx(1.0, abs=0.01)
-    assert pic[centre, centre, 1] == pytest.approx(0.5, abs=0.01)
-    with pytest.raises(ValueError, match=r"\(N, 1 or 3, H, W\)"):
-        save_image_grid(torch.zeros(2, 2, 8, 8), tmp_path / "bad.png")
-
-
-def test_save_scatter(tmp_path):
-    pts = torch.randn(500, 2, generator=gen(0))
-    path = save_scatter(pts, tmp_path / "s.png", reference=torch.randn(300, 2, generator=gen(1)), title="moons")
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["s.png"]
-    save_scatter(pts, path, lim=1.5)                              # overwrite in place
-    assert os.listdir(tmp_path) == ["s.png"]
-    with pytest.raises(ValueError, match=r"points must have shape \(N, 2\)"):
-        save_scatter(torch.zeros(5, 3), tmp_path / "bad.png")
