@@ -33,7 +33,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sde_diffusion.config import apply_overrides, build_sde, digits_config, network_config, toy_config  # noqa: E402
+from sde_diffusion.config import apply_overrides, build_sde, digits_config, toy_config  # noqa: E402
+from sde_diffusion.models import model_from_config  # noqa: E402
 from sde_diffusion.training import load_data, train  # noqa: E402
 
 
@@ -55,12 +56,10 @@ def ours(config, workdir: str) -> float:
 
 def plain(config, matched: bool, device: torch.device) -> float:
     """A hand-written loop on the same network and batch; seconds per step after warm-up."""
-    from sde_diffusion.models import build_network
-
     torch.manual_seed(int(config.seed))
     data = load_data(config, torch.Generator().manual_seed(1)).to(device)
     sde = build_sde(config)
-    net = build_network(network_config(config.model), tuple(data.shape[1:])).to(device)
+    net = model_from_config(config, data.shape[1:], sde=sde)[0].to(device)
     ema = [p.detach().clone() for p in net.parameters()]
     params = list(net.parameters())
     opt = torch.optim.Adam(params, lr=float(config.optim.lr))
@@ -124,8 +123,8 @@ def main(argv=None) -> int:
             times["plain_minimal"].append(plain(config, False, device))
             print(which, r, {k: f"{v[-1] * 1e3:.3f} ms" for k, v in times.items()}, flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
-        nparams = sum(p.numel() for p in __import__("sde_diffusion.models", fromlist=["x"]).build_network(
-            network_config(config.model), (2,) if which == "mlp" else (1, 8, 8)).parameters())
+        nparams = sum(p.numel() for p in model_from_config(
+            config, (2,) if which == "mlp" else (1, 8, 8))[0].parameters())
         rows.append({"network": which, "params": nparams, "batch": int(config.training.batch_size),
                      "device": str(device), "threads": torch.get_num_threads(), "steps": steps,
                      "repeats": args.repeats,
