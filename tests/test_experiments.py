@@ -49,10 +49,14 @@ def test_compare_solvers_adds_standard_errors_when_asked():
 
 
 def test_edm_churn_makes_a_solver_stochastic():
-    from sde_diffusion.experiments import _deterministic
-
-    assert _deterministic(parse_solver_list("edm_heun")[0])
-    assert not _deterministic(parse_solver_list("edm_heun:S_churn=40")[0])
+    """edm_heun with churn is stochastic: no flow-map error, kind 'stochastic' (its option is
+    S_churn; compare used to look for 'churn' and scored it as deterministic)."""
+    sde = VPSDE()
+    mix = named_oracle("gmm2d", sde)
+    rows = compare_solvers(OracleModel(mix), parse_solver_list("edm_heun,edm_heun:S_churn=40"),
+                           [10], 64, sample_shape=(2,))
+    assert [r["kind"] for r in rows] == ["deterministic", "stochastic"]
+    assert "flow_rmse" in rows[0] and "flow_rmse" not in rows[1]
 
 
 def test_compare_solvers_spends_a_budget_as_sample_does():
