@@ -16,6 +16,10 @@ divergence, ``f(t) D``, is added exactly; only ``div s_theta`` is computed, exac
 ``D`` batched vector-Jacobian products per evaluation) or by the Hutchinson–Skilling estimator
 with probes fixed per sample for the whole trajectory.
 
+The field and its integrators (torchdiffeq, scipy, the per-sample Dormand–Prince) live in
+:mod:`sde_diffusion.flow`, shared with the ODE samplers; :func:`~sde_diffusion.flow.integrate_flow`,
+``SOLVERS`` and ``SCIPY_METHODS`` are re-exported here.
+
 :func:`image_log_likelihood` adds uniform dequantization of ``n_bits`` images and the exact
 bits/dim offset (see ``docs/likelihood.md`` for the derivation and score_sde's ``+7``).
 """
@@ -24,14 +28,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 
-from ._checks import expand_to, require
-from .divergence import PROBES, exact_divergence, hutchinson_divergence, make_probes
-from .models.wrapper import OracleModel, ScoreModel, as_model
+from ._checks import require
+from .divergence import PROBES, make_probes
+from .flow import (
+    SCIPY_METHODS, SOLVERS, FlowField, check_integration, check_interval, check_state, integrate,
+    integrate_flow,
+)
+from .models.wrapper import as_model
 from .sdes import SDE
 
 __all__ = [
@@ -41,8 +48,6 @@ __all__ = [
 ]
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
-SOLVERS = ("torchdiffeq", "scipy")
-SCIPY_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
 #: ``divergence="auto"`` is exact up to this many dimensions per sample, Hutchinson above
 AUTO_EXACT_MAX_DIM = 256
 
@@ -184,276 +189,6 @@ def _latent_outliers(latent: torch.Tensor, prior_std: float, tail: float):
     return norm2 / D, flagged
 
 
-# ---- validation ---------------------------------------------------------------------------------
-def _check_x(x, model: ScoreModel) -> None:
-    require(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}")
-    require(x.dtype in (torch.float32, torch.float64),
-            f"x must be float32 or float64, got {x.dtype}")
-    require(x.ndim >= 2 and x.shape[0] >= 1 and x[0].numel() >= 1,
-            f"x must have shape (batch, *event_shape) with batch >= 1, got {tuple(x.shape)}")
-    if isinstance(model, OracleModel):
-        event = tuple(model.mixture.event_shape)
-        require(tuple(x.shape[1:]) == event,
-                f"x has shape {tuple(x.shape)}, but the model expects (batch, {', '.join(map(str, event))})")
-    require(bool(torch.isfinite(x).all()), "x must be finite (it holds NaN or Inf)")
-
-
-def _check_tol(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
-    require(math.isfinite(value) and value > 0, f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _check_solver(solver: str, method: Optional[str]) -> str:
-    require(solver in SOLVERS, f"solver must be one of {SOLVERS}, got {solver!r}")
-    if solver == "scipy":
-        method = "RK45" if method is None else method
-        require(method in SCIPY_METHODS,
-                f"method must be one of {SCIPY_METHODS} for solver='scipy', got {method!r}")
-        return method
-    method = "dopri5" if method is None else method
-    try:
-        from torchdiffeq._impl.odeint import SOLVERS as _TDE
-        known = tuple(_TDE)
-    except Exception:  # pragma: no cover - private layout changed
-        known = (method,)
-    require(method in known, f"method must be one of {known} for solver='torchdiffeq', got {method!r}")
-    return method
-
-
-def _time_bounds(sde: SDE, t_start, t_end) -> Tuple[float, float]:
-    t0, t1 = float(t_start), float(t_end)
-    for name, v in (("t_start", t0), ("t_end", t1)):
-        require(math.isfinite(v) and 0 <= v <= sde.T, f"{name} must lie in [0, T={sde.T}], got {v!r}")
-    require(t0 != t1, f"t_start and t_end must differ, got {t0!r} for both")
-    return t0, t1
-
-
-# ---- the probability-flow field -----------------------------------------------------------------
-class _FlowField:
-    """Right-hand side ``(dx/dt, div f~)`` of the probability-flow ODE and its divergence."""
-
-    def __init__(self, model: ScoreModel, divergence: Optional[str], probes: Optional[torch.Tensor],
-                 chunk_size: Optional[int]):
-        self.model, self.sde = model, model.sde
-        self.divergence, self.probes, self.chunk_size = divergence, probes, chunk_size
-        self.n_evals = 0
-        self._checked = False
-
-    def __call__(self, t, x: torch.Tensor, idx: Optional[torch.Tensor] = None):
-        """``t``: a number, 0-d or ``(n,)`` tensor; ``x``: ``(n, *event)``; ``idx``: which samples of
-        the full batch ``x`` holds (selects their probes). Returns detached ``(drift, div)``."""
-        tb = self.sde._time(torch.as_tensor(t).to(x.dtype), x)       # (n,)
-        f, g2 = self.sde._f_g2(tb)
-        D = x[0].numel()
-        score_fn = lambda xx: self.model.score(xx, tb)                 # noqa: E731
-        try:
-            if self.divergence is None:
-                with torch.no_grad():
-                    s = score_fn(x)
-                div_s = None
-            elif self.divergence == "exact":
-                s, div_s = exact_divergence(score_fn, x, self.chunk_size)
-            else:
-                probes = self.probes if idx is None else self.probes[:, idx]
-                s, div_s = hutchinson_divergence(score_fn, x, probes)
-        except RuntimeError as err:
-            if self._checked:
-                raise
-            raise ValueError(f"the model cannot be evaluated on x of shape {tuple(x.shape)} "
-                             f"(does it match the model's input?): {err}") from err
-        self._checked = True
-        self.n_evals += 1
-        drift = (expand_to(f, x) * x - expand_to(0.5 * g2, x) * s).detach()
-        if div_s is None:
-            return drift, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        return drift, (f * D - 0.5 * g2 * div_s).detach()
-
-
-# ---- solvers ------------------------------------------------------------------------------------
-_TDE_ADAPTIVE_RK = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-
-
-def _solve_torchdiffeq(fn: _FlowField, x: torch.Tensor, t0: float, t1: float, rtol: float,
-                       atol: float, method: str, options: Optional[dict], idx=None):
-    from torchdiffeq import odeint
-
-    lo, hi = min(t0, t1), max(t0, t1)
-
-    def rhs(t, state):
-        # torchdiffeq's initial-step heuristic probes t0 + h0 with an unclipped h0, which can lie
-        # outside the interval (and outside [0, T]); the steps themselves land on t1 (step_t)
-        return fn(min(max(float(t), lo), hi), state[0], idx)
-
-    ts = torch.tensor([t0, t1], dtype=torch.float64, device=x.device)
-    l0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    options = dict(options or {})
-    if method in _TDE_ADAPTIVE_RK and "step_t" not in options:
-        # make the last step land on t1: torchdiffeq otherwise steps past t1 and interpolates
-        # back, evaluating the model outside [eps, T]
-        options["step_t"] = torch.tensor([t1], dtype=torch.float64)
-    before = fn.n_evals
-    with torch.no_grad():
-        xs, ls = odeint(rhs, (x, l0), ts, rtol=rtol, atol=atol, method=method, options=options)
-    return xs[-1], ls[-1], fn.n_evals - before
-
-
-def _solve_scipy(fn: _FlowField, x: torch.Tensor, t0: float, t1: float, rtol: float, atol: float,
-                 method: str, options: Optional[dict], idx=None):
-    from scipy.integrate import solve_ivp
-
-    shape, B = tuple(x.shape), x.shape[0]
-
-    def rhs(t, y):
-        xt = torch.from_numpy(y[:-B]).reshape(shape).to(device=x.device, dtype=x.dtype)
-        drift, div = fn(float(t), xt, idx)
-        return np.concatenate([drift.reshape(-1).cpu().double().numpy(), div.cpu().double().numpy()])
-
-    y0 = np.concatenate([x.detach().reshape(-1).cpu().double().numpy(), np.zeros(B)])
-    before = fn.n_evals
-    with torch.no_grad():
-        sol = solve_ivp(rhs, (t0, t1), y0, method=method, rtol=rtol, atol=atol, **(options or {}))
-    if not sol.success:
-        raise RuntimeError(f"scipy.integrate.solve_ivp ({method}) failed: {sol.message}")
-    end = torch.from_numpy(sol.y[:, -1].copy()).to(device=x.device, dtype=x.dtype)
-    return end[:-B].reshape(shape), end[-B:], fn.n_evals - before
-
-
-# Dormand–Prince 5(4) (the tableau of torchdiffeq's dopri5 and scipy's RK45)
-_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-_DP_E = (35 / 384 - 1951 / 21600, 0.0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
-         -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300, -1 / 60)
-
-
-def _per_sample_norm(ex: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
-    """torchdiffeq's mixed norm for one sample's state ``(x, logp)``: max of the RMS norms."""
-    return torch.maximum(ex.pow(2).mean(1).sqrt(), el.abs())
-
-
-def _solve_dopri5_per_sample(fn: _FlowField, x: torch.Tensor, t0: float, t1: float, rtol: float,
-                             atol: float, max_steps: int, safety: float = 0.9, ifactor: float = 10.0,
-                             dfactor: float = 0.2):
-    """Dormand–Prince 5(4) with one step-size controller per sample, vectorized over the batch.
-
-    Every sample has its own time, step size and accept/reject decision (the controller of
-    torchdiffeq's ``dopri5``: error ``max(RMS_x, |err_logp|)`` against ``atol + rtol max(|y0|, |y1|)``,
-    Hairer's initial step, factor ``clip(0.9 err^-1/5, 0.2 (1 on accept), 10)``); each iteration
-    evaluates the network once per stage on the samples still running, at their own times. The last
-    step is clipped to land on ``t1``. A sample's result therefore does not depend on the batch.
-    """
-    B, shape = x.shape[0], tuple(x.shape)
-    direction = 1.0 if t1 > t0 else -1.0
-    span = abs(t1 - t0)
-    dev, dt64 = x.device, torch.float64
-
-    def F(tv: torch.Tensor, xv: torch.Tensor, idx: torch.Tensor):
-        dx, dl = fn(tv, xv.reshape((xv.shape[0],) + shape[1:]), idx)
-        return dx.reshape(xv.shape[0], -1), dl
-
-    xs = x.detach().reshape(B, -1).clone()
-    ls = torch.zeros(B, dtype=x.dtype, device=dev)
-    t = torch.full((B,), t0, dtype=dt64, device=dev)
-    n_fe = torch.zeros(B, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    every = torch.arange(B, device=dev)
-
-    with torch.no_grad():
-        fx, fl = F(t, xs, every)
-        # Hairer, Norsett & Wanner (1993), Sec. II.4: initial step, per sample
-        sx, sl = atol + rtol * xs.abs(), atol + rtol * ls.abs()
-        d0 = _per_sample_norm(xs / sx, ls / sl).to(dt64)
-        d1 = _per_sample_norm(fx / sx, fl / sl).to(dt64)
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-        h0 = h0.clamp(max=span)
-        x1 = xs + (direction * h0).to(x.dtype)[:, None] * fx     # the field does not depend on logp
-        f1x, f1l = F(t + direction * h0, x1, every)
-        n_fe += 2
-        d2 = _per_sample_norm((f1x - fx) / sx, (f1l - fl) / sl).to(dt64) / h0
-        big = torch.maximum(d1, d2)
-        h1 = torch.where((d1 <= 1e-15) & (d2 <= 1e-15), torch.clamp(h0 * 1e-3, min=1e-6),
-                         (0.01 / big.clamp(min=1e-300)) ** (1.0 / 5))
-        h = torch.minimum(100 * h0, h1)
-
-        for _ in range(max_steps):
-            if bool(done.all()):
-                break
-            a = (~done).nonzero().squeeze(1)
-            ta, xa, la = t[a], xs[a], ls[a]
-            remaining = (t1 - ta).abs()
-            last = h[a] >= remaining
-            ha = torch.where(last, remaining, h[a])
-            if bool((ha <= 1e-14 * torch.clamp(ta.abs(), min=1.0)).any()):
-                raise RuntimeError(f"per-sample dopri5: step size underflow near t={float(ta[0]):.6g}")
-            sh = (direction * ha).to(x.dtype)
-            kx, kl = [fx[a]], [fl[a]]
-            for s in range(1, 7):
-                ts = ta + direction * _DP_C[s] * ha
-                if _DP_C[s] == 1.0:
-                    ts = torch.where(last, torch.full_like(ta, t1), ta + direction * ha)
-                dx = sum(c * k for c, k in zip(_DP_A[s], kx) if c != 0.0)
-                dl = sum(c * k for c, k in zip(_DP_A[s], kl) if c != 0.0)
-                xn, ln = xa + sh[:, None] * dx, la + sh * dl
-                gx, gl = F(ts, xn, a)
-                kx.append(gx)
-                kl.append(gl)
-            # after the loop xn, ln hold the 5th-order solution (stage 7 is evaluated there: FSAL)
-            ex = sh[:, None] * sum(c * k for c, k in zip(_DP_E, kx) if c != 0.0)
-            el = sh * sum(c * k for c, k in zip(_DP_E, kl) if c != 0.0)
-            tx = atol + rtol * torch.maximum(xa.abs(), xn.abs())
-            tl = atol + rtol * torch.maximum(la.abs(), ln.abs())
-            err = _per_sample_norm(ex / tx, el / tl).to(dt64)
-            n_fe[a] += 6
-            accept = err <= 1
-            floor = torch.where(accept, torch.ones_like(err), torch.full_like(err, dfactor))
-            factor = torch.minimum(torch.full_like(err, ifactor),
-                                   torch.maximum(safety / err.clamp(min=1e-300) ** (1.0 / 5), floor))
-            factor = torch.where(err == 0, torch.full_like(err, ifactor), factor)
-            h[a] = ha * factor
-            acc = a[accept]
-            t[acc] = torch.where(last[accept], torch.full_like(ta[accept], t1),
-                                 ta[accept] + direction * ha[accept])
-            xs[acc], ls[acc] = xn[accept], ln[accept]
-            fx[acc], fl[acc] = kx[6][accept], kl[6][accept]
-            done[acc] = last[accept]
-        else:
-            if not bool(done.all()):
-                raise RuntimeError(f"per-sample dopri5: max_steps={max_steps} exceeded")
-    return xs.reshape(shape), ls, n_fe
-
-
-def _integrate(fn: _FlowField, x: torch.Tensor, t0: float, t1: float, *, solver: str, method: str,
-               rtol: float, atol: float, per_sample: bool, options: Optional[dict], max_steps: int):
-    """Integrate ``(x, logp)`` from ``t0`` to ``t1``; returns ``(x_end, delta, n_fevals (batch,))``."""
-    B = x.shape[0]
-    if per_sample and solver == "torchdiffeq" and method == "dopri5":
-        return _solve_dopri5_per_sample(fn, x, t0, t1, rtol, atol, max_steps)
-    run = _solve_torchdiffeq if solver == "torchdiffeq" else _solve_scipy
-    if not per_sample:
-        xe, le, n = run(fn, x, t0, t1, rtol, atol, method, options)
-        return xe, le, torch.full((B,), n, dtype=torch.long, device=x.device)
-    # any other per-sample solve: one ODE per sample, one after the other (B times the calls)
-    outs, counts = [], []
-    for i in range(B):
-        idx = torch.tensor([i], device=x.device)
-        xe, le, n = run(fn, x[i:i + 1], t0, t1, rtol, atol, method, options, idx)
-        outs.append((xe, le))
-        counts.append(n)
-    return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]),
-            torch.tensor(counts, dtype=torch.long, device=x.device))
-
-
 # ---- public API ---------------------------------------------------------------------------------
 def log_likelihood(model, sde: Optional[SDE], x: torch.Tensor, *, divergence: str = "auto",
                    probe: str = "rademacher", n_probes: int = 1, probes: Optional[torch.Tensor] = None,
@@ -496,16 +231,13 @@ def log_likelihood(model, sde: Optional[SDE], x: torch.Tensor, *, divergence: st
     start = time.perf_counter()
     model = as_model(model, sde)
     sde = model.sde
-    _check_x(x, model)
+    check_state(x, model)
     require(divergence in DIVERGENCES, f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     require(probe in PROBES, f"probe must be one of {PROBES}, got {probe!r}")
     require(isinstance(n_probes, int) and not isinstance(n_probes, bool) and n_probes >= 1,
             f"n_probes must be an integer >= 1, got {n_probes!r}")
-    rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
-    method = _check_solver(solver, method)
-    require(isinstance(per_sample, bool), f"per_sample must be True or False, got {per_sample!r}")
-    require(isinstance(max_steps, int) and max_steps >= 1, f"max_steps must be an integer >= 1, got {max_steps!r}")
-    t0, t1 = _time_bounds(sde, sde.eps if eps is None else eps, sde.T if T is None else T)
+    method, rtol, atol = check_integration(solver, method, rtol, atol, per_sample, max_steps)
+    t0, t1 = check_interval(sde, sde.eps if eps is None else eps, sde.T if T is None else T)
     require(t0 < t1, f"eps must be smaller than T, got eps={t0!r}, T={t1!r}")
     D = x[0].numel()
     if divergence == "auto":
@@ -519,11 +251,11 @@ def log_likelihood(model, sde: Optional[SDE], x: torch.Tensor, *, divergence: st
                     f"probes must have shape (n_probes, {', '.join(map(str, x.shape))}), got "
                     f"{tuple(probes.shape) if isinstance(probes, torch.Tensor) else type(probes).__name__}")
             probes = probes.to(device=x.device, dtype=x.dtype)
-    fn = _FlowField(model, divergence, probes, chunk_size)
+    flow_field = FlowField(model, divergence, probes, chunk_size)
     nfe0 = model.nfe
-    latent, delta, n_fevals = _integrate(fn, x.detach(), t0, t1, solver=solver, method=method,
-                                         rtol=rtol, atol=atol, per_sample=per_sample,
-                                         options=options, max_steps=max_steps)
+    latent, delta, n_fevals = integrate(flow_field, x.detach(), t0, t1, solver=solver, method=method,
+                                        rtol=rtol, atol=atol, per_sample=per_sample,
+                                        options=options, max_steps=max_steps)
     with torch.no_grad():
         prior = (sde.prior_logp if prior_logp is None else prior_logp)(latent)
     require(isinstance(prior, torch.Tensor) and prior.shape == (x.shape[0],),
@@ -538,25 +270,6 @@ def log_likelihood(model, sde: Optional[SDE], x: torch.Tensor, *, divergence: st
                             n_fevals=n_fevals, dim=D, divergence=divergence,
                             wall_time=time.perf_counter() - start, latent_norm2=norm2,
                             latent_outlier=outlier, outlier_tail=OUTLIER_TAIL)
-
-
-def integrate_flow(model, sde: Optional[SDE], x: torch.Tensor, t_start: float, t_end: float, *,
-                   solver: str = "torchdiffeq", method: Optional[str] = None, rtol: float = 1e-5,
-                   atol: float = 1e-5, per_sample: bool = False, options: Optional[dict] = None,
-                   max_steps: int = 100_000) -> Tuple[torch.Tensor, int]:
-    """Carry ``x`` along the probability-flow ODE from ``t_start`` to ``t_end`` (either direction):
-    ``integrate_flow(m, sde, x, eps, T)`` encodes, ``integrate_flow(m, sde, z, T, eps)`` decodes.
-    Returns ``(x_end, nfe)``. Same solvers and options as :func:`log_likelihood`."""
-    model = as_model(model, sde)
-    _check_x(x, model)
-    rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
-    method = _check_solver(solver, method)
-    t0, t1 = _time_bounds(model.sde, t_start, t_end)
-    fn = _FlowField(model, None, None, None)
-    nfe0 = model.nfe
-    x_end, _, _ = _integrate(fn, x.detach(), t0, t1, solver=solver, method=method, rtol=rtol,
-                             atol=atol, per_sample=per_sample, options=options, max_steps=max_steps)
-    return x_end, model.nfe - nfe0
 
 
 # ---- images: dequantization and bits/dim --------------------------------------------------------

@@ -24,9 +24,11 @@ fresh initial step, which costs a few NFE per interval):
 - ``ode_scipy``: scipy ``solve_ivp`` (``RK45`` by default, ``rtol = atol = 1e-5``, as score_sde's
   ``ode_sampler``), state moved to float64 NumPy and back on every evaluation.
 
-Both go through :func:`sde_diffusion.likelihood.integrate_flow`, the likelihood's
-probability-flow integrator (one implementation of the adaptive flow). ``per_sample=False`` (default) solves the batch as one ODE system with
-one step size, so a sample's result depends (within the tolerance) on its batch companions.
+Both go through :func:`sde_diffusion.flow.integrate_flow`, the probability-flow integrator that
+the likelihood and the reference flow map use too (one implementation of the flow and of the
+adaptive integrators; the fixed-step solvers evaluate the same :func:`sde_diffusion.flow.pf_drift`).
+``per_sample=False`` (default) solves the batch as one ODE system with one step size, so a
+sample's result depends (within the tolerance) on its batch companions.
 ``per_sample=True`` gives every sample its own error control: for ``ode`` with ``dopri5`` a
 vectorised Dormand–Prince with one step-size controller per sample (each stage is one network call
 on the samples still running, so the NFE is that of the slowest sample, and the per-call batch
@@ -37,7 +39,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import expand_to, require
+from .. import flow
+from .._checks import require
 from .base import SolverContext
 from .registry import register
 
@@ -45,9 +48,9 @@ __all__ = ["pf_drift"]
 
 
 def pf_drift(ctx: SolverContext, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The probability-flow drift ``f(t) x - g(t)^2 s(x, t) / 2`` (one NFE)."""
-    f, g2 = ctx.sde._f_g2(t)
-    return expand_to(f, x) * x - expand_to(0.5 * g2, x) * ctx.model.score(x, t)
+    """The probability-flow drift ``f(t) x - g(t)^2 s(x, t) / 2`` (one NFE):
+    :func:`sde_diffusion.flow.pf_drift` of the context's model."""
+    return flow.pf_drift(ctx.model, x, t)
 
 
 @register("ode_euler", stochastic=False, order=1, nfe=lambda steps: steps,
@@ -91,13 +94,11 @@ def ode_rk4(ctx: SolverContext, x):
 
 
 def _adaptive(ctx: SolverContext, x, solver: str, method: str, rtol, atol, per_sample):
-    from ..likelihood import integrate_flow
-
     require(isinstance(per_sample, bool), f"per_sample must be True or False, got {per_sample!r}")
     for i in range(ctx.steps):
-        x, _ = integrate_flow(ctx.model, ctx.sde, x, float(ctx.times[i]), float(ctx.times[i + 1]),
-                              solver=solver, method=method, rtol=rtol, atol=atol,
-                              per_sample=per_sample)
+        x, _ = flow.integrate_flow(ctx.model, ctx.sde, x, float(ctx.times[i]),
+                                   float(ctx.times[i + 1]), solver=solver, method=method,
+                                   rtol=rtol, atol=atol, per_sample=per_sample)
         yield x
 
 

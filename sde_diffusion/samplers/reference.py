@@ -11,20 +11,21 @@ is rewritten in the half log-SNR ``lambda = log(alpha/sigma)`` and the scaled st
 whose Jacobian has eigenvalues in ``[-1, 0]`` for a Gaussian-mixture oracle at every noise level:
 not stiff, so a high-order explicit solver reaches round-off-level accuracy with few steps. It is
 integrated in float64 with scipy's ``DOP853`` at ``rtol = atol = 1e-10`` (per component) by default.
-The map is the same as the one in ``t`` (a change of variable), only better conditioned.
+The map is the same as the one in ``t`` (a change of variable), only better conditioned. The field
+(:class:`~sde_diffusion.flow.LogSNRFlowField`) and the scipy integrator are those of
+:mod:`sde_diffusion.flow`, which the ODE samplers and the likelihood use too.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from .._checks import require
-from ..models.wrapper import ScoreModel
+from ..flow import LogSNRFlowField, check_integration, integrate
+from ..models.wrapper import ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
-from ..models.wrapper import as_model
 
 __all__ = ["exact_flow_map", "mixture_at"]
 
@@ -60,40 +61,21 @@ def exact_flow_map(model: Union[ScoreModel, GaussianMixture], x_T: torch.Tensor,
     t_end = sde.eps if t_end is None else float(t_end)
     require(0 < t_end < t_start <= sde.T,
             f"need 0 < t_end < t_start <= T={sde.T}, got t_start={t_start!r}, t_end={t_end!r}")
-    require(rtol > 0 and atol > 0, f"rtol and atol must be > 0, got {rtol!r}, {atol!r}")
-    from scipy.integrate import solve_ivp
+    method, rtol, atol = check_integration("scipy", method, rtol, atol, per_sample)
 
     ends = torch.tensor([t_start, t_end], dtype=torch.float64)
-    log_a = sde._log_alpha(ends)
-    lam = log_a - sde._log_sigma(ends)
-    lam0, lam1 = float(lam[0]), float(lam[1])
-    a0, a1 = float(log_a[0].exp()), float(log_a[1].exp())
-    x = x_T.detach().to("cpu", dtype)
+    log_a = sde.log_alpha(ends)
+    lam = log_a - sde.log_sigma(ends)
+    # integrate y = x / alpha in float64 on the host; the model is evaluated in ``dtype``
+    y = x_T.detach().to("cpu", dtype).to(torch.float64) / float(log_a[0].exp())
+    field = LogSNRFlowField(model, t_end, t_start, dtype)
     nfe_before = model.nfe
-
-    def solve(x_start: torch.Tensor) -> torch.Tensor:
-        shape, batch = tuple(x_start.shape), x_start.shape[0]
-
-        def rhs(lam_now: float, y: np.ndarray) -> np.ndarray:
-            t = sde.t_of_lambda(torch.tensor(float(lam_now), dtype=torch.float64))
-            t = t.clamp(t_end, t_start)
-            a = sde._log_alpha(t).exp()
-            y_t = torch.from_numpy(y).reshape(shape).to(dtype)
-            x0 = model.x0(a.to(dtype) * y_t, t.to(dtype).expand(batch))
-            return (x0 - y_t).to(torch.float64).reshape(-1).numpy()
-
-        y0 = (x_start.to(torch.float64) / a0).reshape(-1).numpy()
-        sol = solve_ivp(rhs, (lam0, lam1), y0, method=method, rtol=rtol, atol=atol)
-        require(sol.success, f"exact_flow_map: solve_ivp failed: {sol.message}")
-        return torch.from_numpy(sol.y[:, -1] * a1).reshape(shape)
-
     try:
-        if per_sample:
-            out = torch.cat([solve(x[i:i + 1]) for i in range(x.shape[0])])
-        else:
-            out = solve(x)
+        y_end, _, _ = integrate(field, y, float(lam[0]), float(lam[1]), solver="scipy",
+                                method=method, rtol=rtol, atol=atol, per_sample=per_sample)
     finally:
         model.nfe = nfe_before
+    out = y_end * float(log_a[1].exp())
     return out.to(device=x_T.device, dtype=x_T.dtype)
 
 
@@ -104,5 +86,5 @@ def mixture_at(mixture: GaussianMixture, t: float, sde: Optional[SDE] = None) ->
     sde = mixture.sde if sde is None else sde
     require(sde is not None, "mixture_at needs an SDE: pass sde=... or a mixture that has one")
     t64 = torch.tensor([float(t)], dtype=torch.float64)
-    a, s = float(sde._log_alpha(t64).exp()), float(sde._log_sigma(t64).exp())
+    a, s = float(sde.log_alpha(t64).exp()), float(sde.log_sigma(t64).exp())
     return GaussianMixture(mixture.weights, a * mixture.means, torch.sqrt(a * a * mixture.stds ** 2 + s * s))
