@@ -523,6 +523,20 @@ def test_digits_without_scikit_learn_is_one_line_before_any_work(tmp_path, capsy
     assert not workdir.exists()
 
 
+def test_previews_without_matplotlib_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import sde_diffusion as sd
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)              # "import matplotlib..." now fails
+    workdir = tmp_path / "run"
+    assert _cli_train(workdir, "--config.training.n_iters=2", "--config.training.sample_freq=1") == 2
+    assert "pip install matplotlib" in _one_error_line(capsys)
+    assert not workdir.exists()
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        sd.train(tiny(2, **{"training.sample_freq": 1}), workdir, quiet=True)
+    assert not workdir.exists()
+    assert _cli_train(workdir, "--config.training.n_iters=2") == 0   # no previews: no matplotlib needed
+
+
 def test_settings_are_checked_before_the_workdir_is_made(tmp_path):
     for bad in ({"optim.optimizer": "SGD"}, {"model.ema_rate": 1.5},
                 {"training.mixed_precision": "fp8"}, {"training.sde": "nope"}):
