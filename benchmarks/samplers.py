@@ -9,6 +9,8 @@ and diffusers' schedulers, side by side, at the same NFE, from the same starting
                                                 # on a (B, 3, 32, 32) mixture
     python benchmarks/samplers.py --noise-only  # int-seed (indexed) vs torch.Generator noise at
                                                 # batch 1, 64, 4096: samplers_noise.{md,csv}
+    python benchmarks/samplers.py --overhead-only   # per-step overhead of ours and k-diffusion's,
+                                                # interleaved, batch 1 and 2048: samplers_overhead.{md,csv}
 
 What is measured (see docs/samplers.md, "Benchmark"):
 
@@ -215,8 +217,7 @@ def our_entries(oracle: TimedMixture, args, names=None) -> List[Entry]:
         info = registry[solver]
         if info.nfe is None:
             continue
-        stochastic = info.stochastic and (solver != "ddim" or options.get("eta", 0) > 0) and \
-            (solver not in ("edm_heun", "edm_euler") or options.get("S_churn", 0) > 0)
+        stochastic = not info.is_deterministic(**options)
         optimized: Dict[int, torch.Tensor] = {}
 
         def steps_for(nfe, info=info, grid=grid, options=options):
@@ -377,6 +378,34 @@ def run_benchmark(args) -> List[Dict]:
     return rows
 
 
+# ---- timing side by side ---------------------------------------------------------------------------
+def interleaved(fns: Dict[str, Callable[[], Optional[float]]], dev: torch.device, clock: Callable[[], float],
+                repeats: int, min_seconds: float = 1.0, max_rounds: int = 50) -> Dict[str, List[float]]:
+    """Time every function of ``fns`` in turn, round after round (at least ``repeats`` rounds and
+    ``min_seconds`` in all, at most ``max_rounds``), after one warm-up call each, so that the load of
+    a shared machine falls on all of them alike. Returns every run's time per name. A function may
+    return a number of seconds to subtract from its run (the time spent inside the model)."""
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()                                      # warm-up (allocations, lazy initialisation)
+    spent, rounds = 0.0, 0
+    while rounds < repeats or (spent < min_seconds and rounds < max_rounds):
+        for name, fn in fns.items():
+            sync()
+            start = clock()
+            inside = fn()
+            sync()
+            took = clock() - start
+            spent += took
+            times[name].append(took - (inside or 0.0))
+        rounds += 1
+    return times
+
+
 # ---- indexed (int seed) against batch-level noise ---------------------------------------------------
 NOISE_BATCHES = (1, 64, 4096)
 NOISE_MODES = {
@@ -398,26 +427,9 @@ def noise_benchmark(args) -> List[Dict]:
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     clock = time.process_time if dev.type == "cpu" else time.perf_counter
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     def side_by_side(fns: Dict[str, Callable[[], None]]) -> Dict[str, float]:
-        best = {mode: math.inf for mode in fns}
-        for fn in fns.values():
-            fn()                                  # warm-up (allocations, lazy initialisation)
-        spent, runs = 0.0, 0
-        while runs < args.timing_repeats or (spent < 1.0 and runs < 50):
-            for mode, fn in fns.items():
-                sync()
-                start = clock()
-                fn()
-                sync()
-                took = clock() - start
-                best[mode] = min(best[mode], took)
-                spent += took
-            runs += 1
-        return best
+        return {mode: min(times) for mode, times in
+                interleaved(fns, dev, clock, args.timing_repeats).items()}
 
     batches = [int(b) for b in args.noise_batches.split(",")]
     rows: List[Dict] = []
@@ -451,6 +463,98 @@ def noise_benchmark(args) -> List[Dict]:
             best = side_by_side({mode: (lambda make=make: run(make)) for mode, make in NOISE_MODES.items()})
             record(f"{solver}, {args.noise_steps} steps", (args.dim,), batch, best, 1.0, "s")
     return rows
+
+
+# ---- per-step overhead, ours and k-diffusion's side by side ----------------------------------------
+OVERHEAD_OURS = ("ddim", "dpm_solver++_2m", "dpm_solver++_3m", "unipc_3", "edm_heun", "euler_maruyama",
+                 "ddim(eta=1)", "sde_dpm_solver++", "pc(rd+langevin)", "edm_heun(churn)")
+OVERHEAD_PEERS = ("k:euler", "k:heun", "k:dpmpp_2m", "k:dpmpp_3m", "k:euler_ancestral", "k:dpmpp_2m_sde")
+OVERHEAD_BATCHES = (1, 2048)
+
+
+def overhead_benchmark(args) -> List[Dict]:
+    """The per-step overhead (run time minus the time inside the oracle, per grid step) of our
+    solvers and of k-diffusion's samplers on the fast oracle at ``--timing-nfe`` NFE, at each batch
+    size of ``--overhead-batches``. Every sampler runs in turn within each round (interleaved, at
+    least ``--timing-repeats`` rounds and a second), so the load of a shared machine falls on all
+    alike; the least and the median over the rounds are reported (their gap is the noise).
+    k-diffusion is the yardstick: its samplers are the same code before and after a change of
+    ours, so ``ours / k-diffusion`` compares runs made at different times."""
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    clock = time.process_time if dev.type == "cpu" else time.perf_counter
+    sde = VPSDE()
+    oracle = TimedMixture(random_mixture(args.dim, args.modes, seed=args.seed, sde=sde), device=dev,
+                          clock=clock)
+    entries = our_entries(oracle, args, set(OVERHEAD_OURS))
+    if not args.no_peers:
+        entries += peer_entries(oracle, set(OVERHEAD_PEERS), libraries=("k-diffusion",))
+    if args.only:
+        keep = set(args.only.split(","))
+        entries = [e for e in entries if e.name in keep]
+    rows: List[Dict] = []
+    for batch in [int(b) for b in args.overhead_batches.split(",")]:
+        x_T = torch.randn(batch, args.dim, generator=torch.Generator().manual_seed(args.seed + 1),
+                          dtype=torch.float64).to(dev, dtype)
+        fns, steps_of, nfe_of = {}, {}, {}
+        for e in entries:
+            steps = e.steps_for_nfe(args.timing_nfe)
+            if steps is None:
+                continue
+
+            def run(e=e, steps=steps):
+                oracle.reset_clock()
+                with torch.no_grad():
+                    _, used = e.run(steps, x_T, torch.Generator(device=dev).manual_seed(args.seed + 3))
+                nfe_of[e.name] = used
+                return oracle.seconds
+            fns[e.name], steps_of[e.name] = run, steps
+        times = interleaved(fns, dev, clock, args.timing_repeats)
+        for e in entries:
+            if e.name not in times:
+                continue
+            per_step = sorted(1e3 * t / steps_of[e.name] for t in times[e.name])
+            rows.append(dict(solver=e.name, library=e.library, batch=batch, steps=steps_of[e.name],
+                             nfe=nfe_of[e.name], rounds=len(per_step),
+                             overhead_ms_per_step=per_step[0],
+                             overhead_ms_per_step_median=per_step[len(per_step) // 2]))
+            print(f"  batch {batch:5d}  {e.name:24s} overhead/step least {per_step[0]:.4f} ms, "
+                  f"median {per_step[len(per_step) // 2]:.4f} ms ({len(per_step)} rounds)", flush=True)
+    return rows
+
+
+def write_overhead_results(rows, args, out_dir: Path) -> List[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name
+    cols = ["solver", "library", "batch", "steps", "nfe", "rounds", "overhead_ms_per_step",
+            "overhead_ms_per_step_median"]
+    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    clock = "CPU time of the process" if args.device == "cpu" else "wall time with synchronisation"
+    lines = [
+        "# Per-step overhead: our solvers and k-diffusion's samplers side by side", "",
+        f"`python benchmarks/samplers.py --overhead-only` on {args.device} "
+        f"({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}; {clock}. "
+        f"Overhead = run time minus the time inside the oracle, per grid step, at "
+        f"{args.timing_nfe} NFE on `random_mixture({args.dim}, {args.modes}, seed={args.seed})`; "
+        "every sampler runs in turn within each round; least and median over the rounds.", "",
+        "| batch | solver | library | steps | overhead ms/step (least) | (median) |",
+        "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['solver']} | {r['library']} | {r['steps']} | "
+                     f"{r['overhead_ms_per_step']:.4f} | {r['overhead_ms_per_step_median']:.4f} |")
+    lines += ["", "| batch | ours, median of the least (ms/step) | k-diffusion, median of the least | "
+              "ours / k-diffusion |", "|---|---|---|---|"]
+    for batch in sorted({r["batch"] for r in rows}):
+        ours = sorted(r["overhead_ms_per_step"] for r in rows if r["batch"] == batch and r["library"] == "ours")
+        peer = sorted(r["overhead_ms_per_step"] for r in rows if r["batch"] == batch and r["library"] != "ours")
+        if ours and peer:
+            a, b = ours[len(ours) // 2], peer[len(peer) // 2]
+            lines.append(f"| {batch} | {a:.4f} | {b:.4f} | {a / b:.2f} |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def write_noise_results(rows, args, out_dir: Path) -> List[str]:
@@ -672,9 +776,21 @@ def main(argv=None):
                     help="batch sizes of --noise-only")
     ap.add_argument("--noise-steps", type=int, default=100,
                     help="steps of the sampling runs of --noise-only")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only measure the per-step overhead of our solvers and k-diffusion's "
+                         "samplers, interleaved; writes samplers_overhead.{md,csv} (a few minutes)")
+    ap.add_argument("--overhead-batches", default=",".join(map(str, OVERHEAD_BATCHES)),
+                    help="batch sizes of --overhead-only")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.overhead_only:
+        args.name = args.name or "samplers_overhead"
+        args.timing_repeats = max(args.timing_repeats, 7)
+        lines = write_overhead_results(overhead_benchmark(args), args, Path(args.out))
+        print("\n".join(lines))
+        print(f"wrote {args.out}/{args.name}.md, .csv")
+        return
     if args.noise_only:
         args.name = args.name or "samplers_noise"
         args.timing_repeats = max(args.timing_repeats, 7)

@@ -594,8 +594,7 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
 def cmd_compare(args, rest: Sequence[str]) -> int:
     import torch
 
-    from .experiments import (COMPARE_METRICS, ORACLE_METRICS, _deterministic, compare_solvers,
-                              parse_solver_list)
+    from .experiments import COMPARE_METRICS, ORACLE_METRICS, compare_solvers, parse_solver_list
     from .reports import plot_error_vs_nfe, write_csv, write_markdown_table
 
     _no_extra(rest)
@@ -613,7 +612,7 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
     if args.metric in ORACLE_METRICS and not args.oracle:
         raise UserError(f"--metric {args.metric} compares mode weights and variances with an exact "
                         f"mixture: it needs --oracle (with --checkpoint use sliced_w or flow_rmse)")
-    if args.metric == "flow_rmse" and all(not _deterministic(s) for s in specs):
+    if args.metric == "flow_rmse" and not any(s.deterministic for s in specs):
         raise UserError("--metric flow_rmse measures deterministic solvers, and --solvers holds "
                         "none (e.g. add ddim:eta=0 or dpm_solver++)")
     if _is_grid_file(args.grid):

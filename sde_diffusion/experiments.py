@@ -4,7 +4,6 @@ same starting noise for every solver, written as Markdown, CSV and an error-vs-N
 from __future__ import annotations
 
 import ast
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,6 +58,13 @@ class SolverSpec:
     options: Dict[str, object] = field(default_factory=dict)
 
     @property
+    def deterministic(self) -> bool:
+        """Whether this solver with these options is a deterministic map of ``x_T`` (the
+        registry's answer, :meth:`~sde_diffusion.samplers.registry.SolverInfo.is_deterministic`):
+        only deterministic configurations are scored against the exact flow map."""
+        return get_solver(self.name).is_deterministic(**self.options)
+
+    @property
     def label(self) -> str:
         return ":".join([self.name] + [f"{k}={v}" for k, v in self.options.items()])
 
@@ -75,8 +81,6 @@ def parse_solver_spec(spec: str) -> SolverSpec:
     options, and each value of the kind of the option's default (a number for ``eta=0.0``, ``True``
     or ``False`` for a flag, text for a name), so that a typo fails here, not after a model is
     loaded."""
-    from .samplers.api import _check_options
-
     parts = [p for p in spec.strip().split(":")]
     require(parts[0] != "", f"empty solver name in {spec!r}")
     info = get_solver(parts[0])
@@ -85,8 +89,8 @@ def parse_solver_spec(spec: str) -> SolverSpec:
         require("=" in part, f"solver option {part!r} in {spec!r} must be written key=value")
         key, value = part.split("=", 1)
         options[key.strip()] = _value(value.strip())
-    _check_options(info, options)
-    defaults = {p.name: p.default for p in inspect.signature(info.fn).parameters.values()}
+    info.check_options(options)
+    defaults = info.defaults()
     for key, value in options.items():
         _check_option_kind(spec, key, value, defaults.get(key))
     return SolverSpec(parts[0], options)
@@ -157,13 +161,13 @@ def compare_solvers(model: ScoreModel, solvers: Sequence[SolverSpec], nfes: Sequ
                          (oracle.event_shape if oracle is not None else reference.shape[1:]))
     x_T = sde.prior_sampling(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     flow_target = None
-    if flow_reference and any(not get_solver(s.name).stochastic or _deterministic(s) for s in solvers):
+    if flow_reference and any(s.deterministic for s in solvers):
         flow_target = exact_flow_map(model, x_T[:flow_samples], rtol=reference_rtol,
                                      atol=reference_rtol)
     rows = []
     for spec in solvers:
         info = get_solver(spec.name)
-        deterministic = _deterministic(spec)
+        deterministic = spec.deterministic
         for budget in nfes:
             options = dict(spec.options)
             if info.nfe is None:  # adaptive: one run, at its own tolerance
@@ -252,15 +256,3 @@ class SlicedWBootstrap:
             values = [wasserstein_1d(proj[:, idx], ref).mean().sqrt()
                       for idx, ref in zip(self._rows[n], self._ref)]
         return float(torch.stack(values).std())
-
-
-def _deterministic(spec: SolverSpec) -> bool:
-    """Deterministic solvers, including stochastic ones switched off (``ddim:eta=0``, churn 0)."""
-    info = get_solver(spec.name)
-    if not info.stochastic:
-        return True
-    if spec.name == "ddim":
-        return float(spec.options.get("eta", 0.0)) == 0.0
-    if spec.name in ("edm_heun", "edm_euler"):
-        return float(spec.options.get("S_churn", 0.0)) == 0.0
-    return False

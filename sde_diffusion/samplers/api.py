@@ -1,7 +1,6 @@
 """The one entry point: ``sample(model, sde, shape | x_T, solver=..., steps=...)``."""
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -11,7 +10,7 @@ from .._checks import require
 from ..models.wrapper import ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
-from .base import GeneratorLike, NoiseSource, SampleResult, SolverContext, run_solver
+from .base import Correction, GeneratorLike, NoiseSource, SampleResult, SolverContext, run_solver
 from .grids import GRIDS, check_steps, make_grid
 from .registry import get_solver
 
@@ -30,7 +29,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-           **options) -> SampleResult:
+           correct: Optional[Correction] = None, **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``t_start`` (T) down to ``t_end`` (eps).
 
     Args:
@@ -65,14 +64,22 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         denoise: finish with one Tweedie step ``x <- E[x0 | x_eps]`` (score_sde's noise removal).
         progress: show a tqdm bar (default: only when stderr is a terminal).
         return_trajectory: keep the state after every step in ``result.trajectory``.
-        callback: ``callback(step, t, x)`` after every step.
+        callback: ``callback(step, t, x)`` after every step (after ``correct``).
+        correct: ``correct(step, t, x) -> x``, applied after every step (grid interval for an
+            adaptive solver), the last one included: the solver continues from the state it
+            returns (a tensor of ``x``'s shape, dtype and device), and ``trajectory``,
+            ``callback`` and the result see it. ``step`` counts from 1, ``t`` is the time the
+            step reached. Constraints and guidance between steps (inpainting's known pixels,
+            projections, DPM-Solver's ``correcting_xt_fn``) go here, without editing a solver.
+            Multistep solvers keep their history of model outputs and continue from the
+            corrected state (docs/samplers.md, "Corrections between steps").
         **options: passed to the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
     """
     info = get_solver(solver)
     model = as_model(model, sde)
     sde = model.sde
     require(steps is None or nfe is None, "give steps or nfe, not both")
-    _check_options(info, options)
+    info.check_options(options)
     times = None if grid is None or isinstance(grid, str) else custom_grid(grid, sde)
     planned = options
     if nfe is not None:
@@ -94,7 +101,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0])
     nfe_before = model.nfe
     x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
-                               return_trajectory, adaptive=info.adaptive)
+                               return_trajectory, adaptive=info.adaptive, correct=correct,
+                               two_way=info.two_way)
     if denoise:
         x = model.x0(x, ctx.t(ctx.steps))
     return SampleResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
@@ -160,13 +168,3 @@ def _check_grid_steps(info, times: torch.Tensor, steps: Optional[int], nfe: Opti
     require(steps is None or steps == n,
             f"steps={steps} disagrees with the custom grid, which has {n} steps ({n + 1} times): "
             f"leave steps out, a custom grid sets the steps")
-
-
-def _check_options(info, options: dict) -> None:
-    params = inspect.signature(info.fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n, p in list(params.items())[2:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    for key in options:
-        require(key in valid, f"solver {info.name!r} has no option {key!r}; its options: "
-                              f"{', '.join(valid) if valid else 'none'}")

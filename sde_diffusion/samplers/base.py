@@ -1,12 +1,14 @@
 """What every solver shares: the context it runs in (model, SDE, time grid with its alpha, sigma and
-log-SNR, the noise source) and the loop that drives it (progress bar, callback, trajectory, NaN
-detection with the step and time, NFE accounting)."""
+log-SNR, the noise source), the generator of a one-step solver (:func:`stepping`) and the two-way
+loop that drives every solver (corrections between steps, progress bar, callback, trajectory, NaN
+detection with the step and time). The update formulas shared by the exponential integrators
+live in :mod:`._exp_integrator`."""
 from __future__ import annotations
 
 import hashlib
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Generator, List, Optional, Sequence, Union
 
 import torch
 
@@ -14,8 +16,8 @@ from .._checks import all_finite, require
 from ..models.wrapper import NonFiniteError, ScoreModel
 from ..sdes import SDE
 
-__all__ = ["NoiseSource", "SolverContext", "SampleResult", "GeneratorLike", "chunk_size",
-           "NOISE_CHUNK_ELEMENTS", "NOISE_MAX_CHUNK"]
+__all__ = ["NoiseSource", "SolverContext", "SampleResult", "GeneratorLike", "Correction", "chunk_size",
+           "NOISE_CHUNK_ELEMENTS", "NOISE_MAX_CHUNK", "run_solver", "stepping"]
 
 GeneratorLike = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
@@ -211,28 +213,54 @@ def _interval(i: int, n: int) -> str:
     return f", grid interval {i} of {n}" if n > 1 else ""
 
 
+Correction = Callable[[int, float, torch.Tensor], torch.Tensor]
+
+
+def stepping(ctx: SolverContext, x: torch.Tensor,
+             advance: Callable[[int, torch.Tensor], torch.Tensor]) -> Generator[torch.Tensor, torch.Tensor, None]:
+    """The generator of a one-step solver: ``advance(i, x)`` takes the state from ``t_i`` to
+    ``t_{i+1}``; after each step the generator yields the new state and continues from the one it
+    is sent back (two-way: a correction replaces it)."""
+    for i in range(ctx.steps):
+        x = yield advance(i, x)
+
+
 def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, options: dict,
                progress: Optional[bool] = None,
                callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-               return_trajectory: bool = False, adaptive: bool = False) -> tuple:
+               return_trajectory: bool = False, adaptive: bool = False,
+               correct: Optional[Correction] = None, two_way: bool = True) -> tuple:
     """Drive the solver generator ``fn(ctx, x, **options)``; returns ``(x, trajectory)``.
+
+    The protocol is two-way: after every step the state the solver yielded goes through
+    ``correct(step, t, x)`` (when given) and is sent back; a two-way solver (``x = yield x``)
+    continues from what it is sent. ``two_way=False`` (a solver registered without it) refuses a
+    ``correct`` up front, so that a correction is never dropped silently. The trajectory and the
+    callback see the state after the correction.
 
     A NaN/Inf raises :class:`NonFiniteError` naming the step (grid interval) and the time. For an
     ``adaptive`` solver, which yields once per grid interval and chooses its own steps inside it,
     the message names the time of the failing network call and the interval being integrated,
     not a step count (``err.step`` is the interval's number)."""
+    require(correct is None or callable(correct),
+            f"correct must be a callable correct(step, t, x) -> x, got {type(correct).__name__}")
+    require(correct is None or two_way,
+            f"solver {name!r} is not two-way (registered without two_way=True): it would ignore "
+            f"the corrected states, so it cannot take correct=...; its generator must continue "
+            f"from what each yield returns (x = yield x)")
     trajectory: Optional[List[torch.Tensor]] = [x] if return_trajectory else None
     bar = None
     if _show_progress(progress):
         from tqdm.auto import tqdm
         bar = tqdm(total=ctx.steps, desc=name, leave=False)
     step = 0
-    steps: Iterator[torch.Tensor] = fn(ctx, x, **options)
+    steps: Generator[torch.Tensor, Optional[torch.Tensor], None] = fn(ctx, x, **options)
+    sent: Optional[torch.Tensor] = None
     try:
         while True:
             t_now = float(ctx.times[min(step, ctx.steps)])
             try:
-                x = next(steps)
+                x = steps.send(sent)
             except StopIteration:
                 break
             except NonFiniteError as err:
@@ -252,13 +280,31 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
                                          f"{_interval(step, ctx.steps)}", t=t_after, step=step)
                 raise NonFiniteError(f"{name}: the state became NaN/Inf at step {step} of "
                                      f"{ctx.steps} (t={t_after:.6g})", t=t_after, step=step)
+            if correct is not None:
+                x = _corrected(correct, step, t_after, x, ctx.steps)
             if trajectory is not None:
                 trajectory.append(x)
             if callback is not None:
                 callback(step, t_after, x)
             if bar is not None:
                 bar.update(1)
+            sent = x
     finally:
         if bar is not None:
             bar.close()
     return x, (torch.stack(trajectory) if trajectory is not None else None)
+
+
+def _corrected(correct: Correction, step: int, t: float, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``correct(step, t, x)``, checked: a finite tensor of ``x``'s shape, dtype and device."""
+    out = correct(step, t, x)
+    require(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
+            and out.device == x.device,
+            f"correct(step, t, x) must return a tensor of x's shape {tuple(x.shape)}, dtype "
+            f"{x.dtype} and device {x.device}; at step {step} (t={t:.6g}) it returned "
+            + (f"shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}"
+               if isinstance(out, torch.Tensor) else type(out).__name__))
+    if not all_finite(out):
+        raise NonFiniteError(f"correct(step, t, x) returned NaN/Inf at step {step} of {steps} "
+                             f"(t={t:.6g})", t=t, step=step)
+    return out

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 
 from .._checks import require
-from .base import SolverContext
+from .base import SolverContext, stepping
 from .registry import register
 
-__all__ = ["ddim_step", "check_eta"]
+__all__ = ["ddim_step", "ddim_steps", "check_eta"]
 
 
 def check_eta(eta) -> float:
@@ -40,11 +40,15 @@ def ddim_step(ctx: SolverContext, i: int, x, eta: float):
     return x
 
 
-@register("ddim", stochastic=True, order=1, summary="DDIM with eta (0: deterministic; 1: ancestral)")
+def ddim_steps(ctx: SolverContext, eta: float):
+    """DDIM's step with this ``eta`` (checked once): ``advance(i, x)`` from ``t_i`` to ``t_{i+1}``."""
+    eta = check_eta(eta)
+    return lambda i, x: ddim_step(ctx, i, x, eta)
+
+
+@register("ddim", deterministic=lambda eta, **_: float(eta) == 0.0, order=1, step=ddim_steps,
+          two_way=True, summary="DDIM with eta (0: deterministic; 1: ancestral)")
 def ddim(ctx: SolverContext, x, eta: float = 0.0):
     """DDIM; ``eta`` in [0, 1] scales the injected noise (``eta=0``: probability-flow-like and
     deterministic; ``eta=1``: DDPM ancestral sampling with the posterior variance)."""
-    eta = check_eta(eta)
-    for i in range(ctx.steps):
-        x = ddim_step(ctx, i, x, eta)
-        yield x
+    return stepping(ctx, x, ddim_steps(ctx, eta))

@@ -29,24 +29,14 @@ from typing import List
 import torch
 
 from .._checks import require
-from .base import SolverContext
+from ._exp_integrator import at_lambda, combine, phi2, phi3
+from .base import SolverContext, stepping
 from .registry import register
 
-__all__ = ["dpm_solver", "dpm_solver_pp", "sde_dpm_solver_pp", "stage", "fast_orders"]
+__all__ = ["dpm_solver", "dpm_solver_pp", "sde_dpm_solver_pp", "dpm_steps", "fast_orders"]
 
 # Stochastic high-order solver: sde_dpm_solver++ below. Singlestep DPM-Solver in data prediction
 # (DPM-Solver++(2S)) is not provided: the multistep form costs one NFE per step and is as accurate.
-
-
-def stage(ctx: SolverContext, lam: float):
-    """The time, ``alpha``, ``sigma`` and actual ``lambda`` at log-SNR ``lam`` (an intermediate
-    stage of a singlestep solver). The stage's own lambda is recomputed from the time found by
-    ``sde.t_of_lambda`` so that the update coefficients match the noise level the model sees."""
-    t = ctx.sde.t_of_lambda(torch.tensor(lam, dtype=torch.float64))
-    t = float(t.clamp(float(ctx.times[-1]), float(ctx.times[0])))
-    tt = torch.tensor(t, dtype=torch.float64)
-    log_a, log_s = float(ctx.sde._log_alpha(tt)), float(ctx.sde._log_sigma(tt))
-    return t, math.exp(log_a), math.exp(log_s), log_a - log_s
 
 
 def _grid(ctx: SolverContext):
@@ -111,7 +101,10 @@ def _dpm_plan(nfe: int, order: int = 3, orders=None):
     return len(orders), {"orders": orders}
 
 
-def _dpm_solver(ctx: SolverContext, x, order: int = 3, r1=None, r2=None, orders=None):
+def dpm_steps(ctx: SolverContext, order, r1, r2, orders):
+    """DPM-Solver's single step with these options (checked once; the times, ``alpha`` and
+    ``sigma`` of every intermediate stage of the run computed up front): ``advance(i, x)`` from
+    ``t_i`` to ``t_{i+1}`` with the order of step ``i``."""
     order = int(order)
     require(order in (1, 2, 3), f"order must be 1, 2 or 3, got {order!r}")
     orders = [order] * ctx.steps if orders is None else _check_orders(orders, ctx.steps)
@@ -126,39 +119,57 @@ def _dpm_solver(ctx: SolverContext, x, order: int = 3, r1=None, r2=None, orders=
                 f"r2 must lie in (r1={r1 if r1 is not None else _DPM_R[3][0]}, 1), got {r2!r}")
     model = ctx.model
     alphas, sigmas, lambdas = _grid(ctx)
-    for i, k in enumerate(orders):
+    # the stages' log-SNRs lambda_i + r h: Alg. 1 (order 2, r1 = 1/2; the given r1 on steps of the
+    # top order) and Alg. 2 (order 3, r1 = 1/3, r2 = 2/3)
+    ratios = []
+    for k in orders:
+        if k == 2:
+            ratios.append((r1 if r1 is not None and k == max(orders) else _DPM_R[2][0],))
+        elif k == 3:
+            ratios.append((r1 if r1 is not None else _DPM_R[3][0],
+                           r2 if r2 is not None else _DPM_R[3][1]))
+        else:
+            ratios.append(())
+    t, log_a, log_s = at_lambda(ctx.sde, [lambdas[i] + r * (lambdas[i + 1] - lambdas[i])
+                                          for i, rs in enumerate(ratios) for r in rs],
+                                float(ctx.times[-1]), float(ctx.times[0]))
+    # per step: (time, alpha, sigma, actual lambda) of each stage
+    stages, n = [], 0
+    for rs in ratios:
+        stages.append([(t[j], math.exp(log_a[j]), math.exp(log_s[j]), log_a[j] - log_s[j])
+                       for j in range(n, n + len(rs))])
+        n += len(rs)
+
+    def advance(i: int, x):
+        k = orders[i]
         a, lam = alphas[i], lambdas[i]
         a_t, s_t, lam_t = alphas[i + 1], sigmas[i + 1], lambdas[i + 1]
         h = lam_t - lam
         eps0 = model.eps(x, ctx.t(i))
         if k == 1:
             # eq. 3.7: x_t = (alpha_t/alpha_s) x - sigma_t (e^h - 1) eps
-            x = (a_t / a) * x - (s_t * math.expm1(h)) * eps0
-        elif k == 2:
-            # Alg. 1 (DPM-Solver-2), with r1 in (0, 1) (the given r1 on steps of the top order)
-            ra = r1 if r1 is not None and k == max(orders) else _DPM_R[2][0]
-            t1, a1, s1, lam1 = stage(ctx, lam + ra * h)
+            return (a_t / a) * x - (s_t * math.expm1(h)) * eps0
+        if k == 2:
+            # Alg. 1 (DPM-Solver-2), with r1 in (0, 1)
+            (t1, a1, s1, lam1), = stages[i]
             rr = (lam1 - lam) / h
             u = (a1 / a) * x - (s1 * math.expm1(lam1 - lam)) * eps0
             eps1 = model.eps(u, ctx.vec(t1))
             phi = s_t * math.expm1(h)
-            x = (a_t / a) * x - phi * eps0 - (phi / (2 * rr)) * (eps1 - eps0)
-        else:
-            # Alg. 2 (DPM-Solver-3), r1 = 1/3, r2 = 2/3 by default
-            ra = r1 if r1 is not None else _DPM_R[3][0]
-            rb = r2 if r2 is not None else _DPM_R[3][1]
-            t1, a1, s1, lam1 = stage(ctx, lam + ra * h)
-            t2, a2, s2, lam2 = stage(ctx, lam + rb * h)
-            q1, q2 = (lam1 - lam) / h, (lam2 - lam) / h
-            h2 = lam2 - lam
-            u1 = (a1 / a) * x - (s1 * math.expm1(lam1 - lam)) * eps0
-            d1 = model.eps(u1, ctx.vec(t1)) - eps0
-            u2 = ((a2 / a) * x - (s2 * math.expm1(h2)) * eps0
-                  - (s2 * q2 / q1 * (math.expm1(h2) / h2 - 1)) * d1)
-            d2 = model.eps(u2, ctx.vec(t2)) - eps0
-            x = ((a_t / a) * x - (s_t * math.expm1(h)) * eps0
-                 - (s_t / q2 * (math.expm1(h) / h - 1)) * d2)
-        yield x
+            return (a_t / a) * x - phi * eps0 - (phi / (2 * rr)) * (eps1 - eps0)
+        # Alg. 2 (DPM-Solver-3), r1 = 1/3, r2 = 2/3 by default
+        (t1, a1, s1, lam1), (t2, a2, s2, lam2) = stages[i]
+        q1, q2 = (lam1 - lam) / h, (lam2 - lam) / h
+        h2 = lam2 - lam
+        u1 = (a1 / a) * x - (s1 * math.expm1(lam1 - lam)) * eps0
+        d1 = model.eps(u1, ctx.vec(t1)) - eps0
+        u2 = ((a2 / a) * x - (s2 * math.expm1(h2)) * eps0
+              - (s2 * q2 / q1 * (math.expm1(h2) / h2 - 1)) * d1)
+        d2 = model.eps(u2, ctx.vec(t2)) - eps0
+        return ((a_t / a) * x - (s_t * math.expm1(h)) * eps0
+                - (s_t / q2 * (math.expm1(h) / h - 1)) * d2)
+
+    return advance
 
 
 _dpm_solver_doc = r"""DPM-Solver (Lu et al. 2022, Alg. 1 and 2, eqs. 3.7-3.9), singlestep in log-SNR with
@@ -174,21 +185,25 @@ order of every step explicitly (a list as long as the grid; the cost is its sum)
 / ``r2`` applies to the steps of the highest order, the others use the default ratios."""
 
 
-@register("dpm_solver", grid="logsnr", stochastic=False, order=3, nfe=_dpm_cost, plan=_dpm_plan,
-          summary="DPM-Solver singlestep orders 1-3 (noise prediction; NFE/step = order; an NFE "
+@register("dpm_solver", grid="logsnr", deterministic=True, two_way=True, order=3, nfe=_dpm_cost,
+          plan=_dpm_plan, step=dpm_steps, summary="DPM-Solver singlestep orders 1-3 (noise prediction; NFE/step = order; an NFE "
                   "budget uses DPM-Solver-fast's orders)")
 def dpm_solver(ctx: SolverContext, x, order: int = 3, r1=None, r2=None, orders=None):
-    return _dpm_solver(ctx, x, order, r1, r2, orders)
+    return stepping(ctx, x, dpm_steps(ctx, order, r1, r2, orders))
 
 
 dpm_solver.__doc__ = _dpm_solver_doc
 
 
 def _register_fixed(k: int):
-    @register(f"dpm_solver_{k}", grid="logsnr", stochastic=False, order=k, nfe=lambda steps: k * steps,
+    def steps(ctx: SolverContext, r1, r2):
+        return dpm_steps(ctx, k, r1, r2, None)
+
+    @register(f"dpm_solver_{k}", grid="logsnr", deterministic=True, two_way=True, order=k,
+              nfe=lambda steps: k * steps, step=steps,
               summary=f"DPM-Solver-{k}: ``dpm_solver`` with ``order={k}`` ({k} NFE/step)")
     def solver(ctx: SolverContext, x, r1=None, r2=None):
-        return _dpm_solver(ctx, x, k, r1, r2)
+        return stepping(ctx, x, steps(ctx, r1, r2))
     solver.__doc__ = (f"DPM-Solver-{k}: ``dpm_solver`` with ``order={k}`` on every step, also under an "
                       f"NFE budget (the largest grid within it; ``dpm_solver`` spends a budget "
                       f"exactly with DPM-Solver-fast's orders).")
@@ -200,30 +215,6 @@ for _k in (1, 2, 3):
 
 
 # ---- DPM-Solver++ (data prediction, multistep) ---------------------------------------------------
-def _phi2(h: float) -> float:
-    """``phi_2(h) = (e^{-h} - 1 + h) / h = 1/h int_0^h e^{u-h} u du`` (series for small ``h``)."""
-    if h < 1e-3:
-        return h / 2 - h * h / 6 + h ** 3 / 24 - h ** 4 / 120
-    return (math.expm1(-h) + h) / h
-
-
-def _phi3(h: float) -> float:
-    """``phi_3(h) = (e^{-h} - 1 + h - h^2/2) / h^2`` (negative; series for small ``h``)."""
-    if h < 1e-2:
-        return -h / 6 + h * h / 24 - h ** 3 / 120 + h ** 4 / 720 - h ** 5 / 5040
-    return (math.expm1(-h) + h - 0.5 * h * h) / (h * h)
-
-
-def combine(x, cx: float, terms) -> torch.Tensor:
-    """``cx * x + sum_k c_k * m_k`` for ``terms = [(c_k, m_k), ...]`` in one fresh tensor (one pass
-    per term, no temporaries): the update of every linear multistep solver here."""
-    out = torch.mul(x, cx)
-    for c, m in terms:
-        if c != 0.0:
-            out.add_(m, alpha=c)
-    return out
-
-
 def _pp_coefficients(order: int, s_prev: float, a_t: float, s_t: float, h: float, hs: List[float],
                      solver_type: str):
     """Coefficients ``(c_x, [c_0, c_1, c_2])`` of ``x_{i+1} = c_x x_i + sum_k c_k m_k`` for one
@@ -236,17 +227,17 @@ def _pp_coefficients(order: int, s_prev: float, a_t: float, s_t: float, h: float
     r0 = hs[-1] / h
     if order == 2:
         # D_1 = (m_0 - m_1)/r_0 with weight alpha_t phi_2 (taylor) or alpha_t (1 - e^{-h})/2
-        w = a_t * (_phi2(h) if solver_type == "taylor" else -0.5 * math.expm1(-h))
+        w = a_t * (phi2(h) if solver_type == "taylor" else -0.5 * math.expm1(-h))
         return cx, [c[0] + w / r0, -w / r0, 0.0]
     r1 = hs[-2] / h
     q = r0 / (r0 + r1)
-    p2, p3 = a_t * _phi2(h), a_t * _phi3(h) * 2.0 / (r0 + r1)
+    p2, p3 = a_t * phi2(h), a_t * phi3(h) * 2.0 / (r0 + r1)
     A = p2 * (1 + q) - p3            # weight of D_1^(0) = (m_0 - m_1)/r_0
     B = -p2 * q + p3                 # weight of D_1^(1) = (m_1 - m_2)/r_1
     return cx, [c[0] + A / r0, -A / r0 + B / r1, -B / r1]
 
 
-@register("dpm_solver++", grid="logsnr", stochastic=False, order=3, summary=(
+@register("dpm_solver++", grid="logsnr", deterministic=True, two_way=True, order=3, summary=(
     "DPM-Solver++ multistep (2M/3M; data prediction; 1 NFE/step)"))
 def dpm_solver_pp(ctx: SolverContext, x, order: int = 3, lower_order_final: bool = False,
                   solver_type: str = "taylor"):
@@ -292,11 +283,11 @@ def dpm_solver_pp(ctx: SolverContext, x, order: int = 3, lower_order_final: bool
         x = combine(x, cx, list(zip(cs[:k], x0s[:k])))
         hs.append(h)
         del hs[:-3]
-        yield x
+        x = yield x
 
 
 def _alias(name: str, order: int):
-    @register(name, grid="logsnr", stochastic=False, order=order,
+    @register(name, grid="logsnr", deterministic=True, two_way=True, order=order,
               summary=f"DPM-Solver++({order}M) multistep (data prediction; 1 NFE/step)")
     def solver(ctx: SolverContext, x, lower_order_final: bool = False, solver_type: str = "taylor"):
         return dpm_solver_pp(ctx, x, order=order, lower_order_final=lower_order_final,
@@ -310,7 +301,7 @@ _alias("dpm_solver++_3m", 3)
 
 
 # ---- SDE-DPM-Solver++ (data prediction, multistep, stochastic) -------------------------------------
-@register("sde_dpm_solver++", grid="logsnr", stochastic=True, order=1, summary=(
+@register("sde_dpm_solver++", grid="logsnr", deterministic=False, two_way=True, order=1, summary=(
     "SDE-DPM-Solver++(2M): second-order multistep solver of the reverse SDE (1 NFE/step)"))
 def sde_dpm_solver_pp(ctx: SolverContext, x, order: int = 2, solver_type: str = "midpoint"):
     r"""SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5 and App.; ``sde-dpmsolver++`` of the authors'
@@ -349,4 +340,4 @@ def sde_dpm_solver_pp(ctx: SolverContext, x, order: int = 2, solver_type: str = 
         terms.append((s_t * math.sqrt(e2), ctx.noise.randn()))
         x = combine(x, s_t / s * math.exp(-h), terms)
         prev_x0, prev_h = x0, h
-        yield x
+        x = yield x

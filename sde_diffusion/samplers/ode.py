@@ -53,17 +53,17 @@ def pf_drift(ctx: SolverContext, x: torch.Tensor, t: torch.Tensor) -> torch.Tens
     return flow.pf_drift(ctx.model, x, t)
 
 
-@register("ode_euler", stochastic=False, order=1, nfe=lambda steps: steps,
+@register("ode_euler", deterministic=True, two_way=True, order=1, nfe=lambda steps: steps,
           summary="probability-flow ODE, Euler (order 1)")
 def ode_euler(ctx: SolverContext, x):
     """Euler's method on the probability-flow ODE in ``t`` (1 NFE per step)."""
     for i in range(ctx.steps):
         h = float(ctx.times[i + 1] - ctx.times[i])
         x = x + h * pf_drift(ctx, x, ctx.t(i))
-        yield x
+        x = yield x
 
 
-@register("ode_heun", stochastic=False, order=2, nfe=lambda steps: 2 * steps,
+@register("ode_heun", deterministic=True, two_way=True, order=2, nfe=lambda steps: 2 * steps,
           summary="probability-flow ODE, Heun (order 2)")
 def ode_heun(ctx: SolverContext, x):
     """Heun's method (explicit trapezoidal rule) on the probability-flow ODE in ``t``, on every
@@ -73,10 +73,10 @@ def ode_heun(ctx: SolverContext, x):
         k1 = pf_drift(ctx, x, ctx.t(i))
         k2 = pf_drift(ctx, x + h * k1, ctx.t(i + 1))
         x = x + (0.5 * h) * (k1 + k2)
-        yield x
+        x = yield x
 
 
-@register("ode_rk4", stochastic=False, order=4, nfe=lambda steps: 4 * steps,
+@register("ode_rk4", deterministic=True, two_way=True, order=4, nfe=lambda steps: 4 * steps,
           summary="probability-flow ODE, classical Runge–Kutta (order 4)")
 def ode_rk4(ctx: SolverContext, x):
     """The classical fourth-order Runge–Kutta method on the probability-flow ODE in ``t``
@@ -90,7 +90,7 @@ def ode_rk4(ctx: SolverContext, x):
         k3 = pf_drift(ctx, x + (0.5 * h) * k2, tm)
         k4 = pf_drift(ctx, x + h * k3, ctx.t(i + 1))
         x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-        yield x
+        x = yield x
 
 
 def _adaptive(ctx: SolverContext, x, solver: str, method: str, rtol, atol, per_sample):
@@ -99,10 +99,10 @@ def _adaptive(ctx: SolverContext, x, solver: str, method: str, rtol, atol, per_s
         x, _ = flow.integrate_flow(ctx.model, ctx.sde, x, float(ctx.times[i]),
                                    float(ctx.times[i + 1]), solver=solver, method=method,
                                    rtol=rtol, atol=atol, per_sample=per_sample)
-        yield x
+        x = yield x
 
 
-@register("ode", stochastic=False, order=None, nfe=None,
+@register("ode", deterministic=True, two_way=True, order=None, nfe=None,
           summary="probability-flow ODE, adaptive (torchdiffeq, dopri5)")
 def ode(ctx: SolverContext, x, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
         per_sample: bool = False):
@@ -112,7 +112,7 @@ def ode(ctx: SolverContext, x, method: str = "dopri5", rtol: float = 1e-5, atol:
     yield from _adaptive(ctx, x, "torchdiffeq", method, rtol, atol, per_sample)
 
 
-@register("ode_scipy", stochastic=False, order=None, nfe=None,
+@register("ode_scipy", deterministic=True, two_way=True, order=None, nfe=None,
           summary="probability-flow ODE, adaptive (scipy solve_ivp, RK45)")
 def ode_scipy(ctx: SolverContext, x, method: str = "RK45", rtol: float = 1e-5, atol: float = 1e-5,
               per_sample: bool = False):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from .._checks import require
 from .grids import GRIDS, MAX_STEPS, check_steps
@@ -15,25 +15,69 @@ __all__ = ["SolverInfo", "register", "get_solver", "available_solvers", "SOLVERS
 class SolverInfo:
     """A registered solver.
 
-    ``fn(ctx, x, **options)`` is a generator: it yields the state after each step (an adaptive
-    solver may yield once per grid interval). ``nfe(steps)`` gives the network evaluations it
-    spends on a grid of ``steps`` intervals (``None`` when adaptive); where the cost depends on the
-    solver's options (e.g. corrector steps), ``nfe(steps, **options)`` may take them as keyword
-    arguments with the solver's defaults. ``stochastic`` says whether it draws noise; ``grid`` is
-    the time grid it uses unless told otherwise (its paper's choice). ``plan(nfe, **options)``,
-    where given, says how the solver spends a budget of exactly ``nfe`` evaluations: it returns
-    ``(steps, extra_options)`` (DPM-Solver's order schedule); without it a budget buys the largest
-    grid within it (:meth:`steps_for_nfe`).
+    ``fn(ctx, x, **options)`` returns a generator that yields the state after each step (an
+    adaptive solver may yield once per grid interval). With ``two_way`` it is *two-way*: each
+    ``yield`` returns the state to continue from (``x = yield x``), which is how
+    ``sample(..., correct=fn)`` replaces the state between steps; a solver registered without
+    ``two_way`` refuses corrections. The keyword arguments of ``fn`` after ``(ctx, x)`` are the
+    solver's options, and their defaults are the options' defaults (:meth:`defaults`).
+
+    ``deterministic`` says whether the solver's output is a function of its starting state alone
+    (it draws no noise): ``True``, ``False``, or a callable of the options that decides it (DDIM is
+    deterministic at ``eta=0``); ask :meth:`is_deterministic`, never the name.
+
+    ``nfe(steps)`` gives the network evaluations it spends on a grid of ``steps`` intervals
+    (``None`` when adaptive); where the cost depends on the solver's options (e.g. corrector
+    steps), ``nfe(steps, **options)`` may take them as keyword arguments. ``grid`` is the time grid
+    it uses unless told otherwise (its paper's choice). ``plan(nfe, **options)``, where given, says
+    how the solver spends a budget of exactly ``nfe`` evaluations: it returns ``(steps,
+    extra_options)`` (DPM-Solver's order schedule); without it a budget buys the largest grid
+    within it (:meth:`steps_for_nfe`).
+
+    ``step``, for a one-step solver (no history between steps), makes its single step:
+    ``step(ctx, **options)`` -- every option given, defaults filled in -- returns
+    ``advance(i, x)``, the state at ``t_{i+1}`` from the state ``x`` at ``t_i``. The
+    predictor-corrector sampler takes its predictor from there (:mod:`.pc`).
     """
 
     name: str
     fn: Callable
-    stochastic: bool
+    deterministic: Union[bool, Callable[..., bool]]
     order: Optional[float]
     nfe: Optional[Callable[[int], int]]
     summary: str
     grid: str = "uniform"
     plan: Optional[Callable[..., Tuple[int, dict]]] = None
+    step: Optional[Callable[..., Callable]] = None
+    two_way: bool = False
+
+    def defaults(self) -> Dict[str, object]:
+        """The solver's options and their defaults (``fn``'s keyword arguments after ``(ctx, x)``;
+        ``inspect.Parameter.empty`` for an option without one)."""
+        params = list(inspect.signature(self.fn).parameters.values())[2:]
+        return {p.name: p.default for p in params
+                if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+
+    def check_options(self, options: dict) -> None:
+        """Every key of ``options`` is an option of the solver (a ValueError lists the valid ones);
+        a solver whose ``fn`` takes ``**kwargs`` checks its own."""
+        params = inspect.signature(self.fn).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return
+        valid = list(self.defaults())
+        for key in options:
+            require(key in valid, f"solver {self.name!r} has no option {key!r}; its options: "
+                                  f"{', '.join(valid) if valid else 'none'}")
+
+    def is_deterministic(self, **options) -> bool:
+        """Whether the solver with these options is a deterministic map of its starting state
+        (draws no noise). The one answer that ``compare``, ``optimize_grid``, the command line and
+        the benchmarks use; options not given take the solver's defaults."""
+        if isinstance(self.deterministic, bool):
+            return self.deterministic
+        given = {**{k: v for k, v in self.defaults().items() if v is not inspect.Parameter.empty},
+                 **options}
+        return bool(_call_accepting(self.deterministic, None, given, first_arg=False))
 
     @property
     def adaptive(self) -> bool:
@@ -78,29 +122,39 @@ class SolverInfo:
         return steps, {**options, **extra}
 
 
-def _call_accepting(fn: Callable, first, options: dict):
-    """``fn(first, **options)`` with only the options ``fn`` accepts (all with ``**kwargs``)."""
+def _call_accepting(fn: Callable, first, options: dict, *, first_arg: bool = True):
+    """``fn(first, **options)`` (``fn(**options)`` without ``first_arg``) with only the options
+    ``fn`` accepts (all of them with ``**kwargs``)."""
+    args = (first,) if first_arg else ()
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return fn(first, **options)
+        return fn(*args, **options)
     accepted = {p.name for p in params}
-    return fn(first, **{k: v for k, v in options.items() if k in accepted})
+    return fn(*args, **{k: v for k, v in options.items() if k in accepted})
 
 
 SOLVERS: Dict[str, SolverInfo] = {}
 
 
-def register(name: str, *, stochastic: bool, order: Optional[float],
+def register(name: str, *, deterministic: Union[bool, Callable[..., bool]], order: Optional[float],
              nfe: Optional[Callable[[int], int]] = lambda steps: steps, summary: str = "",
-             grid: str = "uniform", plan: Optional[Callable[..., Tuple[int, dict]]] = None):
-    """Decorator registering a solver generator under ``name`` (``grid``: its default time grid;
-    ``nfe`` and ``plan``: see :class:`SolverInfo`)."""
+             grid: str = "uniform", plan: Optional[Callable[..., Tuple[int, dict]]] = None,
+             step: Optional[Callable[..., Callable]] = None, two_way: bool = False):
+    """Decorator registering a solver generator under ``name``. ``deterministic``: ``True``,
+    ``False`` or a callable of the options (e.g. ``lambda eta, **_: eta == 0``; it receives every
+    option, defaults filled in); ``two_way``: the generator continues from the state each
+    ``yield`` returns (``x = yield x``), so it accepts corrections; ``grid``: its default time
+    grid; ``nfe``, ``plan`` and ``step``: see :class:`SolverInfo`."""
     def deco(fn: Callable) -> Callable:
         require(name not in SOLVERS, f"solver {name!r} is registered twice")
         require(grid in GRIDS, f"unknown default grid {grid!r} for solver {name!r}; valid: {GRIDS}")
         require(plan is None or nfe is not None, f"solver {name!r}: a plan needs an nfe cost")
+        require(isinstance(deterministic, bool) or callable(deterministic),
+                f"solver {name!r}: deterministic must be True, False or a callable of the options, "
+                f"got {deterministic!r}")
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
-        SOLVERS[name] = SolverInfo(name, fn, stochastic, order, nfe, summary_line, grid, plan)
+        SOLVERS[name] = SolverInfo(name, fn, deterministic, order, nfe, summary_line, grid, plan,
+                                   step, bool(two_way))
         return fn
     return deco
 

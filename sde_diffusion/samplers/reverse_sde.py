@@ -23,14 +23,16 @@ step too). Use ``sample(..., denoise=True)`` for score_sde's final denoising.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
 from .._checks import expand_to
-from .base import SolverContext
+from .base import SolverContext, stepping
 from .registry import register
 
-__all__ = ["euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "check_ancestral"]
+__all__ = ["euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "ancestral_steps",
+           "check_ancestral"]
 
 
 def _forward_transition(ctx: SolverContext, i: int):
@@ -50,14 +52,13 @@ def euler_maruyama_step(ctx: SolverContext, i: int, x: torch.Tensor) -> torch.Te
     return x - drift * h + expand_to(g2.sqrt(), x) * math.sqrt(h) * ctx.noise.randn()
 
 
-@register("euler_maruyama", stochastic=True, order=0.5,
+@register("euler_maruyama", deterministic=False, order=0.5, two_way=True,
+          step=lambda ctx: partial(euler_maruyama_step, ctx),
           summary="Euler–Maruyama on the reverse SDE (strong order 1/2)")
 def euler_maruyama(ctx: SolverContext, x):
     """Euler–Maruyama: ``x <- x - [f x - g^2 s] h + g sqrt(h) z`` with ``h = t - t' > 0``
     ([SDE] App. F / score_sde's ``EulerMaruyamaPredictor``). Any affine SDE."""
-    for i in range(ctx.steps):
-        x = euler_maruyama_step(ctx, i, x)
-        yield x
+    return stepping(ctx, x, partial(euler_maruyama_step, ctx))
 
 
 # ---- reverse diffusion --------------------------------------------------------------------------
@@ -68,7 +69,8 @@ def reverse_diffusion_step(ctx: SolverContext, i: int, x: torch.Tensor) -> torch
     return (2.0 - r) * x + G2 * s + math.sqrt(G2) * ctx.noise.randn()
 
 
-@register("reverse_diffusion", stochastic=True, order=0.5,
+@register("reverse_diffusion", deterministic=False, order=0.5, two_way=True,
+          step=lambda ctx: partial(reverse_diffusion_step, ctx),
           summary="reverse-diffusion predictor ([SDE] eq. 46) on the actual grid")
 def reverse_diffusion(ctx: SolverContext, x):
     r"""score_sde's ``ReverseDiffusionPredictor`` ([SDE] eq. 46, App. E): the reverse of the
@@ -86,9 +88,7 @@ def reverse_diffusion(ctx: SolverContext, x):
     (``2 - r`` stands for ``1/r``), like Euler–Maruyama; for the exact posterior step at large
     steps use ``ddim`` with ``eta=1``.
     """
-    for i in range(ctx.steps):
-        x = reverse_diffusion_step(ctx, i, x)
-        yield x
+    return stepping(ctx, x, partial(reverse_diffusion_step, ctx))
 
 
 # ---- ancestral sampling -------------------------------------------------------------------------
@@ -118,7 +118,12 @@ def ancestral_step(ctx: SolverContext, i: int, x: torch.Tensor, kind: str) -> to
     return x + G2 * s + ratio * math.sqrt(G2) * ctx.noise.randn()
 
 
-@register("ancestral", stochastic=True, order=0.5,
+def ancestral_steps(ctx: SolverContext):
+    """The ancestral step of the grid's SDE (checked once: VP or VE): ``advance(i, x)``."""
+    return partial(ancestral_step, ctx, kind=check_ancestral(ctx))
+
+
+@register("ancestral", deterministic=False, order=0.5, two_way=True, step=ancestral_steps,
           summary="ancestral sampling: DDPM for VP, SMLD for VE ([SDE] eq. 47)")
 def ancestral(ctx: SolverContext, x):
     r"""score_sde's ``AncestralSamplingPredictor`` on the actual grid (``beta_i = 1 - r^2``,
@@ -134,7 +139,4 @@ def ancestral(ctx: SolverContext, x):
     points to ``ddim`` with ``eta=1``, the exact posterior step for any affine SDE (for VE it is
     this SMLD step; for VP it uses the posterior variance ``beta~`` instead of ``beta``).
     """
-    kind = check_ancestral(ctx)
-    for i in range(ctx.steps):
-        x = ancestral_step(ctx, i, x, kind)
-        yield x
+    return stepping(ctx, x, ancestral_steps(ctx))

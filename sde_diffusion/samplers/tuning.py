@@ -46,7 +46,7 @@ from .._checks import require
 from ..models.wrapper import NonFiniteError, ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
-from .api import _check_options, custom_grid, sample, start_state
+from .api import custom_grid, sample, start_state
 from .base import GeneratorLike, _show_progress
 from .grids import make_grid
 from .registry import get_solver
@@ -245,10 +245,11 @@ def check_grid_request(solver: str, steps: Optional[int] = None, nfe: Optional[i
     info = get_solver(solver)
     require(not info.adaptive, f"solver {solver!r} is adaptive: it chooses its own steps, there is "
                                "no grid to optimize")
-    require(not info.stochastic or (solver == "ddim" and float(options.get("eta", 0.0)) == 0.0),
-            f"solver {solver!r} is stochastic: optimize_grid fits the probability-flow ODE's map, "
-            "use a deterministic solver")
-    _check_options(info, options)
+    info.check_options(options)
+    require(info.is_deterministic(**options),
+            f"solver {solver!r} with options {options} is stochastic: optimize_grid fits the "
+            "probability-flow ODE's map, use a deterministic solver (or options that make it one, "
+            "e.g. ddim's eta=0, edm's S_churn=0)")
     require(steps is None or nfe is None, "give steps or nfe, not both")
     require(steps is not None or nfe is not None, "give the grid size: steps or nfe")
     if nfe is not None:

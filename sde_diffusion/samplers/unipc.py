@@ -32,58 +32,33 @@ with ``L_k`` the Lagrange basis on the nodes. The weights are ``w = h C^T I(h)``
 [UniPC] builds the same two steps from a Taylor expansion with a free ``B(h)`` (``bh1``: ``h``;
 ``bh2``: ``e^h - 1``) and its "varying-coefficient" variant (UniPC_v, App. C) with the exact
 ``phi`` functions; the Lagrange form above is an equivalent, compact way to get the exact weights
-for any order and any node spacing. Warm-up: the first steps use the points available (order
-1, 2, ...). The last step is not corrected (there is no model call after it). One NFE per step.
+for any order and any node spacing (:func:`._exp_integrator.exp_weights`). Warm-up: the first
+steps use the points available (order 1, 2, ...). The last step is not corrected (there is no
+model call after it). One NFE per step.
+
+Between steps (``sample(..., correct=...)``): each step yields its predictor's state, a
+correction may replace it, and the model is evaluated at the corrected state (the step's one NFE,
+which the next predictor and the corrector use: the history holds model outputs at corrected
+states). The corrector's change ``x_c - x_pred`` -- made of model outputs only -- is then added to
+the corrected state, and the next step continues from there. Without a correction this is the
+plain method; with one, the evaluations and the solution of the corrected problem stay consistent
+(tested against the exact flow with a known coordinate prescribed).
 """
 from __future__ import annotations
 
-import math
-from typing import List, Sequence
+from typing import List
 
-import numpy as np
 import torch
 
 from .._checks import require
+from ._exp_integrator import combine, exp_weights
 from .base import SolverContext
-from .dpm_solver import combine
 from .registry import register
 
-__all__ = ["unipc", "exp_weights"]
+__all__ = ["unipc"]
 
 
-def _moments(h: float, n: int) -> np.ndarray:
-    """``I_j(h) = int_0^1 e^{-h(1-v)} v^j dv`` for ``j = 0..n-1``."""
-    out = np.empty(n)
-    if h < 1.0:
-        # I_j = sum_k (-h)^k j! / (j + k + 1)!
-        for j in range(n):
-            term = 1.0 / (j + 1)          # k = 0: j!/(j+1)!
-            total = term
-            for k in range(1, 40):
-                term *= -h / (j + k + 1)
-                total += term
-                if abs(term) < 1e-18 * abs(total):
-                    break
-            out[j] = total
-    else:
-        out[0] = -math.expm1(-h) / h
-        for j in range(1, n):
-            out[j] = (1.0 - j * out[j - 1]) / h
-    return out
-
-
-def exp_weights(nodes: Sequence[float], h: float) -> np.ndarray:
-    """Weights ``w_k = int_0^h e^{u-h} L_k(u) du`` of the Lagrange basis on ``nodes`` (offsets in
-    log-SNR from the step's start), so that ``sum_k w_k f(u_k)`` integrates ``e^{u-h} f(u)``
-    exactly for polynomials ``f`` of degree ``< len(nodes)``."""
-    v = np.asarray(nodes, dtype=np.float64) / h
-    n = len(v)
-    V = np.vander(v, n, increasing=True)          # V[k, j] = v_k^j
-    # sum_k w_k v_k^j = h I_j  <=>  V^T w = h I
-    return np.linalg.solve(V.T, h * _moments(h, n))
-
-
-@register("unipc", grid="logsnr", stochastic=False, order=4, summary=(
+@register("unipc", grid="logsnr", deterministic=True, two_way=True, order=4, summary=(
     "UniPC-style predictor-corrector: exponential Adams-Bashforth + Adams-Moulton in log-SNR "
     "(data prediction; order p+1 at 1 NFE/step)"))
 def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,
@@ -101,18 +76,20 @@ def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,
     n = ctx.steps
     preds: List[int] = []      # grid indices of the stored data predictions (newest last)
     ms: List[torch.Tensor] = []
-    x_prev = None
+    x_prev = x_pred = None
     for i in range(n):
         m = model.x0(x, ctx.t(i))
         if corrector and x_prev is not None:
-            # UniC: redo step i-1 -> i with the new node u = h included
+            # UniC: redo step i-1 -> i with the new node u = h included, and add the corrector's
+            # change x_c - x_pred to the state (which a correction may have replaced)
             k = min(order, len(preds))
             idx = preds[-k:] + [i]
             h = lambdas[i] - lambdas[i - 1]
             w = exp_weights([lambdas[j] - lambdas[i - 1] for j in idx], h)
             vals = ms[-k:] + [m]
-            x = combine(x_prev, sigmas[i] / sigmas[i - 1],
-                        [(alphas[i] * wk, mk) for wk, mk in zip(w.tolist(), vals)])
+            x_c = combine(x_prev, sigmas[i] / sigmas[i - 1],
+                          [(alphas[i] * wk, mk) for wk, mk in zip(w.tolist(), vals)])
+            x = x_c if x is x_pred else x + (x_c - x_pred)
         preds.append(i)
         ms.append(m)
         if len(ms) > order:
@@ -124,6 +101,6 @@ def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,
         h = lambdas[i + 1] - lambdas[i]
         w = exp_weights([lambdas[j] - lambdas[i] for j in preds[-p:]], h)
         x_prev = x
-        x = combine(x, sigmas[i + 1] / sigmas[i],
-                    [(alphas[i + 1] * wk, mk) for wk, mk in zip(w.tolist(), ms[-p:])])
-        yield x
+        x_pred = combine(x, sigmas[i + 1] / sigmas[i],
+                         [(alphas[i + 1] * wk, mk) for wk, mk in zip(w.tolist(), ms[-p:])])
+        x = yield x_pred

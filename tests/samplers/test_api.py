@@ -57,7 +57,7 @@ def test_seeds_reproduce(solver):
     x_T = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     d = sample(MIX, x_T=x_T, solver=solver, steps=STEPS, generator=1).samples
     e = sample(MIX, x_T=x_T, solver=solver, steps=STEPS, generator=2).samples
-    if not info.stochastic:
+    if info.is_deterministic():
         assert torch.equal(d, e), "a deterministic solver must not draw noise"
 
 
@@ -75,7 +75,8 @@ def test_per_sample_generators_make_samples_batch_independent(solver):
 # options that make a stochastic solver draw noise (DDIM's default eta=0 and EDM's samplers
 # without churn draw none)
 NOISY = {"ddim": {"eta": 1.0}, "edm_heun": {"S_churn": 10.0}, "edm_euler": {"S_churn": 10.0}}
-STOCHASTIC = [name for name, info in available_solvers().items() if info.stochastic]
+STOCHASTIC = [name for name, info in available_solvers().items()
+              if not info.is_deterministic(**NOISY.get(name, {}))]
 
 
 @pytest.mark.parametrize("solver", STOCHASTIC)
@@ -337,7 +338,7 @@ def test_memory_does_not_grow_with_the_number_of_steps():
             alive.append(sum(r() is not None for r in refs))
             yield x
 
-    register("_probe_times", stochastic=False, order=1)(probe)
+    register("_probe_times", deterministic=True, order=1)(probe)
     try:
         sample(MIX, shape=(2, 2, 3), solver="_probe_times", steps=200)
     finally:

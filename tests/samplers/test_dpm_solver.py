@@ -11,7 +11,7 @@ from sde_diffusion.metrics import mode_statistics
 from sde_diffusion.samplers import available_solvers, make_grid
 from sde_diffusion.samplers.grids import focus_grid
 from sde_diffusion.samplers.reference import exact_flow_map
-from sde_diffusion.samplers.unipc import exp_weights
+from sde_diffusion.samplers._exp_integrator import exp_weights
 
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
@@ -231,7 +231,7 @@ def test_invalid_options_are_rejected():
     with pytest.raises(ValueError, match="order"):
         sample(mix, sde, x_T=x_T, solver="unipc", steps=3, order=5)
     info = available_solvers()
-    assert not info["dpm_solver++"].stochastic and info["sde_dpm_solver++"].stochastic
+    assert info["dpm_solver++"].is_deterministic() and not info["sde_dpm_solver++"].is_deterministic()
 
 
 def test_nonfinite_model_output_names_step_and_time():

@@ -102,9 +102,15 @@ def test_the_corrector_moves_towards_p_t():
 def test_pc_options_are_checked():
     mix = random_mixture(2, 4, sde=VPSDE())
     kw = dict(shape=(2, 2), solver="pc", steps=3)
-    with pytest.raises(ValueError, match="unknown predictor 'heun'; valid predictors: euler_maruyama, "
-                                         "reverse_diffusion, ancestral, ddim, none"):
+    # the valid predictors are the registry's one-step solvers (score_sde's, DDIM and more), and none
+    with pytest.raises(ValueError, match="unknown predictor 'heun'; valid predictors: ") as info:
         sample(mix, predictor="heun", **kw)
+    valid = str(info.value).split("valid predictors: ")[1].split(", ")
+    assert {"euler_maruyama", "reverse_diffusion", "ancestral", "ddim"} <= set(valid)
+    assert valid[-1] == "none"
+    with pytest.raises(ValueError, match="eta=0.5 is an option of the predictor 'ddim', not of "
+                                         "predictor 'reverse_diffusion'"):
+        sample(mix, eta=0.5, **kw)
     with pytest.raises(ValueError, match="unknown corrector 'mala'; valid correctors: none, langevin, "
                                          "annealed_langevin"):
         sample(mix, corrector="mala", **kw)
