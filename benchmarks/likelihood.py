@@ -49,7 +49,8 @@ sys.path.insert(0, HERE)
 
 from peers import load_k_diffusion_sampling as load_peer_sampling  # noqa: E402
 from sde_diffusion import VPSDE, random_mixture  # noqa: E402
-from sde_diffusion.likelihood import integrate_flow, log_likelihood  # noqa: E402
+from sde_diffusion.flow import integrate_flow  # noqa: E402
+from sde_diffusion.likelihood import log_likelihood  # noqa: E402
 from sde_diffusion.models import OracleModel  # noqa: E402
 
 
