@@ -338,6 +338,16 @@ def test_optimize_grid_writes_a_valid_file(tmp_path, capsys):
     assert json.loads(again.read_text())["times"] == times
 
 
+def test_optimize_grid_takes_a_solver_that_its_options_make_deterministic(tmp_path, capsys):
+    """edm_heun without churn is deterministic (the registry's declaration), so it has a grid to
+    fit; with churn it is refused (test_cheap_inputs_are_checked_before_loading_or_work)."""
+    out = tmp_path / "edm.json"
+    args = [a for a in FIT if a not in ("--max-evals", "20")]
+    assert main([*args, "--max-evals", "4", "--solver", "edm_heun", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["solver"] == "edm_heun" and saved["nfe"] == 6 and len(saved["times"]) == 4
+
+
 def test_sample_with_a_grid_file_uses_its_times(grid_file, tmp_path, capsys):
     import torch
 
@@ -487,6 +497,10 @@ def _no_loading(monkeypatch):
     (["compare", "--oracle", "gmm2d", "--out", "taken.npz"], ["is a file"]),
     (["compare", "--oracle", "gmm2d", "--out", "old"], ["compare.md", "exists", "--overwrite"]),
     (["optimize-grid", "--oracle", "ring8", "--nfe", "6", "--solver", "ddim:eta=1"], ["stochastic"]),
+    (["optimize-grid", "--oracle", "ring8", "--nfe", "6", "--solver", "edm_heun:S_churn=40"],
+     ["stochastic"]),
+    (["compare", "--oracle", "gmm2d", "--solvers", "edm_heun:S_churn=40,pc", "--metric", "flow_rmse"],
+     ["deterministic"]),
     (["optimize-grid", "--oracle", "ring8", "--nfe", "6", "--solver", "unipc:order=x"],
      ["an integer"]),
     (["optimize-grid", "--oracle", "ring8", "--steps", "1"], ["at least 2 steps"]),

@@ -59,6 +59,19 @@ def test_edm_churn_makes_a_solver_stochastic():
     assert "flow_rmse" in rows[0] and "flow_rmse" not in rows[1]
 
 
+def test_compare_scores_exactly_the_configurations_the_registry_declares_deterministic():
+    """The kind of every row is the registry's is_deterministic with the spec's options: DDIM at
+    eta=0.5 is stochastic, PC without corrector steps and with the DDIM predictor at eta=0 is
+    deterministic and gets a flow-map error."""
+    sde = VPSDE()
+    mix = named_oracle("gmm2d", sde)
+    specs = parse_solver_list("ddim:eta=0.5,pc:predictor=ddim:corrector=none,pc")
+    assert [s.deterministic for s in specs] == [False, True, False]
+    rows = compare_solvers(OracleModel(mix), specs, [10], 32, sample_shape=(2,))
+    assert [r["kind"] for r in rows] == ["stochastic", "deterministic", "stochastic"]
+    assert ["flow_rmse" in r for r in rows] == [False, True, False]
+
+
 def test_compare_solvers_spends_a_budget_as_sample_does():
     """A budget goes through the solver's own plan, as sample(nfe=...) does: dpm_solver spends
     exactly 10 NFE with DPM-Solver-fast's orders (it spent 9: three third-order steps), and PC's

@@ -79,6 +79,29 @@ STOCHASTIC = [name for name, info in available_solvers().items()
               if not info.is_deterministic(**NOISY.get(name, {}))]
 
 
+# configurations whose determinism depends on the options, with the declared answer
+DECLARED = [("ddim", {}, True), ("ddim", {"eta": 0.5}, False), ("edm_heun", {}, True),
+            ("edm_heun", {"S_churn": 10.0}, False), ("edm_euler", {"S_churn": 10.0, "S_noise": 0.0}, True),
+            ("pc", {}, False), ("pc", {"corrector": "none"}, False),
+            ("pc", {"corrector": "none", "predictor": "ddim"}, True),
+            ("pc", {"n_steps": 0, "predictor": "dpm_solver_2"}, True),
+            ("pc", {"corrector": "none", "predictor": "ddim", "eta": 1.0}, False)]
+
+
+@pytest.mark.parametrize("solver, options, declared",
+                         DECLARED + [(n, {}, get_solver(n).is_deterministic()) for n in SOLVERS
+                                     if n not in {d[0] for d in DECLARED}])
+def test_determinism_is_declared_honestly(solver, options, declared):
+    """SolverInfo.is_deterministic(**options), the one answer compare, optimize_grid, the CLI and
+    the benchmarks use, says whether two noise seeds give the same samples."""
+    assert get_solver(solver).is_deterministic(**options) is declared
+    steps = None if get_solver(solver).adaptive else STEPS
+    x_T = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, b = (sample(MIX, x_T=x_T, solver=solver, steps=steps, generator=g, **options).samples
+            for g in (1, 2))
+    assert torch.equal(a, b) is declared
+
+
 @pytest.mark.parametrize("solver", STOCHASTIC)
 def test_integer_seed_noise_follows_the_sample_index_not_the_batch_size(solver):
     """Same seed, different batch size: the same samples (x_T from the seed and every step's

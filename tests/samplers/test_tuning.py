@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sde_diffusion import VESDE, VPSDE, optimize_grid, random_mixture, sample
-from sde_diffusion.samplers import NoiseSource
+from sde_diffusion.samplers import NoiseSource, get_solver
 from sde_diffusion.samplers.reference import exact_flow_map
 
 SDES = {"vp": VPSDE(), "ve": VESDE()}
@@ -95,6 +95,8 @@ def test_same_inputs_same_grid():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(solver="ddim", steps=4, eta=1.0), "stochastic"),
     (dict(solver="euler_maruyama", steps=4), "stochastic"),
+    (dict(solver="edm_heun", steps=4, S_churn=40.0), "stochastic"),
+    (dict(solver="pc", steps=4, predictor="ddim", n_steps=1), "stochastic"),
     (dict(solver="ode", steps=4), "adaptive"),
     (dict(solver="ddim", steps=1), "at least 2 steps"),
     (dict(solver="ddim"), "steps or nfe"),
@@ -135,3 +137,19 @@ def test_pilot_needs_exactly_one_of_shape_and_x_T():
         optimize_grid(mix, sde, "ddim", 4)
     with pytest.raises(ValueError, match="exactly one of shape"):
         optimize_grid(mix, sde, "ddim", 4, shape=(4, 2), x_T=torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("solver, options", [("edm_heun", {}), ("edm_euler", {"S_churn": 0.0}),
+                                             ("ddim", {"eta": 0.0}),
+                                             ("pc", {"predictor": "ddim", "corrector": "none"})])
+def test_deterministic_configurations_of_stochastic_capable_solvers_are_accepted(solver, options):
+    """The registry's declaration decides: EDM without churn, DDIM at eta=0 and PC without
+    corrector steps and with a deterministic predictor are deterministic (optimize_grid refused
+    edm_heun without churn before its determinism was declared with the solver)."""
+    from sde_diffusion.samplers.tuning import check_grid_request
+
+    assert check_grid_request(solver, steps=4, **options) == 4
+    sde = VPSDE()
+    fit = optimize_grid(random_mixture(2, 3, seed=0, sde=sde), sde, solver, 3, shape=(16, 2),
+                        generator=7, max_evals=6, teacher_steps=12, **options)
+    assert len(fit.times) == 4 and fit.nfe == get_solver(solver).cost(3, **options)
