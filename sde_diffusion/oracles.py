@@ -24,7 +24,8 @@ log-determinants are computed once):
   formulas, in chunks of samples.
 
 No path holds a ``(batch, K, dim)`` temporary for the whole batch: at most a sixth of the
-input's elements per temporary (or 8 MiB; on a CPU at most 2 MiB, for the cache). The isotropic
+input's elements per temporary (or 8 MiB; on a CPU at most 2 MiB, for the cache; full components
+at least 256 samples per chunk). The isotropic
 and diagonal paths compute in float64 (a float32 input is upcast an eighth of the batch at a time
 and the result rounded once: the expanded distances would otherwise lose about
 ``||x||^2 / ||x - alpha m_k||^2`` in relative accuracy); the others in the input's dtype.
@@ -51,6 +52,10 @@ _MIN_CHUNK = 1 << 20
 #: on a CPU, chunked temporaries stay near the cache's size (2 MiB in float64) instead: the
 #: element-wise passes over them run faster there than the extra Python loop costs
 _CPU_CHUNK = 1 << 18
+
+
+#: rows per chunk of full components' products, whatever the temporaries' size
+_MIN_ROWS = 256
 
 
 def _chunk_elements(share: int, device: torch.device) -> int:
@@ -375,10 +380,13 @@ class GaussianMixture:
     def _chunks(self, xf: torch.Tensor, what: str):
         """Row ranges whose ``(chunk, K, D)`` temporaries each hold at most a sixth of the input's
         elements (four or five are alive at once; see ``_chunk_elements``), and the result tensor
-        they fill."""
+        they fill. Full components take at least ``_MIN_ROWS`` rows per chunk: their products read
+        all ``K D^2`` eigenvector entries once per chunk, which a few rows would not amortise."""
         B, D = xf.shape
         K = self.n_components
         chunk = max(1, _chunk_elements(B * D // 6, xf.device) // (K * D))
+        if self._kind == "full":
+            chunk = max(chunk, _MIN_ROWS)
         result = xf.new_empty({"log_prob": (B,), "resp": (B, K)}.get(what, (B, D)))
         return [slice(i, i + chunk) for i in range(0, B, chunk)], result
 
