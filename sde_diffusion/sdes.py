@@ -88,6 +88,13 @@ class SDE(abc.ABC):
         """``log sigma(t)``, for ``t`` checked as in :meth:`time`."""
         return self._log_sigma(self.time(t, sync=sync))
 
+    def log_scales(self, t: TimeLike, like: Optional[torch.Tensor] = None, *,
+                   sync: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, log alpha(t), log sigma(t))`` with ``t`` checked once as in :meth:`time` (and
+        made like ``like``): for per-call paths that need the time and both scales."""
+        t = self.time(t, like, sync=sync)
+        return t, self._log_alpha(t), self._log_sigma(t)
+
     def alpha(self, t: TimeLike) -> torch.Tensor:
         """Signal scale ``alpha(t)`` of ``x_t = alpha x0 + sigma z``."""
         return self._log_alpha(self.time(t)).exp()

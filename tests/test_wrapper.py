@@ -397,3 +397,107 @@ def test_property_conversions_are_exact(sde_name, parameterization, event, batch
         torch.testing.assert_close(getattr(model, view)(x, t), expected, rtol=1e-8,
                                    atol=1e-10 * (1 + expected.abs().max().item()))
     assert model.nfe == 3
+
+
+# ---- conditioning: arguments bound to the model ---------------------------------------------------
+
+def _conditional_mlp():
+    from sde_diffusion.models import TimeMLP
+
+    torch.manual_seed(0)
+    net = TimeMLP(2, hidden=16, depth=1, num_classes=3)
+    torch.nn.init.normal_(net.out.weight, std=0.3)
+    return net.eval()
+
+
+class _WithLabels(torch.nn.Module):
+    """The conditional network with its labels built in (the reference for bind)."""
+
+    def __init__(self, net, labels):
+        super().__init__()
+        self.net, self.labels = net, labels
+
+    def forward(self, x, t):
+        return self.net(x, t, self.labels)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver++", "unipc", "edm_heun", "dpm_solver_2",
+                                    "euler_maruyama", "pc", "sde_dpm_solver++", "ode_heun"])
+def test_a_bound_label_reaches_the_network_through_every_solver(solver):
+    """model.bind(y=labels) passes the labels on every network call: the samples are those of a
+    network with the labels built in, and the NFE is the solver's usual cost."""
+    from sde_diffusion import sample
+    from sde_diffusion.samplers import get_solver
+
+    sde = VPSDE()
+    net = _conditional_mlp()
+    model = ScoreModel(net, sde, "eps")
+    labels = torch.tensor([0, 1, 2, 1, 0, 2])
+    kw = dict(shape=(6, 2), solver=solver, steps=4, generator=3, dtype=F64)
+    with torch.no_grad():
+        got = sample(model.bind(y=labels), **kw)
+        built_in = sample(ScoreModel(_WithLabels(net, labels), sde, "eps"), **kw)
+        other = sample(model.bind(y=torch.full((6,), 1)), **kw).samples
+    torch.testing.assert_close(got.samples, built_in.samples, rtol=0, atol=0)
+    assert got.nfe == get_solver(solver).cost(4) == built_in.nfe
+    assert not torch.allclose(got.samples[labels != 1], other[labels != 1])
+    assert model.nfe == 0, "the bound model counts its own evaluations"
+
+
+def test_bind_merges_arguments_casts_floats_and_keeps_the_original():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, scale, shift=0.0):
+            assert scale.dtype == torch.float32 and x.dtype == torch.float32
+            return self.w * x * scale[:, None] + shift
+
+    sde = VPSDE()
+    model = ScoreModel(Scaled(), sde, "eps")
+    x = torch.ones(2, 3, dtype=F64)
+    bound = model.bind(scale=torch.tensor([2.0, 3.0], dtype=F64)).bind(shift=1.0)
+    assert model.bound == {} and set(bound.bound) == {"scale", "shift"}
+    out = bound.eps(x, 0.5)
+    assert out.dtype == F64
+    torch.testing.assert_close(out, torch.tensor([[3.0] * 3, [4.0] * 3], dtype=F64))
+    torch.testing.assert_close(bound.raw(x, 0.5, shift=0.0), torch.tensor([[2.0] * 3, [3.0] * 3], dtype=F64))
+    assert bound.nfe == 2 and model.nfe == 0
+    with pytest.raises(TypeError):
+        model.eps(x, 0.5)                       # the original has nothing bound
+
+
+def test_guidance_that_runs_the_network_twice_counts_two_evaluations():
+    """A classifier-free-guided model evaluates the network with and without the label through
+    raw: every evaluation counts, so a sampler's NFE is twice its steps' cost."""
+    from sde_diffusion import sample
+    from sde_diffusion.samplers import get_solver
+
+    class Guided(ScoreModel):
+        def __init__(self, net, sde, labels, scale):
+            super().__init__(net, sde, "eps")
+            self.labels, self.null, self.scale = labels, torch.full_like(labels, 3), scale
+
+        def raw(self, x, t, **kwargs):
+            cond = super().raw(x, t, y=self.labels)
+            uncond = super().raw(x, t, y=self.null)
+            return uncond + self.scale * (cond - uncond)
+
+    sde = VPSDE()
+    model = Guided(_conditional_mlp(), sde, torch.tensor([0, 1, 2, 0]), 2.0)
+    with torch.no_grad():
+        out = sample(model, shape=(4, 2), solver="dpm_solver++", steps=5, generator=0)
+        assert out.nfe == 2 * get_solver("dpm_solver++").cost(5) == 10
+        plain = sample(ScoreModel(model.net, sde, "eps").bind(y=model.labels), shape=(4, 2),
+                       solver="dpm_solver++", steps=5, generator=0)
+    assert plain.nfe == 5 and not torch.allclose(out.samples, plain.samples)
+
+
+def test_an_oracle_takes_no_network_arguments():
+    sde = VPSDE()
+    oracle = OracleModel(random_mixture(2, 3, seed=0, sde=sde))
+    with pytest.raises(ValueError, match="takes no network arguments, got y"):
+        oracle.bind(y=torch.zeros(2))
+    with pytest.raises(ValueError, match="takes no network arguments, got y"):
+        oracle.eps(torch.zeros(2, 2), 0.5, y=torch.zeros(2))

@@ -17,7 +17,8 @@ is turned into the others with alpha and sigma of the SDE:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import copy
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
@@ -57,7 +58,15 @@ class ScoreModel:
             reduces the output to one sum and reads it back: on a GPU that is one device sync
             per call; pass ``False`` where that matters (the training loop does).
 
-    ``nfe`` counts network evaluations (one per call, whatever the batch size).
+    ``nfe`` counts network evaluations: one per call of ``net``, whatever the batch size. A
+    method that evaluates the network several times per view (classifier-free guidance: with and
+    without the label) does so through :meth:`raw` (or a view) once per evaluation, and each
+    counts; a ``net`` callable that runs a network twice inside one call is counted once, since
+    the wrapper cannot see inside it.
+
+    Conditioning: :meth:`bind` returns a model that passes keyword arguments (class labels, a
+    guidance scale, a mask, ...) to ``net`` on every call, so every solver samples a conditional
+    model unchanged: ``sample(model.bind(y=labels), ...)``.
 
     Dtypes: every view returns ``x``'s dtype (samplers keep the dtype of ``x_T``). When ``net`` is
     a ``torch.nn.Module`` with floating-point parameters, its inputs -- ``x`` and the time input --
@@ -87,16 +96,34 @@ class ScoreModel:
         self.net, self.sde, self.parameterization = net, sde, parameterization
         self.time_input, self.check_finite = time_input, check_finite
         self.nfe = 0
+        self.bound: Dict[str, Any] = {}
+
+    def bind(self, **kwargs) -> "ScoreModel":
+        """This model with ``kwargs`` passed to the network on every call (on top of the
+        arguments already bound; a call's own keyword arguments win): ``model.bind(y=labels)``
+        for a class-conditional network such as :class:`~sde_diffusion.models.TimeMLP` with
+        ``num_classes``. A per-sample argument (labels of shape ``(batch,)``) must match the batch
+        the network is called on: every fixed-step solver calls it on the whole batch, while the
+        adaptive ``ode``/``ode_scipy`` with ``per_sample=True`` call it on the samples still
+        running (bind one model per sample there). Floating-point tensors are cast to the
+        network's dtype like ``x``. The bound model shares the network and counts its own NFE
+        (from 0)."""
+        bound = copy.copy(self)
+        bound.bound = {**self.bound, **kwargs}
+        bound.nfe = 0
+        return bound
 
     def reset_nfe(self) -> None:
         self.nfe = 0
 
     # ---- raw network call ---------------------------------------------------------------------
-    def _net_time(self, t: torch.Tensor) -> torch.Tensor:
+    def _net_time(self, t: torch.Tensor, log_sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network's time input at the checked time ``t`` (``log_sigma``: ``log sigma(t)``
+        when the caller has it)."""
         if callable(self.time_input):
             return self.time_input(t)
         if self.time_input == "sigma":
-            return self.sde._log_sigma(t).exp()
+            return (self.sde.log_sigma(t, sync=False) if log_sigma is None else log_sigma).exp()
         if self.time_input == "index":
             return t * (self.sde.N - 1) / self.sde.T
         return t
@@ -113,14 +140,24 @@ class ScoreModel:
 
     def raw(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
         """The network's own output at ``(x, t)`` in ``x``'s dtype (the network's inputs cast to
-        its parameters' dtype, see the class docstring); counts one NFE. No device sync on a GPU
-        for a GPU ``t`` unless ``check_finite`` (see the class docstring)."""
-        t = self.sde._time(t, x, sync=False)
-        t_in = self._net_time(t)
+        its parameters' dtype, see the class docstring), with the bound arguments and
+        ``kwargs``; counts one NFE. No device sync on a GPU for a GPU ``t`` unless
+        ``check_finite`` (see the class docstring)."""
+        if self.time_input == "sigma":          # sigma(t) from the same single check of t
+            t, _, log_sigma = self.sde.log_scales(t, x, sync=False)
+            return self._call(x, t, kwargs, log_sigma)
+        return self._call(x, self.sde.time(t, x, sync=False), kwargs)
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict,
+              log_sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`raw` at a time ``t`` already checked and made like ``x``."""
+        t_in = self._net_time(t, log_sigma)
+        if self.bound:
+            kwargs = {**self.bound, **kwargs}
         dtype = self.net_dtype()
         if dtype is not None and dtype != x.dtype:
-            out = self.net(x.to(dtype), t_in.to(dtype) if _is_float(t_in) else t_in,
-                           **kwargs)
+            kwargs = {k: v.to(dtype) if _is_float(v) else v for k, v in kwargs.items()}
+            out = self.net(x.to(dtype), t_in.to(dtype) if _is_float(t_in) else t_in, **kwargs)
         else:
             out = self.net(x, t_in, **kwargs)
         self.nfe += 1
@@ -134,17 +171,22 @@ class ScoreModel:
             raise NonFiniteError(f"the model returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
         return out
 
-    def _scales(self, x: torch.Tensor, t: TimeLike):
-        t = self.sde._time(t, x, sync=False)
-        return (expand_to(self.sde._log_alpha(t).exp(), x), expand_to(self.sde._log_sigma(t).exp(), x))
+    def _output(self, x: torch.Tensor, t: TimeLike, kwargs: dict, view: str):
+        """The network's output through :meth:`raw` (the one place a subclass changes how the
+        network is evaluated) and, when the view converts it, ``alpha`` and ``sigma`` shaped to
+        broadcast over ``x``."""
+        out = self.raw(x, t, **kwargs)
+        if self.parameterization == view:
+            return out, None, None
+        _, log_a, log_s = self.sde.log_scales(t, x, sync=False)
+        return out, expand_to(log_a.exp(), x), expand_to(log_s.exp(), x)
 
     # ---- the three views ----------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
         """Noise prediction ``E[z | x_t]``."""
-        out, p = self.raw(x, t, **kwargs), self.parameterization
+        (out, a, s), p = self._output(x, t, kwargs, "eps"), self.parameterization
         if p == "eps":
             return out
-        a, s = self._scales(x, t)
         if p == "x0":
             return (x - a * out) / s
         if p == "v":
@@ -153,10 +195,9 @@ class ScoreModel:
 
     def x0(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
         """Data prediction (denoiser) ``E[x0 | x_t]``."""
-        out, p = self.raw(x, t, **kwargs), self.parameterization
+        (out, a, s), p = self._output(x, t, kwargs, "x0"), self.parameterization
         if p == "x0":
             return out
-        a, s = self._scales(x, t)
         if p == "eps":
             return (x - s * out) / a
         if p == "v":
@@ -165,10 +206,9 @@ class ScoreModel:
 
     def score(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
         """Score ``grad_x log p_t(x)``."""
-        out, p = self.raw(x, t, **kwargs), self.parameterization
+        (out, a, s), p = self._output(x, t, kwargs, "score"), self.parameterization
         if p == "score":
             return out
-        a, s = self._scales(x, t)
         if p == "eps":
             return -out / s
         if p == "x0":
@@ -186,8 +226,15 @@ class OracleModel(ScoreModel):
         self.mixture = mixture.with_sde(sde) if mixture.sde is not sde else mixture
         super().__init__(self.mixture.score, sde, parameterization="score", check_finite=check_finite)
 
-    def _exact(self, fn, x, t):
-        t = self.sde._time(t, x, sync=False)
+    def bind(self, **kwargs) -> "ScoreModel":
+        """An oracle is an exact function of ``(x, t)``: it takes no network arguments."""
+        raise ValueError(f"the oracle of a Gaussian mixture takes no network arguments, got "
+                         f"{', '.join(kwargs) or 'none'}: bind them to a ScoreModel of a network")
+
+    def _exact(self, fn, x, t, kwargs):
+        require(not kwargs, f"the oracle of a Gaussian mixture takes no network arguments, got "
+                            f"{', '.join(kwargs)}")
+        t = self.sde.time(t, x, sync=False)
         out = fn(x, t)
         self.nfe += 1
         if self.check_finite and not all_finite(out):
@@ -196,13 +243,13 @@ class OracleModel(ScoreModel):
         return out
 
     def eps(self, x, t, **kwargs):
-        return self._exact(self.mixture.eps, x, t)
+        return self._exact(self.mixture.eps, x, t, kwargs)
 
     def x0(self, x, t, **kwargs):
-        return self._exact(self.mixture.x0, x, t)
+        return self._exact(self.mixture.x0, x, t, kwargs)
 
     def score(self, x, t, **kwargs):
-        return self._exact(self.mixture.score, x, t)
+        return self._exact(self.mixture.score, x, t, kwargs)
 
 
 def as_model(model, sde: Optional[SDE] = None) -> ScoreModel:
