@@ -118,19 +118,19 @@ def _level(sde, sigma_e: float) -> Tuple[float, float]:
     """Time and alpha of the noise level ``sigma_e = sigma/alpha`` (float64)."""
     lam = torch.tensor(-math.log(sigma_e), dtype=torch.float64)
     t = sde.t_of_lambda(lam).clamp(0.0, sde.T)
-    return float(t), float(sde._log_alpha(t).exp())
+    return float(t), float(sde.alpha(t))
 
 
 def _sigma_e(sde, t: float) -> float:
     tt = torch.tensor(t, dtype=torch.float64)
-    return float((sde._log_sigma(tt) - sde._log_alpha(tt)).exp())
+    return float((-sde.lambda_(tt)).exp())
 
 
 def vp_trained_betas(sde, n: int = 1000):
     """Betas of an ``n``-step discrete chain whose ``alphas_cumprod[i]`` equals ``alpha(t_i)^2`` of
     ``sde`` at ``t_i = (i + 1) T / n`` (so diffusers' timestep ``i`` is our time ``t_i``)."""
     t = torch.arange(0, n + 1, dtype=torch.float64) * (sde.T / n)
-    log_a2 = 2 * sde._log_alpha(t)
+    log_a2 = 2 * sde.log_alpha(t)
     log_a2[0] = 0.0
     betas = -torch.expm1(log_a2[1:] - log_a2[:-1])
     return betas.tolist()
@@ -163,8 +163,7 @@ def _k_peers(sde) -> List[Peer]:
         stochastic = kw.pop("_stochastic", False)
 
         def run(oracle, x_T, steps, generator):
-            a_T, a_end = math.exp(float(sde._log_alpha(torch.tensor(sde.T, dtype=torch.float64)))), \
-                math.exp(float(sde._log_alpha(torch.tensor(sde.eps, dtype=torch.float64))))
+            a_T, a_end = (float(sde.alpha(torch.tensor(t, dtype=torch.float64))) for t in (sde.T, sde.eps))
             x_e = x_T / a_T
             extra = dict(kw)
             if stochastic:

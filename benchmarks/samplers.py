@@ -99,9 +99,9 @@ class TimedMixture(GaussianMixture):
     def _parts(self, x, t):
         B = x.shape[0]
         xf = x.reshape(B, -1).to(torch.float64)
-        tt = self.sde._time(t, x).to(torch.float64)
-        a = self.sde._log_alpha(tt).exp()[:, None]
-        s2 = (2 * self.sde._log_sigma(tt)).exp()[:, None]
+        _, log_a, log_s = self.sde.log_scales(self.sde.time(t, x).to(torch.float64))
+        a = log_a.exp()[:, None]
+        s2 = (2 * log_s).exp()[:, None]
         v = a * a * self._s2[None] + s2
         d2 = (xf * xf).sum(1, keepdim=True) - 2 * a * (xf @ self._M.T) + a * a * self._m2[None]
         logj = self._logw[None] - 0.5 * (d2 / v + self._D * torch.log(2 * math.pi * v))
@@ -144,7 +144,7 @@ class TimedMixture(GaussianMixture):
 def p_eps_mixture(mix: GaussianMixture, t: float) -> GaussianMixture:
     """The law of ``x_t``: means ``alpha m_k``, stds ``sqrt(alpha^2 s_k^2 + sigma^2)``."""
     tt = torch.tensor(t, dtype=torch.float64)
-    a, s = float(mix.sde._log_alpha(tt).exp()), float(mix.sde._log_sigma(tt).exp())
+    a, s = float(mix.sde.alpha(tt)), float(mix.sde.sigma(tt))
     return GaussianMixture(mix.weights, a * mix.means, (a * a * mix.stds ** 2 + s * s).sqrt())
 
 

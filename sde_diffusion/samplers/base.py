@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Generator, List, Optional, Sequence, Union
+from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -154,7 +154,9 @@ class NoiseSource:
 @dataclass
 class SolverContext:
     """Everything a solver needs. ``times[i]`` runs from ``t_start`` (i = 0) down to ``t_end``;
-    ``alphas``, ``sigmas``, ``lambdas`` are the SDE's views on that grid (float64, CPU)."""
+    ``alphas``, ``sigmas``, ``lambdas`` are the SDE's views on that grid (float64, CPU), and
+    :meth:`drift` gives ``f`` and ``g^2`` there. Solvers read the SDE through these (computed once
+    per run, through its public checked views), not per step."""
 
     model: ScoreModel
     sde: SDE
@@ -168,9 +170,18 @@ class SolverContext:
     lambdas: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        log_a, log_s = self.sde._log_alpha(self.times), self.sde._log_sigma(self.times)
+        _, log_a, log_s = self.sde.log_scales(self.times)
         self.alphas, self.sigmas, self.lambdas = log_a.exp(), log_s.exp(), log_a - log_s
         self._vec_cache = {}
+        self._drift: Optional[Tuple[List[float], List[float]]] = None
+
+    def drift(self, i: int) -> Tuple[float, float]:
+        """``(f(t_i), g(t_i)^2)`` of the SDE ``dx = f x dt + g dw`` at grid time ``t_i`` (float64;
+        the whole grid's values are computed at the first call)."""
+        if self._drift is None:
+            f, g2 = self.sde.f_g2(self.times)
+            self._drift = f.tolist(), g2.tolist()
+        return self._drift[0][i], self._drift[1][i]
 
     @property
     def steps(self) -> int:
@@ -216,8 +227,8 @@ def _interval(i: int, n: int) -> str:
 Correction = Callable[[int, float, torch.Tensor], torch.Tensor]
 
 
-def stepping(ctx: SolverContext, x: torch.Tensor,
-             advance: Callable[[int, torch.Tensor], torch.Tensor]) -> Generator[torch.Tensor, torch.Tensor, None]:
+def stepping(ctx: SolverContext, x: torch.Tensor, advance: Callable[[int, torch.Tensor], torch.Tensor]
+             ) -> Generator[torch.Tensor, torch.Tensor, None]:
     """The generator of a one-step solver: ``advance(i, x)`` takes the state from ``t_i`` to
     ``t_{i+1}``; after each step the generator yields the new state and continues from the one it
     is sent back (two-way: a correction replaces it)."""

@@ -40,38 +40,37 @@ from .base import SolverContext
 __all__ = ["CORRECTORS", "langevin_step", "annealed_langevin_step", "check_corrector_options"]
 
 
-def _a_i(ctx: SolverContext, t: torch.Tensor) -> torch.Tensor:
-    f, _ = ctx.sde._f_g2(t)
-    return torch.exp(2 * f * (ctx.sde.T / ctx.sde.N))
+def _a_i(ctx: SolverContext, i: int) -> float:
+    """score_sde's ``alpha_i`` at grid time ``t_i``: ``exp(2 f(t_i) T / N)``."""
+    return math.exp(2 * ctx.drift(i)[0] * (ctx.sde.T / ctx.sde.N))
 
 
 def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
 
 
-def langevin_step(ctx: SolverContext, t: torch.Tensor, x: torch.Tensor, snr: float,
+def langevin_step(ctx: SolverContext, i: int, x: torch.Tensor, snr: float,
                   snr_norm: str = "batch") -> torch.Tensor:
-    """One Langevin step at time ``t`` (``(batch,)``) with the signal-to-noise step size; the
-    norms are averaged over the batch (``snr_norm="batch"``) or taken per sample (``"sample"``)."""
-    grad = ctx.model.score(x, t)
+    """One Langevin step at grid time ``t_i`` with the signal-to-noise step size; the norms are
+    averaged over the batch (``snr_norm="batch"``) or taken per sample (``"sample"``)."""
+    grad = ctx.model.score(x, ctx.t(i))
     z = ctx.noise.randn()
     grad_norm, noise_norm = _per_sample_norm(grad), _per_sample_norm(z)
     if snr_norm == "batch":
         grad_norm, noise_norm = grad_norm.mean().expand_as(grad_norm), noise_norm.mean().expand_as(noise_norm)
-    step = 2 * _a_i(ctx, t) * (snr * noise_norm / grad_norm.clamp(min=torch.finfo(x.dtype).tiny)) ** 2
+    step = 2 * _a_i(ctx, i) * (snr * noise_norm / grad_norm.clamp(min=torch.finfo(x.dtype).tiny)) ** 2
     step = torch.where(grad_norm > 0, step, torch.zeros_like(step))  # s = 0: nothing to follow
     return x + expand_to(step, x) * grad + expand_to(torch.sqrt(2 * step), x) * z
 
 
-def annealed_langevin_step(ctx: SolverContext, t: torch.Tensor, x: torch.Tensor, snr: float,
+def annealed_langevin_step(ctx: SolverContext, i: int, x: torch.Tensor, snr: float,
                            snr_norm: str = "batch") -> torch.Tensor:
-    """One annealed-Langevin step at time ``t`` with the step ``2 a_i (snr sigma(t))^2``
+    """One annealed-Langevin step at grid time ``t_i`` with the step ``2 a_i (snr sigma(t_i))^2``
     (``snr_norm`` is not used: the step does not depend on the state)."""
-    grad = ctx.model.score(x, t)
+    grad = ctx.model.score(x, ctx.t(i))
     z = ctx.noise.randn()
-    sigma = ctx.sde._log_sigma(t).exp()
-    step = 2 * _a_i(ctx, t) * (snr * sigma) ** 2
-    return x + expand_to(step, x) * grad + expand_to(torch.sqrt(2 * step), x) * z
+    step = 2 * _a_i(ctx, i) * (snr * float(ctx.sigmas[i])) ** 2
+    return x + step * grad + math.sqrt(2 * step) * z
 
 
 CORRECTORS: Dict[str, Callable] = {"langevin": langevin_step,

@@ -69,7 +69,7 @@ def make_grid(sde: SDE, steps: int, kind: str = "uniform", t_start: Optional[flo
     elif kind == "quadratic":
         grid = t_end + (t_start - t_end) * (1 - u) ** 2
     else:
-        lam_start, lam_end = sde._log_alpha(ends) - sde._log_sigma(ends)
+        lam_start, lam_end = sde.lambda_(ends)
         if kind == "logsnr":
             lam = lam_start + (lam_end - lam_start) * u
         else:
@@ -123,7 +123,7 @@ def focus_grid(sde: SDE, steps: int, sigma_data: float = 0.5, width: float = 2.0
     require(0 < t_end < t_start <= sde.T,
             f"need 0 < t_end < t_start <= T={sde.T}, got t_start={t_start!r}, t_end={t_end!r}")
     ends = torch.tensor([t_start, t_end], dtype=torch.float64)
-    lam0, lam1 = (sde._log_alpha(ends) - sde._log_sigma(ends)).tolist()
+    lam0, lam1 = sde.lambda_(ends).tolist()
     c = -math.log(sigma_data)
     phi = lambda lam: torch.special.ndtr((lam - c) / width)  # noqa: E731
     p0, p1 = float(phi(torch.tensor(lam0, dtype=torch.float64))), float(phi(torch.tensor(lam1, dtype=torch.float64)))

@@ -98,7 +98,6 @@ def _pc(ctx: SolverContext, x, advance, correct, n_steps: int, snr: float, snr_n
         if advance is not None:
             x = advance(i, x)
         if correct is not None:
-            t = ctx.t(i + 1)
             for _ in range(n_steps):
-                x = correct(ctx, t, x, snr, snr_norm)
+                x = correct(ctx, i + 1, x, snr, snr_norm)
         x = yield x

@@ -27,7 +27,6 @@ from functools import partial
 
 import torch
 
-from .._checks import expand_to
 from .base import SolverContext, stepping
 from .registry import register
 
@@ -45,11 +44,10 @@ def _forward_transition(ctx: SolverContext, i: int):
 # ---- Euler–Maruyama -----------------------------------------------------------------------------
 def euler_maruyama_step(ctx: SolverContext, i: int, x: torch.Tensor) -> torch.Tensor:
     """``x <- x - [f x - g^2 s] h + g sqrt(h) z`` with ``h = t_i - t_{i+1} > 0``."""
-    t = ctx.t(i)
     h = float(ctx.times[i] - ctx.times[i + 1])
-    f, g2 = ctx.sde._f_g2(t)
-    drift = expand_to(f, x) * x - expand_to(g2, x) * ctx.model.score(x, t)
-    return x - drift * h + expand_to(g2.sqrt(), x) * math.sqrt(h) * ctx.noise.randn()
+    f, g2 = ctx.drift(i)
+    drift = f * x - g2 * ctx.model.score(x, ctx.t(i))
+    return x - drift * h + (math.sqrt(g2) * math.sqrt(h)) * ctx.noise.randn()
 
 
 @register("euler_maruyama", deterministic=False, order=0.5, two_way=True,

@@ -147,7 +147,7 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
     else:
         start = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end,
                           sigma_data=sigma_data)
-    lam_start = (sde._log_alpha(start) - sde._log_sigma(start))
+    lam_start = sde.lambda_(start)
     t0, t1 = float(start[0]), float(start[-1])
 
     calls_before = model.nfe
