@@ -32,8 +32,11 @@ def predictors() -> List[str]:
 
 
 def _predictor_options(predictor: str, eta: float) -> dict:
-    """The options ``pc`` gives its predictor: ``eta`` where the predictor has it (DDIM's); a
-    nonzero ``eta`` for a predictor without one is an error, not ignored."""
+    """The options ``pc`` gives its predictor (a name of :func:`predictors`): ``eta`` where the
+    predictor has it (DDIM's); a nonzero ``eta`` for a predictor without one is an error, not
+    ignored."""
+    valid = predictors()
+    require(predictor in valid, f"unknown predictor {predictor!r}; valid predictors: {', '.join(valid)}")
     if predictor != "none" and "eta" in get_solver(predictor).defaults():
         return {"eta": eta}
     require(float(eta) == 0.0, f"eta={eta!r} is an option of the predictor 'ddim', not of "
@@ -43,8 +46,8 @@ def _predictor_options(predictor: str, eta: float) -> dict:
 
 def _pc_cost(steps: int, predictor: str = "reverse_diffusion", corrector: str = "langevin",
              n_steps: int = 1, eta: float = 0.0) -> int:
-    moves = 0 if predictor == "none" else \
-        get_solver(predictor).cost(steps, **_predictor_options(predictor, eta))
+    options = _predictor_options(predictor, eta)
+    moves = 0 if predictor == "none" else get_solver(predictor).cost(steps, **options)
     return moves + (steps * int(n_steps) if corrector != "none" else 0)
 
 
@@ -78,12 +81,10 @@ def pc(ctx: SolverContext, x, predictor: str = "reverse_diffusion", corrector: s
     NFE per grid step: the predictor's (1 for score_sde's predictors and DDIM; 0 for ``none``)
     plus ``n_steps`` for the corrector.
     """
-    valid = predictors()
-    require(predictor in valid, f"unknown predictor {predictor!r}; valid predictors: {', '.join(valid)}")
+    options = _predictor_options(predictor, eta)
     corrector, snr, n_steps, snr_norm = check_corrector_options(corrector, snr, n_steps, snr_norm)
     require(predictor != "none" or (corrector != "none" and n_steps > 0),
             "pc with predictor='none' needs a corrector and n_steps >= 1: otherwise it does nothing")
-    options = _predictor_options(predictor, eta)
     if predictor == "none":
         advance = None
     else:
