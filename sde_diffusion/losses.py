@@ -167,20 +167,20 @@ def dsm_loss(model: ScoreModel, x0: torch.Tensor, generator: Optional[torch.Gene
                                      f"got {tuple(noise.shape)}")
     # alpha, sigma without a device sync: drawn times lie in [eps, T]; a given t is range-checked
     # by the wrapper on CPU (on a GPU the wrapper skips the check, which would sync every step)
-    log_alpha, log_sigma = sde._log_alpha(t), sde._log_sigma(t)
+    _, log_alpha, log_sigma = sde.log_scales(t, sync=False)
     x_t = expand_to(log_alpha.exp(), x0) * x0 + expand_to(log_sigma.exp(), x0) * noise
     eps_hat = model.eps(x_t, t, **model_kwargs)
     per_sample = _reduce((eps_hat.to(x0.dtype) - noise) ** 2, reduce_mean)
 
     # weight(t) relative to the eps-MSE: 1 for sigma^2 weighting, g^2/sigma^2 for g^2 weighting
     if weighting == "likelihood":
-        _, g2 = sde._f_g2(t)
+        _, g2 = sde.f_g2(t, sync=False)
         weight = g2 * torch.exp(-2 * log_sigma)
     else:
         weight = None
     if importance_sampling:
         # p(t) = g^2 / (sigma^2 Z): divide weight(t) by it
-        _, g2 = sde._f_g2(t)
+        _, g2 = sde.f_g2(t, sync=False)
         inv_p = importance_sampling_norm(sde, eps) * torch.exp(2 * log_sigma) / g2
         weight = inv_p if weight is None else weight * inv_p
     if weight is not None:
@@ -226,8 +226,8 @@ def _discrete_loss(model, x0, times64, generator, reduce_mean, indices, noise, r
         noise = _draw(torch.randn, tuple(x0.shape), generator, gdev, x0.dtype, rank,
                       world_size).to(x0.device)
     sde = model.sde
-    log_sigma = sde._log_sigma(t)
-    x_t = expand_to(sde._log_alpha(t).exp(), x0) * x0 + expand_to(log_sigma.exp(), x0) * noise
+    _, log_alpha, log_sigma = sde.log_scales(t, sync=False)
+    x_t = expand_to(log_alpha.exp(), x0) * x0 + expand_to(log_sigma.exp(), x0) * noise
     eps_hat = model.eps(x_t, t, **model_kwargs)
     return _reduce((eps_hat.to(x0.dtype) - noise) ** 2, reduce_mean)
 
