@@ -72,7 +72,9 @@ class SolverInfo:
     def is_deterministic(self, **options) -> bool:
         """Whether the solver with these options is a deterministic map of its starting state
         (draws no noise). The one answer that ``compare``, ``optimize_grid``, the command line and
-        the benchmarks use; options not given take the solver's defaults."""
+        the benchmarks use; options not given take the solver's defaults, an unknown one is an
+        error."""
+        self.check_options(options)
         if isinstance(self.deterministic, bool):
             return self.deterministic
         given = {**{k: v for k, v in self.defaults().items() if v is not inspect.Parameter.empty},

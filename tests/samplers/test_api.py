@@ -95,6 +95,8 @@ def test_determinism_is_declared_honestly(solver, options, declared):
     """SolverInfo.is_deterministic(**options), the one answer compare, optimize_grid, the CLI and
     the benchmarks use, says whether two noise seeds give the same samples."""
     assert get_solver(solver).is_deterministic(**options) is declared
+    with pytest.raises(ValueError, match="has no option 'etta'"):
+        get_solver("ddim").is_deterministic(etta=1.0)        # a typo is not read as the default
     steps = None if get_solver(solver).adaptive else STEPS
     x_T = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a, b = (sample(MIX, x_T=x_T, solver=solver, steps=steps, generator=g, **options).samples
