@@ -5,7 +5,6 @@ exact flow when a known coordinate is prescribed (their history holds model outp
 states); a solver that is not two-way refuses corrections instead of dropping them."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp
