@@ -10,6 +10,8 @@
   (:func:`remove_stale_temporaries`).
 - Writing errors of the storage (no space, quota, read-only file system, no permission) raise
   :class:`OutputError`, an ``OSError`` whose message names the file.
+- :func:`write_json` / :func:`dumps_json`: strict JSON (NaN and Infinity, which JSON lacks and strict
+  parsers reject, written as ``null``), written atomically.
 - :class:`ExclusiveLock`: an ``flock`` on a lock file that the OS releases when its holder dies, so
   a crashed holder never blocks the next run.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -29,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Union
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["atomic_write", "OutputError", "remove_stale_temporaries", "ExclusiveLock",
-           "LockHeldError", "STALE_FOREIGN_S"]
+           "LockHeldError", "STALE_FOREIGN_S", "json_safe", "dumps_json", "write_json"]
 
 #: errors of the storage rather than of the program: turned into :class:`OutputError`.
 STORAGE_ERRNOS = frozenset(getattr(errno, name) for name in
@@ -216,6 +219,38 @@ def atomic_write(path: PathLike, write: Callable[[str], None], fsync: bool = Fal
 
 
 # ---- an exclusive lock ----------------------------------------------------------------------------
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/Inf float (also numpy and 0-d tensor numbers) replaced by ``None``:
+    JSON has no NaN or Infinity, and strict parsers reject Python's ``NaN`` literal."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return obj
+    return value if math.isfinite(value) else None
+
+
+def dumps_json(obj: Any, **kwargs) -> str:
+    """Valid JSON text of ``obj``: NaN/Inf written as ``null``."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: PathLike, obj: Any) -> str:
+    """``obj`` as indented, valid JSON (:func:`dumps_json`), written atomically."""
+    text = dumps_json(obj, indent=2) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write)
+
+
 class LockHeldError(RuntimeError):
     """The lock is held by another process; ``holder`` is what that process wrote in the lock
     file (``pid``, ``host``, ``started`` as seconds since the epoch; empty when unreadable)."""

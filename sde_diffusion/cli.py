@@ -223,25 +223,11 @@ def _check_grid_name(grid: Optional[str]) -> None:
                         f"file (FILE.json written by optimize-grid)")
 
 
-def _json_safe(obj):
-    """``obj`` with every NaN/Inf float (also numpy and 0-d tensor numbers) replaced by ``None``:
-    JSON has no NaN or Infinity, and strict parsers reject Python's ``NaN`` literal."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
-        return obj
-    try:
-        value = float(obj)
-    except (TypeError, ValueError):
-        return obj
-    return value if math.isfinite(value) else None
-
-
 def _dumps(obj, **kwargs) -> str:
     """Valid JSON text of ``obj``: NaN/Inf written as ``null``."""
-    return json.dumps(_json_safe(obj), allow_nan=False, **kwargs)
+    from ._files import dumps_json
+
+    return dumps_json(obj, **kwargs)
 
 
 # ---- subcommands ------------------------------------------------------------------------------
@@ -319,7 +305,7 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     _no_extra(rest)
     # everything cheap first: the solver, the grid (file), the steps, the output
     saved = _read_grid_file(args.grid) if _is_grid_file(args.grid) else None
-    spec = parse_solver_spec(args.solver or (saved["label"] if saved else "euler_maruyama"))
+    spec = parse_solver_spec(args.solver or (_fit_label(saved) if saved else "euler_maruyama"))
     if saved is not None:
         _check_grid_matches(args.grid, saved, spec, args.steps)
     _check_grid_name(args.grid)
@@ -353,92 +339,52 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
 
 
 # ---- grid files (optimize-grid writes them, sample --grid FILE.json reads them) ---------------
-GRID_FORMAT = "sde_diffusion.grid/1"
-
-
+# The format is the optimized grid's own (samplers.tuning.OptimizedGrid.save/load).
 def _is_grid_file(grid: Optional[str]) -> bool:
     return grid is not None and grid.lower().endswith(".json")
 
 
-def _solver_label(name: str, options: dict) -> str:
+def _read_grid_file(path: str):
+    """The :class:`~sde_diffusion.samplers.tuning.OptimizedGrid` of a grid file, checked as far
+    as it can be without the model; its times are checked against the model's SDE later."""
+    from .samplers.tuning import OptimizedGrid
+
+    if not os.path.isfile(path):
+        raise UserError(f"--grid {path!r}: no such file (a grid name is one of uniform, logsnr, "
+                        f"karras, quadratic, focus; a grid file ends in .json)")
+    try:
+        fit = OptimizedGrid.load(path)
+    except ValueError as err:
+        raise UserError(f"--grid {err}") from None
+    return fit
+
+
+def _fit_label(fit) -> str:
+    """A grid file's solver as the command line spells it (``unipc:order=3``)."""
     from .experiments import SolverSpec
 
-    return SolverSpec(name, dict(options)).label
+    return SolverSpec(fit.solver, dict(fit.options)).label
 
 
-def _effective_options(name: str, options: dict) -> dict:
-    """The solver's options with its defaults filled in (``unipc`` is ``unipc:order=2``), as plain
-    JSON values, so that two spellings of the same solver compare equal."""
-    import inspect
-
-    from .samplers import get_solver
-
-    params = list(inspect.signature(get_solver(name).fn).parameters.values())[2:]
-    full = {p.name: p.default for p in params
-            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-    full.update(options)
-    return json.loads(json.dumps(full, default=str))
-
-
-def _read_grid_file(path: str) -> dict:
-    """A grid file written by ``optimize-grid``, checked as far as it can be without the model:
-    format, solver, options, times (at least two finite numbers); :func:`_grid_times` checks the
-    rest against the model's SDE. Plain JSON: nothing in it is executed."""
-    from .samplers import get_solver
-
-    where = f"--grid {path!r}"
-    if not os.path.isfile(path):
-        raise UserError(f"{where}: no such file (a grid name is one of uniform, logsnr, karras, "
-                        f"quadratic, focus; a grid file ends in .json)")
+def _grid_times(path: str, fit, sde):
+    """The grid file's times for the model's SDE (``OptimizedGrid.times_for``)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            saved = json.load(fh)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{where} is not a JSON file: {err}") from None
-    if not isinstance(saved, dict) or saved.get("format") != GRID_FORMAT:
-        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
-        raise UserError(f"{where} is not a grid file: its format is {found!r}, expected "
-                        f"{GRID_FORMAT!r} (written by 'sde-diffusion optimize-grid')")
-    solver, options, times = saved.get("solver"), saved.get("options", {}), saved.get("times")
-    if not isinstance(solver, str) or not isinstance(options, dict):
-        raise UserError(f"{where}: 'solver' must be a solver name and 'options' an object")
-    try:
-        get_solver(solver)
+        return fit.times_for(sde)
     except ValueError as err:
-        raise UserError(f"{where}: {err}") from None
-    if (not isinstance(times, list) or len(times) < 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in times)
-            or not all(math.isfinite(v) for v in times)):
-        raise UserError(f"{where}: 'times' must be a list of at least two finite numbers")
-    saved["label"] = _solver_label(solver, options)
-    return saved
+        raise UserError(f"--grid {path!r}: {err}") from None
 
 
-def _grid_times(path: str, saved: dict, sde):
-    """The times of a grid file as a float64 tensor, checked against the model's SDE: strictly
-    decreasing inside (0, T] (the check ``sample`` makes of any custom grid), the same SDE."""
-    import torch
-
-    from .samplers.api import custom_grid
-
-    where = f"--grid {path!r}"
-    try:
-        times = custom_grid(torch.tensor(saved["times"], dtype=torch.float64), sde)
-    except ValueError as err:
-        raise UserError(f"{where}: {err}") from None
-    if "sde" in saved and saved["sde"] != repr(sde):
-        raise UserError(f"{where} was fitted under {saved['sde']}, but the model's SDE is {sde!r}")
-    return times
-
-
-def _check_grid_matches(path: str, saved: dict, spec, steps: Optional[int]) -> None:
+def _check_grid_matches(path: str, fit, spec, steps: Optional[int]) -> None:
     """A fitted grid belongs to one solver with its options and one number of steps."""
-    if (spec.name != saved["solver"] or _effective_options(spec.name, spec.options)
-            != _effective_options(saved["solver"], saved["options"])):
-        raise UserError(f"--grid {path!r} was fitted for solver {saved['label']}, not for "
-                        f"--solver {spec.label}: sample with --solver {saved['label']} or fit a "
+    from .samplers.tuning import effective_options
+
+    label = _fit_label(fit)
+    if spec.name != fit.solver or effective_options(spec.name, spec.options) \
+            != fit.effective_options():
+        raise UserError(f"--grid {path!r} was fitted for solver {label}, not for "
+                        f"--solver {spec.label}: sample with --solver {label} or fit a "
                         f"grid for {spec.label} with optimize-grid")
-    file_steps = len(saved["times"]) - 1
+    file_steps = len(fit.times) - 1
     if steps is not None and steps != file_steps:
         raise UserError(f"--steps {steps} disagrees with --grid {path!r}, a grid of {file_steps} "
                         f"steps (leave --steps out)")
@@ -474,16 +420,7 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
                         knots=args.knots, max_evals=args.max_evals, validation=args.validation,
                         device=device,
                         progress=None if not args.quiet else False, **spec.options)
-    record = {"format": GRID_FORMAT, "solver": fit.solver, "options": fit.options, "nfe": fit.nfe,
-              "times": [float(t) for t in fit.times.to(torch.float64)],
-              "initial_error": fit.initial_error, "pilot_error": fit.pilot_error,
-              "initial_validation_error": fit.initial_validation_error,
-              "validation_error": fit.validation_error,
-              "validation_size": fit.validation_size, "teacher_error": fit.teacher_error,
-              "evaluations": fit.evaluations,
-              "model_calls": fit.model_calls, "pilot_size": fit.pilot_size,
-              "start_grid": args.grid or _default_grid(spec.name), "sde": repr(sde)}
-    _write_json(args.out, record)
+    fit.save(args.out)
     held_out = (f", held-out {fit.initial_validation_error:.4g} -> {fit.validation_error:.4g}"
                 if fit.validation_size else "")
     print(f"{spec.label} at {fit.nfe} NFE: pilot RMS error {fit.initial_error:.4g} -> "
@@ -493,16 +430,9 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
 
 
 def _write_json(path: str, obj) -> None:
-    """``obj`` as indented, valid JSON (NaN/Inf as ``null``), written atomically."""
-    from ._files import atomic_write
+    from ._files import write_json
 
-    text = _dumps(obj, indent=2) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
+    write_json(path, obj)
 
 
 def _default_grid(solver: str) -> str:

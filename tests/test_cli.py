@@ -388,6 +388,29 @@ GOOD = {"format": "sde_diffusion.grid/1", "solver": "unipc", "options": {"order"
         "times": [1.0, 0.5, 0.001]}
 
 
+@pytest.mark.parametrize("sde, accepted", [
+    ({"name": "vp_cosine", "cosine_s": 0.01}, False),   # equal reprs before: equality by parameters
+    ({"name": "vp_cosine"}, True),
+    ("VPSDE(beta_min=0.1, beta_max=20.0, schedule='linear', N=1000, T=1.0, eps=0.001)", False),
+])
+def test_grid_file_sde_is_compared_by_parameters(sde, accepted, tmp_path, monkeypatch, capsys):
+    """A grid fitted under one SDE is refused for a model under another, even where their reprs
+    agreed (cosine VP SDEs with different cosine_s); files of the earlier format, whose SDE is a
+    repr string, are compared by repr."""
+    from sde_diffusion.sdes import make_sde
+
+    monkeypatch.chdir(tmp_path)
+    if isinstance(sde, dict):
+        sde = make_sde(sde.pop("name"), **sde).to_dict()
+    (tmp_path / "g.json").write_text(json.dumps({**GOOD, "sde": sde}))
+    code = main(["sample", "--oracle", "ring8", "--sde", "vp_cosine", "--grid", "g.json",
+                 "--n", "5", "--quiet"])
+    if accepted:
+        assert code == 0
+    else:
+        _one_line_error(code, capsys, "fitted under", "cosine")
+
+
 @pytest.mark.parametrize("content, fragments", [
     ("{not json", ["is not a JSON file"]),
     ("[1, 2]", ["is not a grid file"]),
@@ -693,7 +716,7 @@ def test_optimize_grid_then_sample_on_a_trained_checkpoint(trained_run, tmp_path
     assert main(["optimize-grid", "--checkpoint", str(trained_run), "--nfe", "6", "--pilot", "64",
                  "--max-evals", "10", "--out", str(grid), "--quiet"]) == 0
     saved = _strict_json(grid.read_text())
-    assert saved["nfe"] == 6 and len(saved["times"]) == 7 and saved["sde"].startswith("VPSDE")
+    assert saved["nfe"] == 6 and len(saved["times"]) == 7 and saved["sde"]["name"] == "vp"
     capsys.readouterr()
     out = tmp_path / "fitted.npz"
     assert main(["sample", "--checkpoint", str(trained_run), "--grid", str(grid), "--n", "32",

@@ -33,6 +33,7 @@ few thousand samples is needed there (docs/samplers.md, "Optimized grids").
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -43,9 +44,10 @@ import numpy as np
 import torch
 
 from .._checks import require
+from .._files import dumps_json, write_json
 from ..models.wrapper import NonFiniteError, ScoreModel, as_model
 from ..oracles import GaussianMixture
-from ..sdes import SDE
+from ..sdes import SDE, sde_from_dict
 from .api import custom_grid, sample, start_state
 from .base import GeneratorLike, _show_progress
 from .grids import make_grid
@@ -73,6 +75,98 @@ class OptimizedGrid:
     pilot_size: int
     validation_size: int
     initial_times: torch.Tensor = field(repr=False)  # the starting grid
+    sde: Optional[SDE] = field(default=None, repr=False)   # the SDE it was fitted under
+    start_grid: str = "custom"          # the starting grid's name ("custom" for a tensor)
+    legacy_sde: Optional[str] = field(default=None, repr=False)  # a file's SDE before format dicts
+
+    # ---- the grid file: plain JSON (nothing in it is executed), see docs/cli.md ----------------
+    def effective_options(self) -> dict:
+        """The options with the solver's defaults filled in, as plain JSON values, so that two
+        spellings of one configuration (``unipc`` and ``unipc:order=2``) compare equal."""
+        return effective_options(self.solver, self.options)
+
+    def save(self, path) -> str:
+        """Write the grid file (format :data:`GRID_FORMAT`, atomically) that :meth:`load` and
+        ``sde-diffusion sample --grid FILE.json`` read."""
+        record = {"format": GRID_FORMAT, "solver": self.solver, "options": self.options,
+                  "nfe": self.nfe, "times": self.times.to(torch.float64).tolist(),
+                  "initial_times": self.initial_times.to(torch.float64).tolist(),
+                  "start_grid": self.start_grid,
+                  "sde": self.sde.to_dict() if self.sde is not None else self.legacy_sde,
+                  **{name: getattr(self, name) for name in _REPORTED}}
+        return write_json(path, record)
+
+    @classmethod
+    def load(cls, path) -> "OptimizedGrid":
+        """Read a grid file written by :meth:`save`, checked as far as it can be without a model:
+        format, solver, options, times (at least two finite numbers, decreasing). The times
+        against a model's SDE: :meth:`times_for`. Errors are ``ValueError`` naming the file
+        (``FileNotFoundError`` for a missing one)."""
+        where = repr(str(path))
+        try:
+            with open(path, encoding="utf-8") as fh:
+                saved = json.load(fh)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where} is not a JSON file: {err}") from None
+        if not isinstance(saved, dict) or saved.get("format") != GRID_FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"{where} is not a grid file: its format is {found!r}, expected "
+                             f"{GRID_FORMAT!r} (written by optimize_grid / 'sde-diffusion "
+                             f"optimize-grid')")
+        solver, options = saved.get("solver"), saved.get("options", {})
+        require(isinstance(solver, str) and isinstance(options, dict),
+                f"{where}: 'solver' must be a solver name and 'options' an object")
+        try:
+            get_solver(solver)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        times = _file_times(saved.get("times"), where, "times")
+        initial = _file_times(saved.get("initial_times", saved["times"]), where, "initial_times")
+        raw_sde = saved.get("sde")
+        sde, legacy = (sde_from_dict(raw_sde), None) if isinstance(raw_sde, dict) else (None, raw_sde)
+        numbers = {name: saved.get(name, math.nan) for name in _REPORTED}
+        for name in ("evaluations", "candidates", "model_calls", "pilot_size", "validation_size"):
+            numbers[name] = int(numbers[name]) if isinstance(numbers[name], (int, float)) \
+                and math.isfinite(numbers[name]) else 0
+        numbers = {k: (math.nan if v is None else v) for k, v in numbers.items()}
+        nfe = saved.get("nfe")
+        return cls(times=times, solver=solver, options=options,
+                   nfe=int(nfe) if isinstance(nfe, int) else get_solver(solver).cost(len(times) - 1,
+                                                                                  **options),
+                   initial_times=initial, sde=sde, start_grid=str(saved.get("start_grid", "custom")),
+                   legacy_sde=legacy if isinstance(legacy, str) else None, **numbers)
+
+    def times_for(self, sde: SDE) -> torch.Tensor:
+        """The times, checked against the model's ``sde``: strictly decreasing inside ``(0, T]``
+        (the check ``sample`` makes of any custom grid) and fitted under an equal SDE."""
+        times = custom_grid(self.times, sde)
+        if self.sde is not None:
+            require(self.sde == sde, f"the grid was fitted under {self.sde!r}, but the model's "
+                                     f"SDE is {sde!r}")
+        elif self.legacy_sde is not None:
+            require(self.legacy_sde == repr(sde), f"the grid was fitted under {self.legacy_sde}, "
+                                                  f"but the model's SDE is {sde!r}")
+        return times
+
+
+#: the format tag of grid files (:meth:`OptimizedGrid.save`)
+GRID_FORMAT = "sde_diffusion.grid/1"
+_REPORTED = ("initial_error", "pilot_error", "initial_validation_error", "validation_error",
+             "teacher_error", "evaluations", "candidates", "model_calls", "pilot_size",
+             "validation_size")
+
+
+def effective_options(solver: str, options: dict) -> dict:
+    """``options`` with ``solver``'s defaults filled in, as plain JSON values."""
+    return json.loads(dumps_json({**get_solver(solver).defaults(), **options}, default=str))
+
+
+def _file_times(values, where: str, key: str) -> torch.Tensor:
+    require(isinstance(values, list) and len(values) >= 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            and all(math.isfinite(v) for v in values),
+            f"{where}: {key!r} must be a list of at least two finite numbers")
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
@@ -233,7 +327,9 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
                          initial_validation_error=initial_val, validation_error=best_val,
                          teacher_error=teacher_error, evaluations=evaluations,
                          candidates=len(candidates), model_calls=model.nfe - calls_before,
-                         pilot_size=x_T.shape[0], validation_size=n_val, initial_times=start)
+                         pilot_size=x_T.shape[0], validation_size=n_val, initial_times=start,
+                         sde=sde, start_grid="custom" if isinstance(grid, torch.Tensor)
+                         else (info.grid if grid is None else str(grid)))
 
 
 def check_grid_request(solver: str, steps: Optional[int] = None, nfe: Optional[int] = None,

@@ -153,3 +153,28 @@ def test_deterministic_configurations_of_stochastic_capable_solvers_are_accepted
     fit = optimize_grid(random_mixture(2, 3, seed=0, sde=sde), sde, solver, 3, shape=(16, 2),
                         generator=7, max_evals=6, teacher_steps=12, **options)
     assert len(fit.times) == 4 and fit.nfe == get_solver(solver).cost(3, **options)
+
+
+def test_grid_file_round_trips(tmp_path):
+    """save/load keep every field (times bit for bit, the SDE by its parameters); a loaded grid
+    samples as the fitted one and refuses another SDE."""
+    from sde_diffusion.samplers.tuning import OptimizedGrid
+
+    mix = random_mixture(dim=2, n_components=3, seed=0, sde=VPSDE(schedule="cosine"))
+    fit = optimize_grid(mix, solver="unipc", order=3, nfe=5, shape=(32, 2), max_evals=5,
+                        dtype=torch.float64)
+    path = tmp_path / "g.json"
+    fit.save(path)
+    back = OptimizedGrid.load(path)
+    assert torch.equal(back.times, fit.times) and torch.equal(back.initial_times, fit.initial_times)
+    assert back.sde == mix.sde and back.start_grid == get_solver("unipc").grid == fit.start_grid
+    for name in ("solver", "options", "nfe", "pilot_error", "validation_error", "evaluations",
+                 "model_calls", "pilot_size", "validation_size"):
+        assert getattr(back, name) == getattr(fit, name), name
+    assert back.effective_options() == {**get_solver("unipc").defaults(), "order": 3}
+    assert torch.equal(back.times_for(mix.sde), fit.times)
+    with pytest.raises(ValueError, match="fitted under VPSDE.*cosine_s=0.008.*cosine_s=0.01"):
+        back.times_for(VPSDE(schedule="cosine", cosine_s=0.01))
+    (tmp_path / "bad.json").write_text('{"format": "x"}')
+    with pytest.raises(ValueError, match="is not a grid file: its format is 'x'"):
+        OptimizedGrid.load(tmp_path / "bad.json")
