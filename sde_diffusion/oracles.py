@@ -113,6 +113,7 @@ class GaussianMixture:
         dim = m[0].numel()
         flat_m = m.reshape(K, dim)
         self._cache: Dict[Tuple[torch.device, torch.dtype], Dict[str, torch.Tensor]] = {}
+        self._times: Dict[float, Tuple[float, float]] = {}          # t -> (alpha, sigma) under sde
         if covariances is None:
             s = torch.as_tensor(stds, dtype=torch.float64)
             if s.ndim == 0:
@@ -207,7 +208,7 @@ class GaussianMixture:
         """The same mixture, diffused by ``sde`` (shares the parameters and their cached copies)."""
         require(isinstance(sde, SDE), f"sde must be an SDE instance, got {sde!r}")
         other = copy.copy(self)
-        other.sde = sde
+        other.sde, other._times = sde, {}
         return other
 
     def mean(self) -> torch.Tensor:
@@ -244,25 +245,40 @@ class GaussianMixture:
     def _scales(self, x: torch.Tensor, t: Optional[TimeLike]) -> Tuple[Scale, Scale, bool]:
         """``(alpha, sigma, shared)`` in float64, from ``t`` rounded to ``x``'s dtype. ``shared``:
         every sample has the same time, and alpha and sigma are numbers (computed on the host) or,
-        for a time tensor already on another device, 0-d tensors there; otherwise they are
+        for an expanded time tensor on another device, 0-d tensors there; otherwise they are
         ``(batch, 1)`` columns. No device sync beyond the SDE's own range check of a time tensor
         already on a GPU: a GPU tensor is a shared time only when it is expanded (stride 0)."""
         if t is None:
             return 1.0, 0.0, True
         require(self.sde is not None,
                 "this mixture has no SDE: pass sde=... (or use with_sde) to evaluate at a time t")
-        if not isinstance(t, torch.Tensor) or (t.ndim == 0 and t.device.type == "cpu"):
-            t64 = self.sde.time(torch.as_tensor(t, dtype=x.dtype).double())
-            return float(self.sde._log_alpha(t64).exp()), float(self.sde._log_sigma(t64).exp()), True
+        if not isinstance(t, torch.Tensor):
+            return self._scalar_scales(t, x.dtype) + (True,)
+        B = x.shape[0]
+        if t.device.type == "cpu" and (t.ndim == 0 or (
+                t.ndim == 1 and t.shape[0] == B >= 1
+                and (B == 1 or t.stride(0) == 0 or bool((t == t[0]).all())))):
+            return self._scalar_scales(t if t.ndim == 0 else t[0], x.dtype) + (True,)
         t = self.sde.time(t, x)                                   # (batch,), x's dtype and device
-        B = t.shape[0]
-        if B >= 1 and (B == 1 or t.stride(0) == 0
-                       or (t.device.type == "cpu" and bool((t == t[0]).all()))):
+        if B >= 1 and (B == 1 or t.stride(0) == 0) and t.device.type != "cpu":
             t0 = t[0].double()
-            a, s = self.sde._log_alpha(t0).exp(), self.sde._log_sigma(t0).exp()
-            return (float(a), float(s), True) if t0.device.type == "cpu" else (a, s, True)
+            return self.sde._log_alpha(t0).exp(), self.sde._log_sigma(t0).exp(), True
         t = t.double()
         return self.sde._log_alpha(t).exp()[:, None], self.sde._log_sigma(t).exp()[:, None], False
+
+    def _scalar_scales(self, t: TimeLike, dtype: torch.dtype) -> Tuple[float, float]:
+        """alpha and sigma (float64 numbers) of a host time ``t`` rounded to ``dtype``, checked and
+        computed once per value (a small cache: fixed-grid solvers and repeated runs revisit their
+        times)."""
+        key = float(t) if dtype == torch.float64 else float(torch.as_tensor(t, dtype=dtype))
+        hit = self._times.get(key)
+        if hit is None:
+            t64 = self.sde.time(torch.tensor(key, dtype=torch.float64))
+            hit = float(self.sde._log_alpha(t64).exp()), float(self.sde._log_sigma(t64).exp())
+            if len(self._times) >= 4096:
+                self._times.clear()
+            self._times[key] = hit
+        return hit
 
     def _evaluate(self, x: torch.Tensor, t: Optional[TimeLike], what: str) -> torch.Tensor:
         """``what`` in ``log_prob`` ``(batch,)``, ``resp`` ``(batch, K)``, ``score``, ``x0``, ``eps``

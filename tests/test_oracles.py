@@ -653,23 +653,33 @@ class _RecordingVP(VPSDE):
 
 
 def test_a_shared_time_is_detected_and_its_scalars_computed_once():
+    """alpha and sigma of a shared time are computed once, on a 0-d tensor (and cached per time
+    value: a second call at the same time computes nothing); per-sample times once per sample."""
     from sde_diffusion.models import OracleModel
 
     sde = _RecordingVP()
     mix = MIXTURES["diag2d"](sde)
     x = _samples(mix, 16, 0.3, seed=8)
-    shared = (0.3, torch.tensor(0.3, dtype=F64), torch.full((16,), 0.3, dtype=F64),
-              torch.tensor(0.3, dtype=F64).expand(16))
-    for t in shared:
+    shared = {0.3: 0.3, 0.35: torch.tensor(0.35, dtype=F64), 0.4: torch.full((16,), 0.4, dtype=F64),
+              0.45: torch.tensor(0.45, dtype=F64).expand(16)}
+    for value, t in shared.items():
         sde.shapes.clear()
-        mix.score(x, t)
+        out = mix.score(x, t)
         assert sde.shapes == [()], (t, sde.shapes)
+        sde.shapes.clear()
+        torch.testing.assert_close(mix.score(x, value), out, rtol=0, atol=0)
+        assert sde.shapes == [], (t, sde.shapes)                 # the cached time
     sde.shapes.clear()
-    OracleModel(mix).eps(x, 0.3)                  # the wrapper's validated, expanded time
+    OracleModel(mix).eps(x, 0.5)                  # the wrapper's validated, expanded time
     assert sde.shapes == [()]
     sde.shapes.clear()
     mix.score(x, torch.linspace(0.1, 0.9, 16, dtype=F64))
     assert sde.shapes == [(16,)]
+    # another SDE: nothing cached carries over
+    ve = mix.with_sde(VESDE())
+    fresh = GaussianMixture(mix.weights, mix.means, mix.stds, VESDE())
+    torch.testing.assert_close(ve.score(x, 0.3), fresh.score(x, 0.3), rtol=0, atol=0)
+    assert not torch.allclose(ve.score(x, 0.3), mix.score(x, 0.3))
 
 
 @pytest.mark.parametrize("mix_name", ["iso2d", "diag2d", "full3d"])
