@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -77,6 +80,9 @@ class Plain:
 
     def score(self, x, t):
         log_joint, v, a, _ = self._parts(x, t)
+        return self._field(log_joint, v, a, x)
+
+    def _field(self, log_joint, v, a, x):
         rv = torch.softmax(log_joint, dim=1) / v
         return a * (rv @ self.M) - x * rv.sum(1, keepdim=True)
 
@@ -86,7 +92,8 @@ class Plain:
         return (r * (s * s / v)) @ self.M + x * (r * (a * self.s2 / v)).sum(1, keepdim=True)
 
     def eps(self, x, t):
-        return -self._parts(x, t)[3] * self.score(x, t)
+        log_joint, v, a, s = self._parts(x, t)
+        return -s * self._field(log_joint, v, a, x)
 
 
 def peak_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> int:
@@ -123,6 +130,48 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device, calls: int) -> f
     return (time.perf_counter() - start) / calls
 
 
+BEFORE = r"""
+import json, math, statistics, sys, time
+from typing import Callable
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from sde_diffusion import VPSDE, random_mixture
+{peak}
+B, D, K, T, dtype = {B}, {D}, {K}, {T}, torch.{dtype}
+min_time, repeats, slow, slow_repeats = {min_time}, {repeats}, {slow}, {slow_repeats}
+out = {{}}
+for kind in ("isotropic", "diagonal"):
+    mix = random_mixture(dim=D, n_components=K, seed=0, sde=VPSDE(), diagonal=kind == "diagonal")
+    x = mix.sample(B, t=T, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    for method in ("score", "x0", "eps", "log_prob"):
+        f = getattr(mix, method)
+        t0 = time.perf_counter(); f(x, T); one = time.perf_counter() - t0
+        calls, reps = (1, slow_repeats) if one > slow else (max(1, math.ceil(min_time / one)), repeats)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f(x, T)
+            ts.append((time.perf_counter() - t0) / calls)
+        out[kind + "." + method] = (statistics.median(ts), peak_bytes(lambda: f(x, T), x.device))
+print(json.dumps(out))
+"""
+
+
+def before(path: str, B: int, D: int, K: int, args) -> Dict[str, tuple]:
+    """Time the isotropic and diagonal oracle of the toolkit at ``path`` (a checkout of the code
+    before issue 16) in a subprocess, the same way: ``{"kind.method": (seconds, peak bytes)}``."""
+    code = BEFORE.format(peak=inspect.getsource(peak_bytes), B=B, D=D, K=K, T=T, dtype=args.dtype,
+                         min_time=args.min_time, repeats=args.repeats, slow=args.slow,
+                         slow_repeats=args.slow_repeats)
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+    done = subprocess.run([sys.executable, "-c", code, str(torch.get_num_threads())], env=env,
+                          capture_output=True, text=True, cwd=os.path.abspath(path))
+    if done.returncode != 0:
+        raise SystemExit(f"oracle benchmark: the --before run failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def build(kind: str, B: int, D: int, K: int, device, dtype):
     sde = VPSDE()
     mix = random_mixture(dim=D, n_components=K, seed=0, sde=sde, diagonal=kind == "diagonal",
@@ -145,22 +194,25 @@ def run_case(B: int, D: int, K: int, args, device, dtype) -> List[dict]:
             plain = Plain(mix, device, dtype)
             for method in METHODS:
                 entries[("plain", method)] = (lambda f=getattr(plain, method), x=x: f(x, T))
-    calls, repeats, first = {}, {}, {}
+    calls, repeats, times = {}, {}, {key: [] for key in entries}
     for key, fn in entries.items():                  # warm-up (caches, allocator) and calibration
-        fn()
         one = timed(fn, device, 1)
-        first[key] = one
-        calls[key] = max(1, math.ceil(args.min_time / max(one, 1e-9)))
-        repeats[key] = args.slow_repeats if one > args.slow else args.repeats
-    times = {key: [] for key in entries}
+        if one > args.slow:                          # a slow entry: this call is its first repeat
+            times[key].append(one)
+            calls[key], repeats[key] = 1, args.slow_repeats
+        else:
+            one = timed(fn, device, 1)
+            calls[key] = max(1, math.ceil(args.min_time / max(one, 1e-9)))
+            repeats[key] = args.repeats
     for r in range(max(repeats.values())):
         for key, fn in entries.items():
-            if r < repeats[key]:
+            if len(times[key]) < repeats[key]:
                 times[key].append(timed(fn, device, calls[key]))
-        print(f"  repeat {r}: " + ", ".join(f"{k[0][:4]}.{k[1]} {v[-1] * 1e3:.2f}" for k, v in times.items()
+        print(f"  repeat {r}: " + ", ".join(f"{k[0][:4]}.{k[1]} {v[r] * 1e3:.2f}" for k, v in times.items()
                                             if len(v) > r), flush=True)
     peaks = {key: peak_bytes(fn, device) for key, fn in entries.items()}
     med = {key: statistics.median(v) for key, v in times.items()}
+    old = before(args.before, B, D, K, args) if args.before else {}
     rows = []
     in_bytes = inputs["isotropic"].numel() * inputs["isotropic"].element_size()
     for key in entries:
@@ -173,6 +225,8 @@ def run_case(B: int, D: int, K: int, args, device, dtype) -> List[dict]:
             "vs_our_isotropic": med[key] / med[("isotropic", method)],
             "peak_extra_MB": peaks[key] / 2 ** 20, "peak_extra_over_input": peaks[key] / in_bytes,
             "peak_extra_over_batch_by_K": peaks[key] / (B * K * 8),
+            "before_ms": old[f"{kind}.{method}"][0] * 1e3 if f"{kind}.{method}" in old else "",
+            "before_peak_MB": old[f"{kind}.{method}"][1] / 2 ** 20 if f"{kind}.{method}" in old else "",
             "repeats": len(times[key]), "calls_per_repeat": calls[key],
             "all_ms": " ".join(f"{v * 1e3:.3f}" for v in times[key])})
     return rows
@@ -185,21 +239,28 @@ def write(rows: List[dict], out, command: str) -> str:
     w.writerows(rows)
     if out:
         _write_text(out + ".csv", buf.getvalue())
+    has_before = any(r["before_ms"] != "" for r in rows)
     lines = ["# Oracle benchmark", "",
              f"Median milliseconds per call over interleaved repeats (`{command}`): our "
              "`GaussianMixture` methods at one time t = 0.3 (VP SDE) against `Plain`, the plain "
              "matrix-product isotropic oracle written in the benchmark. `vs plain` divides by the "
              "baseline's time for the same method (on the isotropic mixture); `vs iso` by our isotropic "
              "time. Peak is the most memory allocated at once in one call beyond its output, in MB, "
-             "as a multiple of the input's size and of a (batch, K) float64 tensor.", "",
+             "as a multiple of the input's size and of a (batch, K) float64 tensor."
+             + (" `before`: the per-component implementation this replaced (`--before`), timed the same "
+                "way in a subprocess after ours, and its peak." if has_before else ""), "",
              "| batch, dim, K | kind | method | ms | vs plain | vs iso | peak MB | peak / input | "
-             "peak / (batch, K) | repeats |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "peak / (batch, K) | repeats |" + (" before ms | before / ours | before peak MB |" if has_before else ""),
+             "| --- " * (10 + 3 * has_before) + "|"]
     for r in rows:
-        lines.append(f"| {r['batch']}, {r['dim']}, {r['components']} | {r['kind']} | {r['method']} | "
-                     f"{r['ms']:.3f} | {r['vs_plain']:.2f} | {r['vs_our_isotropic']:.2f} | "
-                     f"{r['peak_extra_MB']:.2f} | {r['peak_extra_over_input']:.2f} | "
-                     f"{r['peak_extra_over_batch_by_K']:.1f} | {r['repeats']} |")
+        line = (f"| {r['batch']}, {r['dim']}, {r['components']} | {r['kind']} | {r['method']} | "
+                f"{r['ms']:.3f} | {r['vs_plain']:.2f} | {r['vs_our_isotropic']:.2f} | "
+                f"{r['peak_extra_MB']:.2f} | {r['peak_extra_over_input']:.2f} | "
+                f"{r['peak_extra_over_batch_by_K']:.1f} | {r['repeats']} |")
+        if has_before:
+            line += (f" {r['before_ms']:.3f} | {r['before_ms'] / r['ms']:.1f} | {r['before_peak_MB']:.1f} |"
+                     if r["before_ms"] != "" else " | | |")
+        lines.append(line)
     lines += ["", "Targets (issue 16): isotropic within 1.5x of plain, diagonal within 3x of plain, full "
               "within 5x of our isotropic at D = 64.", ""]
     for r in rows:
@@ -238,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=0.1, help="seconds per timing (calls are repeated)")
     p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--before", default="", help="a checkout of the code before issue 16 (e.g. a git "
+                   "worktree of b317243): also time its isotropic and diagonal oracle, on the CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="path without suffix (default benchmarks/results/oracle)")
     args = p.parse_args(argv)
