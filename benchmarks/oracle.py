@@ -68,8 +68,8 @@ class Plain:
         self.logw = mix.weights.log().to(device=device, dtype=dtype)
 
     def _parts(self, x, t):
-        tt = torch.tensor(t, dtype=torch.float64)
-        a, s = float(self.sde._log_alpha(tt).exp()), float(self.sde._log_sigma(tt).exp())
+        _, log_a, log_s = self.sde.log_scales(torch.tensor(t, dtype=torch.float64))
+        a, s = float(log_a.exp()), float(log_s.exp())
         v = a * a * self.s2 + s * s
         d2 = (x * x).sum(1, keepdim=True) - 2 * a * (x @ self.M.T) + a * a * self.m2
         log_joint = self.logw - 0.5 * (d2 / v + x.shape[1] * torch.log(2 * math.pi * v))

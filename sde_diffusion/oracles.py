@@ -261,10 +261,10 @@ class GaussianMixture:
             return self._scalar_scales(t if t.ndim == 0 else t[0], x.dtype) + (True,)
         t = self.sde.time(t, x)                                   # (batch,), x's dtype and device
         if B >= 1 and (B == 1 or t.stride(0) == 0) and t.device.type != "cpu":
-            t0 = t[0].double()
-            return self.sde._log_alpha(t0).exp(), self.sde._log_sigma(t0).exp(), True
-        t = t.double()
-        return self.sde._log_alpha(t).exp()[:, None], self.sde._log_sigma(t).exp()[:, None], False
+            _, log_a, log_s = self.sde.log_scales(t[0].double(), sync=False)
+            return log_a.exp(), log_s.exp(), True
+        _, log_a, log_s = self.sde.log_scales(t.double(), sync=False)      # checked above
+        return log_a.exp()[:, None], log_s.exp()[:, None], False
 
     def _scalar_scales(self, t: TimeLike, dtype: torch.dtype) -> Tuple[float, float]:
         """alpha and sigma (float64 numbers) of a host time ``t`` rounded to ``dtype``, checked and
@@ -273,8 +273,8 @@ class GaussianMixture:
         key = float(t) if dtype == torch.float64 else float(torch.as_tensor(t, dtype=dtype))
         hit = self._times.get(key)
         if hit is None:
-            t64 = self.sde.time(torch.tensor(key, dtype=torch.float64))
-            hit = float(self.sde._log_alpha(t64).exp()), float(self.sde._log_sigma(t64).exp())
+            _, log_a, log_s = self.sde.log_scales(torch.tensor(key, dtype=torch.float64))
+            hit = float(log_a.exp()), float(log_s.exp())
             if len(self._times) >= 4096:
                 self._times.clear()
             self._times[key] = hit
@@ -544,8 +544,8 @@ class GaussianMixture:
             z = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float64)
             require(self.sde is not None,
                     "this mixture has no SDE: pass sde=... (or use with_sde) to evaluate at a time t")
-            tt = self.sde.time(t, x)
-            a, s = expand_to(self.sde._log_alpha(tt).exp(), x), expand_to(self.sde._log_sigma(tt).exp(), x)
+            _, log_a, log_s = self.sde.log_scales(t, x)
+            a, s = expand_to(log_a.exp(), x), expand_to(log_s.exp(), x)
             x = a * x + s * z
         x = x.to(dtype)
         return (x, labels) if return_labels else x

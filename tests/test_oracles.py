@@ -483,8 +483,8 @@ def _reference(mix, x, t, what):
     if t is None:
         a, s = torch.ones(B, dtype=F64), torch.zeros(B, dtype=F64)
     else:
-        tt = mix.sde.time(t, x).double()
-        a, s = mix.sde._log_alpha(tt).exp(), mix.sde._log_sigma(tt).exp()
+        _, log_a, log_s = mix.sde.log_scales(mix.sde.time(t, x).double())
+        a, s = log_a.exp(), log_s.exp()
     a, s = a[:, None, None], s[:, None, None]
     m = mix.means.reshape(K, -1)
     diff = xf[:, None, :] - a * m[None]                                  # (B, K, D)
