@@ -78,8 +78,6 @@ class SDE(abc.ABC):
         check_time_range(t, self.T, sync=sync)
         return t
 
-    _time = time   # the former private name; callers move to the public one (issue 11)
-
     def log_alpha(self, t: TimeLike, *, sync: bool = True) -> torch.Tensor:
         """``log alpha(t)``, for ``t`` checked as in :meth:`time`."""
         return self._log_alpha(self.time(t, sync=sync))
