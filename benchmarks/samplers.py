@@ -32,6 +32,9 @@ What is measured (see docs/samplers.md, "Benchmark"):
   largest per-mode variance error ``max_k |var_k / var_k,true - 1|`` (samples assigned to modes by
   the oracle's responsibilities; the modes are far apart in 64-D so the assignment is exact). A row
   of exact ``p_eps`` samples of the same size shows the statistical floor.
+- ``--overhead-only``: the per-step overhead of ten of our configurations and six of
+  k-diffusion's samplers at batch 1 and 2048, every sampler in turn within each round (see
+  :func:`overhead_benchmark`).
 - Time: the run time of each run, the time spent inside the oracle (timed call by call) and the
   overhead ``run - model`` per step and per NFE (at ``--timing-nfe``, the least of
   ``--timing-repeats`` runs). On the CPU these are the process's CPU time with one torch thread
