@@ -29,7 +29,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-           correct: Optional[Correction] = None, **options) -> SampleResult:
+           correct: Optional[Correction] = None, grad: bool = False, **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``t_start`` (T) down to ``t_end`` (eps).
 
     Args:
@@ -73,6 +73,14 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             projections, DPM-Solver's ``correcting_xt_fn``) go here, without editing a solver.
             Multistep solvers keep their history of model outputs and continue from the
             corrected state (docs/samplers.md, "Corrections between steps").
+        grad: build the autograd graph through the model and the solver (``torch.enable_grad``),
+            for methods that differentiate the samples with respect to the network's parameters
+            or ``x_T`` (memory then grows with the number of steps). Default ``False``: the solver
+            runs under ``torch.no_grad()``, so no graph is kept whatever the network's
+            ``requires_grad``, and the samples are ordinary tensors (not inference tensors:
+            ``torch.inference_mode`` would forbid feeding them into a loss later). A
+            ``correct`` that needs a gradient with respect to the state (DPS, classifier
+            guidance) computes it locally under ``torch.enable_grad()``.
         **options: passed to the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
     """
     info = get_solver(solver)
@@ -98,13 +106,15 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     if times is None:
         times = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end, rho,
                           sigma_data)
+    require(isinstance(grad, bool), f"grad must be True or False, got {grad!r}")
     ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0])
     nfe_before = model.nfe
-    x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
-                               return_trajectory, adaptive=info.adaptive, correct=correct,
-                               two_way=info.two_way)
-    if denoise:
-        x = model.x0(x, ctx.t(ctx.steps))
+    with torch.enable_grad() if grad else torch.no_grad():
+        x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
+                                   return_trajectory, adaptive=info.adaptive, correct=correct,
+                                   two_way=info.two_way)
+        if denoise:
+            x = model.x0(x, ctx.t(ctx.steps))
     return SampleResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
                         trajectory=trajectory)
 
