@@ -481,13 +481,14 @@ class VESDE(SDE):
 
 
 # ---- names ---------------------------------------------------------------------------------------
-#: The one table of SDE names, for configs, the command line, files and tests. Each name builds its
-#: SDE from keyword parameters (the class's own, e.g. ``beta_max=`` or ``sigma_max=``).
-SDE_NAMES: Dict[str, Callable[..., SDE]] = {
-    "vp": VPSDE,
-    "vp_cosine": lambda **kw: VPSDE(schedule="cosine", **kw),
-    "subvp": SubVPSDE,
-    "ve": VESDE,
+#: The one table of SDE names, for configs, the command line, files and tests: each name is a class
+#: and the constructor arguments that make this kind (the rest are the user's parameters, e.g.
+#: ``beta_max=`` or ``sigma_max=``). A new SDE class is one more row.
+SDE_NAMES: Dict[str, Tuple[type, Dict[str, object]]] = {
+    "vp": (VPSDE, {"schedule": "linear"}),
+    "vp_cosine": (VPSDE, {"schedule": "cosine"}),
+    "subvp": (SubVPSDE, {}),
+    "ve": (VESDE, {}),
 }
 #: score_sde's spellings (``config.training.sde = "vpsde"``), read as the names above.
 _ALIASES = {"vpsde": "vp", "vpsde_cosine": "vp_cosine", "subvpsde": "subvp", "vesde": "ve"}
@@ -505,15 +506,17 @@ def canonical_sde_name(name: str) -> str:
 
 def make_sde(name: str, **params) -> SDE:
     """The SDE called ``name`` in :data:`SDE_NAMES` with the given parameters."""
-    return SDE_NAMES[canonical_sde_name(name)](**params)
+    cls, kind = SDE_NAMES[canonical_sde_name(name)]
+    clash = sorted(set(kind) & set(params))
+    require(not clash, f"SDE {name!r} fixes {', '.join(clash)}; pass only its other parameters")
+    return cls(**kind, **params)
 
 
 def sde_name(sde: SDE) -> str:
-    """The :data:`SDE_NAMES` name of ``sde``'s kind (``ValueError`` for a class not in the table)."""
-    if isinstance(sde, VPSDE):
-        return "vp_cosine" if sde.schedule == "cosine" else "vp"
-    for name, cls in (("subvp", SubVPSDE), ("ve", VESDE)):
-        if isinstance(sde, cls):
+    """The :data:`SDE_NAMES` name of ``sde``'s kind: its exact class (a subclass may change the
+    process) and the arguments fixing the kind. ``ValueError`` for an SDE the table lacks."""
+    for name, (cls, kind) in SDE_NAMES.items():
+        if type(sde) is cls and all(getattr(sde, k) == v for k, v in kind.items()):
             return name
     raise ValueError(f"{type(sde).__name__} has no name in SDE_NAMES ({', '.join(SDE_NAMES)})")
 
@@ -521,7 +524,5 @@ def sde_name(sde: SDE) -> str:
 def sde_from_dict(d: dict) -> SDE:
     """Inverse of :meth:`SDE.to_dict`."""
     require(isinstance(d, dict) and "name" in d, f"an SDE dict needs a 'name', got {d!r}")
-    params = {k: v for k, v in d.items() if k != "name"}
-    if canonical_sde_name(d["name"]) in ("vp", "vp_cosine"):
-        params.pop("schedule", None)
-    return make_sde(d["name"], **params)
+    kind = SDE_NAMES[canonical_sde_name(d["name"])][1]
+    return make_sde(d["name"], **{k: v for k, v in d.items() if k != "name" and k not in kind})

@@ -617,3 +617,17 @@ def test_public_log_views_are_checked():
     assert torch.allclose(sde.log_sigma(t).exp(), sde.sigma(t))
     with pytest.raises(ValueError, match="1.5"):
         sde.log_alpha(1.5)
+
+
+def test_a_subclass_has_no_name_and_kinds_are_fixed():
+    """A subclass may change the process, so it does not take its parent's name; the table's
+    kind arguments cannot be overridden by parameters."""
+    from sde_diffusion.sdes import make_sde, sde_name
+
+    class Tweaked(VPSDE):
+        pass
+
+    with pytest.raises(ValueError, match="Tweaked has no name in SDE_NAMES"):
+        sde_name(Tweaked())
+    with pytest.raises(ValueError, match="fixes schedule"):
+        make_sde("vp", schedule="cosine")

@@ -92,7 +92,7 @@ class OptimizedGrid:
                   "nfe": self.nfe, "times": self.times.to(torch.float64).tolist(),
                   "initial_times": self.initial_times.to(torch.float64).tolist(),
                   "start_grid": self.start_grid,
-                  "sde": self.sde.to_dict() if self.sde is not None else self.legacy_sde,
+                  "sde": _sde_record(self.sde) if self.sde is not None else self.legacy_sde,
                   **{name: getattr(self, name) for name in _REPORTED}}
         return write_json(path, record)
 
@@ -159,6 +159,15 @@ _REPORTED = ("initial_error", "pilot_error", "initial_validation_error", "valida
 def effective_options(solver: str, options: dict) -> dict:
     """``options`` with ``solver``'s defaults filled in, as plain JSON values."""
     return json.loads(dumps_json({**get_solver(solver).defaults(), **options}, default=str))
+
+
+def _sde_record(sde: SDE):
+    """The SDE as its name and parameters; an SDE without a name in ``SDE_NAMES`` (a user's own
+    class) as its ``repr``, compared by ``repr`` when the file is read."""
+    try:
+        return sde.to_dict()
+    except ValueError:
+        return repr(sde)
 
 
 def _file_times(values, where: str, key: str) -> torch.Tensor:

@@ -178,3 +178,21 @@ def test_grid_file_round_trips(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "x"}')
     with pytest.raises(ValueError, match="is not a grid file: its format is 'x'"):
         OptimizedGrid.load(tmp_path / "bad.json")
+
+
+def test_grid_file_of_an_sde_without_a_name(tmp_path):
+    """A user's own SDE class has no name in SDE_NAMES: its grid file records the repr and is
+    checked by it."""
+    from sde_diffusion.samplers.tuning import OptimizedGrid
+
+    class MyVP(VPSDE):
+        pass
+
+    mix = random_mixture(dim=2, n_components=3, seed=0, sde=MyVP())
+    fit = optimize_grid(mix, solver="ddim", nfe=4, shape=(16, 2), max_evals=3)
+    fit.save(tmp_path / "g.json")
+    back = OptimizedGrid.load(tmp_path / "g.json")
+    assert back.sde is None and back.legacy_sde == repr(MyVP())
+    assert torch.equal(back.times_for(MyVP()), fit.times)
+    with pytest.raises(ValueError, match="fitted under"):
+        back.times_for(VPSDE(beta_max=10.0))
