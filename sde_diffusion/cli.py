@@ -742,6 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._files import OutputError
+
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -763,12 +765,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
+    except BrokenPipeError:  # stdout closed early (`... | head`): stop quietly, as `cat` does
+        _silence_stdout()
+        return 128 + 13  # SIGPIPE
+    except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, OutputError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush into the closed pipe does
+    not print a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -724,3 +724,35 @@ def test_optimize_grid_then_sample_on_a_trained_checkpoint(trained_run, tmp_path
     info = _strict_json(capsys.readouterr().out)
     assert info["nfe"] == 6 and info["solver"] == "unipc:order=3"
     assert np.isfinite(np.load(out)["samples"]).all()
+
+
+def test_closed_stdout_stops_quietly(tmp_path, monkeypatch, capsys):
+    """`sde-diffusion ... | head`: a reader that closes the pipe early ends the command with
+    SIGPIPE's status and no traceback."""
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    code = main(["sample", "--oracle", "ring8", "--solver", "ddim", "--steps", "2", "--n", "4",
+                 "--quiet"])
+    assert code == 141 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_storage_error_while_writing_is_one_line(tmp_path, monkeypatch, capsys):
+    """No space left while `sample` writes its output: one line naming the file, exit 2."""
+    import errno
+
+    from sde_diffusion import _files
+
+    def full(path, write, fsync=False):
+        raise _files.OutputError(str(path), OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_files, "atomic_write", full)
+    _one_line_error(main(["sample", "--oracle", "ring8", "--solver", "ddim", "--steps", "2",
+                          "--n", "4", "--quiet"]), capsys, "No space left", "samples.npz")
