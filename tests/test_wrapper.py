@@ -501,3 +501,53 @@ def test_an_oracle_takes_no_network_arguments():
         oracle.bind(y=torch.zeros(2))
     with pytest.raises(ValueError, match="takes no network arguments, got y"):
         oracle.eps(torch.zeros(2, 2), 0.5, y=torch.zeros(2))
+
+
+# ---- at_scales: a view with the caller's alpha and sigma (issue 18) -------------------------------
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v", "score"])
+@pytest.mark.parametrize("time_input", ["t", "sigma", "index"])
+def test_at_scales_equals_the_views_bit_for_bit_in_float64(parameterization, time_input):
+    from sde_diffusion import VESDE, VPSDE
+    from sde_diffusion.models import TimeMLP
+    for sde in (VPSDE(), VESDE()):
+        torch.manual_seed(0)
+        net = TimeMLP(2, hidden=8, depth=1).double()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        model = ScoreModel(net, sde, parameterization, time_input=time_input)
+        x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        t = torch.full((5,), 0.37, dtype=torch.float64)
+        _, log_a, log_s = sde.log_scales(torch.tensor([0.37], dtype=torch.float64))
+        a, s = float(log_a.exp()), float(log_s.exp())
+        with torch.no_grad():
+            for view in ("eps", "x0", "score"):
+                assert torch.equal(model.at_scales(view, x, t, a, s), getattr(model, view)(x, t)), view
+        assert model.nfe == 6
+
+
+def test_sampling_checks_the_time_once_per_run_not_per_call(monkeypatch):
+    """The samplers hand the wrapper the grid's scales: the SDE's time check and scales are not
+    evaluated per network call (their number does not grow with the steps)."""
+    from sde_diffusion import VPSDE, sample
+    from sde_diffusion.models import TimeMLP
+    sde = VPSDE()
+    model = ScoreModel(TimeMLP(2, hidden=8, depth=1), sde, "eps")
+    calls = []
+    for name in ("time", "log_scales"):
+        orig = getattr(sde, name)
+        monkeypatch.setattr(sde, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    counts = {}
+    for steps in (5, 20):
+        for solver in ("ddim", "dpm_solver++_2m", "unipc", "edm_heun", "euler_maruyama"):
+            calls.clear()
+            sample(model, x_T=torch.zeros(3, 2), solver=solver, steps=steps)
+            counts[solver, steps] = len(calls)
+    for solver in ("ddim", "dpm_solver++_2m", "unipc", "edm_heun", "euler_maruyama"):
+        assert counts[solver, 20] == counts[solver, 5], (solver, counts)
+
+
+def test_at_scales_refuses_an_unknown_view():
+    model = ScoreModel(lambda x, t: x, VPSDE(), "eps")
+    with pytest.raises(ValueError, match="view must be eps, x0 or score, got 'v'"):
+        model.at_scales("v", torch.zeros(2, 1), torch.ones(2), 0.5, 0.5)

@@ -149,9 +149,12 @@ class ScoreModel:
         return self._call(x, self.sde.time(t, x, sync=False), kwargs)
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict,
-              log_sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:meth:`raw` at a time ``t`` already checked and made like ``x``."""
-        t_in = self._net_time(t, log_sigma)
+              log_sigma: Optional[torch.Tensor] = None,
+              t_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`raw` at a time ``t`` already checked and made like ``x`` (``t_in``: the
+        network's time input when the caller has it)."""
+        if t_in is None:
+            t_in = self._net_time(t, log_sigma)
         if self.bound:
             kwargs = {**self.bound, **kwargs}
         dtype = self.net_dtype()
@@ -180,6 +183,45 @@ class ScoreModel:
             return out, None, None
         _, log_a, log_s = self.sde.log_scales(t, x, sync=False)
         return out, expand_to(log_a.exp(), x), expand_to(log_s.exp(), x)
+
+    def at_scales(self, view: str, x: torch.Tensor, t: torch.Tensor, alpha: float, sigma: float,
+                  **kwargs) -> torch.Tensor:
+        """The view ``view`` (``eps``, ``x0`` or ``score``) at a time whose scales the caller
+        already holds: ``t`` a ``(batch,)`` tensor like ``x`` inside ``[0, T]`` (not checked
+        again), ``alpha = alpha(t)`` and ``sigma = sigma(t)`` numbers (a sampler's grid, checked
+        once per run). A call costs the network and the conversion's couple of multiply-adds:
+        no time check and no recomputation of the scales. The same formulas as :meth:`eps`,
+        :meth:`x0`, :meth:`score` with numbers for the scales: float64 results are bit-identical,
+        float32 ones move at round-off (the scales are rounded once from float64 instead of
+        computed in float32). A subclass that overrides the view itself is called through it."""
+        fn = getattr(type(self), view, None)
+        require(view in ("eps", "x0", "score"), f"view must be eps, x0 or score, got {view!r}")
+        if fn is not getattr(ScoreModel, view) or type(self).raw is not ScoreModel.raw:
+            return fn(self, x, t, **kwargs)          # a subclass's own view or network call
+        t_in = None
+        if self.time_input == "sigma":
+            t_in = torch.full_like(t, sigma)
+        out = self._call(x, t, kwargs, t_in=t_in)
+        p, a, s = self.parameterization, alpha, sigma
+        if p == view:
+            return out
+        if view == "eps":
+            if p == "x0":
+                return (x - a * out) / s
+            if p == "v":
+                return (s * x + a * out) / (a * a + s * s)
+            return -s * out
+        if view == "x0":
+            if p == "eps":
+                return (x - s * out) / a
+            if p == "v":
+                return (a * x - s * out) / (a * a + s * s)
+            return (x + s * s * out) / a
+        if p == "eps":
+            return -out / s
+        if p == "x0":
+            return -(x - a * out) / (s * s)
+        return -(s * x + a * out) / ((a * a + s * s) * s)
 
     # ---- the three views ----------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: TimeLike, **kwargs) -> torch.Tensor:
@@ -231,16 +273,23 @@ class OracleModel(ScoreModel):
         raise ValueError(f"the oracle of a Gaussian mixture takes no network arguments, got "
                          f"{', '.join(kwargs) or 'none'}: bind them to a ScoreModel of a network")
 
-    def _exact(self, fn, x, t, kwargs):
+    def _exact(self, fn, x, t, kwargs, checked: bool = False):
         require(not kwargs, f"the oracle of a Gaussian mixture takes no network arguments, got "
                             f"{', '.join(kwargs)}")
-        t = self.sde.time(t, x, sync=False)
+        if not checked:
+            t = self.sde.time(t, x, sync=False)
         out = fn(x, t)
         self.nfe += 1
         if self.check_finite and not all_finite(out):
             bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
             raise NonFiniteError(f"the oracle returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
         return out
+
+    def at_scales(self, view, x, t, alpha, sigma, **kwargs):
+        """The oracle's closed form at an already checked ``(batch,)`` time ``t`` (the scales
+        are the oracle's own business)."""
+        require(view in ("eps", "x0", "score"), f"view must be eps, x0 or score, got {view!r}")
+        return self._exact(getattr(self.mixture, view), x, t, kwargs, checked=True)
 
     def eps(self, x, t, **kwargs):
         return self._exact(self.mixture.eps, x, t, kwargs)

@@ -172,6 +172,7 @@ class SolverContext:
     def __post_init__(self):
         _, log_a, log_s = self.sde.log_scales(self.times)
         self.alphas, self.sigmas, self.lambdas = log_a.exp(), log_s.exp(), log_a - log_s
+        self._scales = list(zip(self.alphas.tolist(), self.sigmas.tolist()))
         self._vec_cache = {}
         self._drift: Optional[Tuple[List[float], List[float]]] = None
 
@@ -199,6 +200,19 @@ class SolverContext:
                 self._vec_cache.pop(next(iter(self._vec_cache)))
             self._vec_cache[i] = vec
         return vec
+
+    def eps(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``model.eps(x, t_i)`` at grid time ``t_i``, with the grid's alpha and sigma (the grid
+        was checked once; see :meth:`ScoreModel.at_scales`)."""
+        return self.model.at_scales("eps", x, self.t(i), *self._scales[i])
+
+    def x0(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``model.x0(x, t_i)`` at grid time ``t_i`` (see :meth:`eps`)."""
+        return self.model.at_scales("x0", x, self.t(i), *self._scales[i])
+
+    def score(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``model.score(x, t_i)`` at grid time ``t_i`` (see :meth:`eps`)."""
+        return self.model.at_scales("score", x, self.t(i), *self._scales[i])
 
     def vec(self, t: float) -> torch.Tensor:
         """Any time ``t`` as a ``(batch,)`` tensor (for intermediate stages)."""

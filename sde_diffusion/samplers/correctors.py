@@ -53,7 +53,7 @@ def langevin_step(ctx: SolverContext, i: int, x: torch.Tensor, snr: float,
                   snr_norm: str = "batch") -> torch.Tensor:
     """One Langevin step at grid time ``t_i`` with the signal-to-noise step size; the norms are
     averaged over the batch (``snr_norm="batch"``) or taken per sample (``"sample"``)."""
-    grad = ctx.model.score(x, ctx.t(i))
+    grad = ctx.score(i, x)
     z = ctx.noise.randn()
     grad_norm, noise_norm = _per_sample_norm(grad), _per_sample_norm(z)
     if snr_norm == "batch":
@@ -67,7 +67,7 @@ def annealed_langevin_step(ctx: SolverContext, i: int, x: torch.Tensor, snr: flo
                            snr_norm: str = "batch") -> torch.Tensor:
     """One annealed-Langevin step at grid time ``t_i`` with the step ``2 a_i (snr sigma(t_i))^2``
     (``snr_norm`` is not used: the step does not depend on the state)."""
-    grad = ctx.model.score(x, ctx.t(i))
+    grad = ctx.score(i, x)
     z = ctx.noise.randn()
     step = 2 * _a_i(ctx, i) * (snr * float(ctx.sigmas[i])) ** 2
     return x + step * grad + math.sqrt(2 * step) * z

@@ -31,7 +31,7 @@ def ddim_step(ctx: SolverContext, i: int, x, eta: float):
     """One DDIM step from ``t_i`` to the next grid time ``t_{i+1}`` (one NFE)."""
     a, s, lam = float(ctx.alphas[i]), float(ctx.sigmas[i]), float(ctx.lambdas[i])
     a1, s1, lam1 = float(ctx.alphas[i + 1]), float(ctx.sigmas[i + 1]), float(ctx.lambdas[i + 1])
-    eps = ctx.model.eps(x, ctx.t(i))
+    eps = ctx.eps(i, x)
     x0 = (x - s * eps) / a
     noise_std = eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (lam - lam1))))
     x = a1 * x0 + math.sqrt(max(0.0, s1 * s1 - noise_std * noise_std)) * eps

@@ -145,7 +145,7 @@ def dpm_steps(ctx: SolverContext, order, r1, r2, orders):
         a, lam = alphas[i], lambdas[i]
         a_t, s_t, lam_t = alphas[i + 1], sigmas[i + 1], lambdas[i + 1]
         h = lam_t - lam
-        eps0 = model.eps(x, ctx.t(i))
+        eps0 = ctx.eps(i, x)
         if k == 1:
             # eq. 3.7: x_t = (alpha_t/alpha_s) x - sigma_t (e^h - 1) eps
             return (a_t / a) * x - (s_t * math.expm1(h)) * eps0
@@ -273,7 +273,7 @@ def dpm_solver_pp(ctx: SolverContext, x, order: int = 3, lower_order_final: bool
     hs: List[float] = []
     n = ctx.steps
     for i in range(n):
-        x0s.insert(0, model.x0(x, ctx.t(i)))
+        x0s.insert(0, ctx.x0(i, x))
         del x0s[3:]
         h = lambdas[i + 1] - lambdas[i]
         k = min(order, i + 1)
@@ -326,7 +326,7 @@ def sde_dpm_solver_pp(ctx: SolverContext, x, order: int = 2, solver_type: str = 
     for i in range(ctx.steps):
         s, a_t, s_t = sigmas[i], alphas[i + 1], sigmas[i + 1]
         h = lambdas[i + 1] - lambdas[i]
-        x0 = model.x0(x, ctx.t(i))
+        x0 = ctx.x0(i, x)
         e2 = -math.expm1(-2 * h)           # 1 - e^{-2h}
         terms = [(a_t * e2, x0)]
         if order == 2 and prev_x0 is not None:

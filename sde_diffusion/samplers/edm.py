@@ -53,7 +53,7 @@ def edm_steps(ctx: SolverContext, heun: bool, S_churn, S_tmin, S_tmax, S_noise):
     # each update below is [EDM]'s, written for x.
     def advance(i: int, x):
         s_cur, s_next = sig_e[i], sig_e[i + 1]
-        t_cur, a_cur, a_next = ctx.t(i), alphas[i], alphas[i + 1]
+        t_cur, a_cur, a_next = None, alphas[i], alphas[i + 1]     # t_cur: a churned time only
         if i in hat:
             # Alg. 2 lines 4-6: x_e <- x_e + S_noise sqrt(sigma_hat^2 - sigma^2) z at the time
             # t_hat of sigma_hat
@@ -63,13 +63,13 @@ def edm_steps(ctx: SolverContext, heun: bool, S_churn, S_tmin, S_tmax, S_noise):
                 x = combine(x, a_hat / a_cur, [(a_hat * std, ctx.noise.randn())])
                 s_cur, t_cur, a_cur = s_hat, ctx.vec(t_h), a_hat
         # Euler step (Alg. 2 lines 7-8): x_e' = x_e + (sigma' - sigma) (x_e - D) / sigma
-        den = model.x0(x, t_cur)
+        den = ctx.x0(i, x) if t_cur is None else model.x0(x, t_cur)
         r = (s_next - s_cur) / s_cur
         x_next = combine(x, a_next / a_cur * (1 + r), [(-a_next * r, den)])
         if heun:
             # trapezoidal correction (Alg. 2 lines 9-11); our grid never reaches sigma_e = 0:
             # x_e'' = x_e + (sigma' - sigma)/2 [(x_e - D)/sigma + (x_e' - D')/sigma']
-            den2 = model.x0(x_next, ctx.t(i + 1))
+            den2 = ctx.x0(i + 1, x_next)
             r2 = (s_next - s_cur) / s_next
             x_next = combine(x, a_next / a_cur * (1 + 0.5 * r),
                              [(-0.5 * a_next * r, den), (0.5 * r2, x_next), (-0.5 * a_next * r2, den2)])

@@ -46,7 +46,7 @@ def euler_maruyama_step(ctx: SolverContext, i: int, x: torch.Tensor) -> torch.Te
     """``x <- x - [f x - g^2 s] h + g sqrt(h) z`` with ``h = t_i - t_{i+1} > 0``."""
     h = float(ctx.times[i] - ctx.times[i + 1])
     f, g2 = ctx.drift(i)
-    drift = f * x - g2 * ctx.model.score(x, ctx.t(i))
+    drift = f * x - g2 * ctx.score(i, x)
     return x - drift * h + (math.sqrt(g2) * math.sqrt(h)) * ctx.noise.randn()
 
 
@@ -63,7 +63,7 @@ def euler_maruyama(ctx: SolverContext, x):
 def reverse_diffusion_step(ctx: SolverContext, i: int, x: torch.Tensor) -> torch.Tensor:
     """``x' = x - f_i(x) + G^2 s + G z`` with ``f_i(x) = (r - 1) x`` ([SDE] eq. 46)."""
     r, G2 = _forward_transition(ctx, i)
-    s = ctx.model.score(x, ctx.t(i))
+    s = ctx.score(i, x)
     return (2.0 - r) * x + G2 * s + math.sqrt(G2) * ctx.noise.randn()
 
 
@@ -107,7 +107,7 @@ def check_ancestral(ctx: SolverContext) -> str:
 def ancestral_step(ctx: SolverContext, i: int, x: torch.Tensor, kind: str) -> torch.Tensor:
     """One DDPM (``kind="vp"``) or SMLD (``kind="ve"``) ancestral step from ``t_i`` to ``t_{i+1}``."""
     r, G2 = _forward_transition(ctx, i)
-    s = ctx.model.score(x, ctx.t(i))
+    s = ctx.score(i, x)
     if kind == "vp":
         # beta_i = 1 - r^2 = G^2 for VP; x' = (x + beta s) / sqrt(1 - beta) + sqrt(beta) z
         return (x + G2 * s) / r + math.sqrt(G2) * ctx.noise.randn()

@@ -78,7 +78,7 @@ def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,
     ms: List[torch.Tensor] = []
     x_prev = x_pred = None
     for i in range(n):
-        m = model.x0(x, ctx.t(i))
+        m = ctx.x0(i, x)
         if corrector and x_prev is not None:
             # UniC: redo step i-1 -> i with the new node u = h included, and add the corrector's
             # change x_c - x_pred to the state (which a correction may have replaced)
