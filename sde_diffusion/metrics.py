@@ -252,7 +252,10 @@ def mode_statistics(samples, mixture) -> dict:
     sq = torch.zeros_like(sums).index_add_(0, labels, (flat - means[labels]) ** 2)
     variances = torch.where(counts[:, None] >= 2, sq / (counts[:, None] - 1), torch.full_like(sq, math.nan))
     true_means = mixture.means.reshape(K, -1).double()
-    true_var = mixture.stds.reshape(K, -1).double() ** 2
+    if mixture.stds is None:   # full covariances: per-coordinate variances on the diagonal
+        true_var = mixture.covariances.diagonal(dim1=1, dim2=2).double()
+    else:
+        true_var = mixture.stds.reshape(K, -1).double() ** 2
     weights, true_w = counts / N, mixture.weights.double()
     err = ((means - true_means).abs() / true_var.sqrt())
     return {"counts": counts, "weights": weights, "true_weights": true_w, "means": means,

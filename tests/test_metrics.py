@@ -130,3 +130,15 @@ def test_mode_statistics_sees_a_missing_mode_and_a_wrong_width():
                           rtol=0.1)
     with pytest.raises(ValueError, match=r"samples must have shape \(N, 2\)"):
         mode_statistics(torch.zeros(4, 3), gm)
+
+
+def test_mode_statistics_of_a_full_covariance_mixture():
+    """Full covariances: the per-coordinate true variances are their diagonals (was: an error
+    reading the missing per-axis stds)."""
+    cov = torch.tensor([[[0.004, 0.002], [0.002, 0.003]], [[0.002, -0.001], [-0.001, 0.005]]],
+                       dtype=torch.float64)
+    gm = GaussianMixture([0.4, 0.6], [[-0.6, 0.0], [0.6, 0.0]], covariances=cov)
+    x = gm.sample(20000, generator=gen(1), dtype=torch.float64)
+    st = mode_statistics(x, gm)
+    assert torch.equal(st["true_variances"], cov.diagonal(dim1=1, dim2=2))
+    assert torch.allclose(st["variance_ratio"], torch.ones(2, dtype=torch.float64), atol=0.05)
