@@ -10,7 +10,8 @@ from .._checks import require
 from ..models.wrapper import ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..sdes import SDE
-from .base import Correction, GeneratorLike, NoiseSource, SampleResult, SolverContext, run_solver
+from .base import (CHECK_EVERY, Correction, GeneratorLike, NoiseSource, SampleResult, SolverContext,
+                   run_solver)
 from .grids import GRIDS, check_steps, make_grid
 from .registry import get_solver
 
@@ -29,7 +30,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-           correct: Optional[Correction] = None, grad: bool = False, **options) -> SampleResult:
+           correct: Optional[Correction] = None, grad: bool = False,
+           check_every: int = CHECK_EVERY, **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``t_start`` (T) down to ``t_end`` (eps).
 
     Args:
@@ -81,6 +83,11 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             ``torch.inference_mode`` would forbid feeding them into a loss later). A
             ``correct`` that needs a gradient with respect to the state (DPS, classifier
             guidance) computes it locally under ``torch.enable_grad()``.
+        check_every: how often the state's finiteness is read back (one GPU sync each): every
+            step adds a cheap device flag, the flags are read every ``check_every`` steps (default
+            16) and at the end, and a NaN/Inf raises :class:`NonFiniteError` naming the first step
+            where it appeared and its time. ``1`` is strict: the error comes at that step, before
+            ``correct``, ``callback`` or the trajectory see the state.
         **options: passed to the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
     """
     info = get_solver(solver)
@@ -112,7 +119,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     with torch.enable_grad() if grad else torch.no_grad():
         x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
                                    return_trajectory, adaptive=info.adaptive, correct=correct,
-                                   two_way=info.two_way)
+                                   two_way=info.two_way, check_every=check_every)
         if denoise:
             x = model.x0(x, ctx.t(ctx.steps))
     return SampleResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,

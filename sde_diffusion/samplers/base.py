@@ -17,7 +17,7 @@ from ..models.wrapper import NonFiniteError, ScoreModel
 from ..sdes import SDE
 
 __all__ = ["NoiseSource", "SolverContext", "SampleResult", "GeneratorLike", "Correction", "chunk_size",
-           "NOISE_CHUNK_ELEMENTS", "NOISE_MAX_CHUNK", "run_solver", "stepping"]
+           "NOISE_CHUNK_ELEMENTS", "NOISE_MAX_CHUNK", "CHECK_EVERY", "run_solver", "stepping"]
 
 GeneratorLike = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
@@ -250,11 +250,17 @@ def stepping(ctx: SolverContext, x: torch.Tensor, advance: Callable[[int, torch.
         x = yield advance(i, x)
 
 
+#: Default of ``sample(..., check_every=...)``: the state's finiteness flags are read every this
+#: many steps (and at the end); 1 checks after every step.
+CHECK_EVERY = 16
+
+
 def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, options: dict,
                progress: Optional[bool] = None,
                callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
                return_trajectory: bool = False, adaptive: bool = False,
-               correct: Optional[Correction] = None, two_way: bool = True) -> tuple:
+               correct: Optional[Correction] = None, two_way: bool = True,
+               check_every: int = CHECK_EVERY) -> tuple:
     """Drive the solver generator ``fn(ctx, x, **options)``; returns ``(x, trajectory)``.
 
     The protocol is two-way: after every step the state the solver yielded goes through
@@ -266,7 +272,19 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
     A NaN/Inf raises :class:`NonFiniteError` naming the step (grid interval) and the time. For an
     ``adaptive`` solver, which yields once per grid interval and chooses its own steps inside it,
     the message names the time of the failing network call and the interval being integrated,
-    not a step count (``err.step`` is the interval's number)."""
+    not a step count (``err.step`` is the interval's number).
+
+    The state is checked cheaply: every step adds one device flag, ``isfinite(sum(x))`` (the sum
+    in float64, so a large finite state does not overflow into a false alarm), and the flags are
+    read together every ``check_every`` steps and at the end -- one host read (a GPU sync) per
+    ``check_every`` steps. The error still names the first step whose state was NaN/Inf, and a
+    network error at a later step (fed the NaN state) is reported as that earlier step.
+    ``check_every=1`` reads the flag after every step (strict: the error comes at the step
+    itself, before ``correct``, the callback or the trajectory see the state); with more, they
+    may see the NaN states of the steps since the last check."""
+    require(isinstance(check_every, int) and not isinstance(check_every, bool) and check_every >= 1,
+            f"check_every must be an integer >= 1 (1: check the state after every step), "
+            f"got {check_every!r}")
     require(correct is None or callable(correct),
             f"correct must be a callable correct(step, t, x) -> x, got {type(correct).__name__}")
     require(correct is None or two_way,
@@ -281,6 +299,26 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
     step = 0
     steps: Generator[torch.Tensor, Optional[torch.Tensor], None] = fn(ctx, x, **options)
     sent: Optional[torch.Tensor] = None
+    flags: List[torch.Tensor] = []      # isfinite(sum(state)) of the steps since the last check
+    first = step + 1                    # the step of flags[0]
+
+    def check() -> None:
+        """Read the pending flags; raise naming the first step whose state was not finite."""
+        if not flags:
+            return
+        ok = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+        flags.clear()
+        if all(ok):
+            return
+        bad = first + ok.index(False)
+        t_bad = float(ctx.times[min(bad, ctx.steps)])
+        if adaptive:
+            raise NonFiniteError(f"{name} (adaptive step size): the state became NaN/Inf "
+                                 f"integrating from t={float(ctx.times[bad - 1]):.6g} to "
+                                 f"t={t_bad:.6g}{_interval(bad, ctx.steps)}", t=t_bad, step=bad)
+        raise NonFiniteError(f"{name}: the state became NaN/Inf at step {bad} of "
+                             f"{ctx.steps} (t={t_bad:.6g})", t=t_bad, step=bad)
+
     try:
         while True:
             t_now = float(ctx.times[min(step, ctx.steps)])
@@ -289,6 +327,7 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
             except StopIteration:
                 break
             except NonFiniteError as err:
+                check()                 # a NaN state of an earlier step made this call fail
                 if adaptive:
                     raise NonFiniteError(f"{name} (adaptive step size, integrating from "
                                          f"t={t_now:.6g} to t={float(ctx.times[step + 1]):.6g}"
@@ -298,15 +337,17 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
                                      f"{err}", t=err.t, step=step + 1) from None
             step += 1
             t_after = float(ctx.times[min(step, ctx.steps)])
-            if not all_finite(x):
-                if adaptive:
-                    raise NonFiniteError(f"{name} (adaptive step size): the state became NaN/Inf "
-                                         f"integrating from t={t_now:.6g} to t={t_after:.6g}"
-                                         f"{_interval(step, ctx.steps)}", t=t_after, step=step)
-                raise NonFiniteError(f"{name}: the state became NaN/Inf at step {step} of "
-                                     f"{ctx.steps} (t={t_after:.6g})", t=t_after, step=step)
+            if not flags:
+                first = step
+            flags.append(torch.isfinite(x.sum(dtype=torch.float64)))
+            if len(flags) >= check_every:
+                check()
             if correct is not None:
-                x = _corrected(correct, step, t_after, x, ctx.steps)
+                try:
+                    x = _corrected(correct, step, t_after, x, ctx.steps)
+                except NonFiniteError:
+                    check()             # it was handed a NaN state: name the step that made it
+                    raise
             if trajectory is not None:
                 trajectory.append(x)
             if callback is not None:
@@ -314,6 +355,7 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
             if bar is not None:
                 bar.update(1)
             sent = x
+        check()
     finally:
         if bar is not None:
             bar.close()
