@@ -258,7 +258,8 @@ def _separated_mixture(sde):
 
 def p_at(mix, t):
     tt = torch.tensor(t, dtype=torch.float64)
-    a, s = float(mix.sde._log_alpha(tt).exp()), float(mix.sde._log_sigma(tt).exp())
+    _, log_a, log_s = mix.sde.log_scales(tt)
+    a, s = float(log_a.exp()), float(log_s.exp())
     return GaussianMixture(mix.weights, a * mix.means, (a * a * mix.stds ** 2 + s * s).sqrt())
 
 

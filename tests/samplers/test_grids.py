@@ -11,7 +11,8 @@ SDES = {"vp": VPSDE(), "vp_cosine": VPSDE(schedule="cosine"), "subvp": SubVPSDE(
 
 
 def _lam(sde, t):
-    return sde._log_alpha(t) - sde._log_sigma(t)
+    _, log_a, log_s = sde.log_scales(t)
+    return log_a - log_s
 
 
 @pytest.mark.parametrize("kind", GRIDS)
