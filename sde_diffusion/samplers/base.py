@@ -173,6 +173,7 @@ class SolverContext:
         _, log_a, log_s = self.sde.log_scales(self.times)
         self.alphas, self.sigmas, self.lambdas = log_a.exp(), log_s.exp(), log_a - log_s
         self._scales = list(zip(self.alphas.tolist(), self.sigmas.tolist()))
+        self._lambdas = self.lambdas.tolist()
         self._vec_cache = {}
         self._drift: Optional[Tuple[List[float], List[float]]] = None
 
@@ -200,6 +201,12 @@ class SolverContext:
                 self._vec_cache.pop(next(iter(self._vec_cache)))
             self._vec_cache[i] = vec
         return vec
+
+    def scales(self, i: int) -> Tuple[float, float, float]:
+        """``(alpha, sigma, lambda)`` at grid time ``t_i`` as Python floats (``float(ctx.alphas[i])``
+        and so on, read from lists made once per run)."""
+        a, s = self._scales[i]
+        return a, s, self._lambdas[i]
 
     def eps(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """``model.eps(x, t_i)`` at grid time ``t_i``, with the grid's alpha and sigma (the grid
@@ -274,8 +281,9 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
     the message names the time of the failing network call and the interval being integrated,
     not a step count (``err.step`` is the interval's number).
 
-    The state is checked cheaply: every step adds one device flag, ``isfinite(sum(x))`` (the sum
-    in float64, so a large finite state does not overflow into a false alarm), and the flags are
+    The state is checked cheaply: every step adds one device flag, ``isfinite(sum(x))`` in the
+    state's dtype (NaN/Inf propagate into the sum; a finite state whose sum overflows, entries
+    near ``finfo.max / numel``, counts as diverged), and the flags are
     read together every ``check_every`` steps and at the end -- one host read (a GPU sync) per
     ``check_every`` steps. The error still names the first step whose state was NaN/Inf, and a
     network error at a later step (fed the NaN state) is reported as that earlier step.
@@ -339,7 +347,7 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
             t_after = float(ctx.times[min(step, ctx.steps)])
             if not flags:
                 first = step
-            flags.append(torch.isfinite(x.sum(dtype=torch.float64)))
+            flags.append(torch.isfinite(x.sum()))
             if len(flags) >= check_every:
                 check()
             if correct is not None:

@@ -29,8 +29,7 @@ def check_eta(eta) -> float:
 
 def ddim_step(ctx: SolverContext, i: int, x, eta: float):
     """One DDIM step from ``t_i`` to the next grid time ``t_{i+1}`` (one NFE)."""
-    a, s, lam = float(ctx.alphas[i]), float(ctx.sigmas[i]), float(ctx.lambdas[i])
-    a1, s1, lam1 = float(ctx.alphas[i + 1]), float(ctx.sigmas[i + 1]), float(ctx.lambdas[i + 1])
+    (a, s, lam), (a1, s1, lam1) = ctx.scales(i), ctx.scales(i + 1)
     eps = ctx.eps(i, x)
     x0 = (x - s * eps) / a
     noise_std = eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (lam - lam1))))
