@@ -525,16 +525,21 @@ def overhead_benchmark(args) -> List[Dict]:
     return rows
 
 
+def _write_csv(path: Path, cols: List[str], rows) -> None:
+    """One row per dict (the ``cols`` keys; floats to 6 significant digits)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def write_overhead_results(rows, args, out_dir: Path) -> List[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name
     cols = ["solver", "library", "batch", "steps", "nfe", "rounds", "overhead_ms_per_step",
             "overhead_ms_per_step_median"]
-    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write_csv(out_dir / f"{stem}.csv", cols, rows)
     clock = "CPU time of the process" if args.device == "cpu" else "wall time with synchronisation"
     lines = [
         "# Per-step overhead: our solvers and k-diffusion's samplers side by side", "",
@@ -564,11 +569,7 @@ def write_noise_results(rows, args, out_dir: Path) -> List[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name
     cols = ["what", "event", "chunk", "batch", "noise", "seconds"]
-    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write_csv(out_dir / f"{stem}.csv", cols, rows)
     clock = "CPU time of the process" if args.device == "cpu" else "wall time with synchronisation"
     lines = [
         "# Indexed noise (int seed) against batch-level noise (torch.Generator)", "",
@@ -610,11 +611,7 @@ def write_results(rows, args, out_dir: Path, elapsed: float):
     cols = ["solver", "library", "kind", "schedule", "nfe_target", "nfe", "steps", "rms_error",
             "weight_tv", "mean_err", "var_err", "wall_s", "model_s", "overhead_ms_per_step",
             "overhead_ms_per_nfe", "note"]
-    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write_csv(out_dir / f"{stem}.csv", cols, rows)
     nfes = [int(n) for n in args.nfe.split(",")]
     kind = "image-batch timing" if args.image_batch else ("quick" if args.quick else "full")
     lines = [f"# Sampler benchmark ({kind} run)", "",
