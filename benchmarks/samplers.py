@@ -784,20 +784,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.overhead_only:
-        args.name = args.name or "samplers_overhead"
-        args.timing_repeats = max(args.timing_repeats, 7)
-        lines = write_overhead_results(overhead_benchmark(args), args, Path(args.out))
-        print("\n".join(lines))
-        print(f"wrote {args.out}/{args.name}.md, .csv")
-        return
-    if args.noise_only:
-        args.name = args.name or "samplers_noise"
-        args.timing_repeats = max(args.timing_repeats, 7)
-        lines = write_noise_results(noise_benchmark(args), args, Path(args.out))
-        print("\n".join(lines))
-        print(f"wrote {args.out}/{args.name}.md, .csv")
-        return
+    for only, name, measure, write in (
+            (args.overhead_only, "samplers_overhead", overhead_benchmark, write_overhead_results),
+            (args.noise_only, "samplers_noise", noise_benchmark, write_noise_results)):
+        if only:   # a timing-only mode: interleaved repeats, its own results file
+            args.name = args.name or name
+            args.timing_repeats = max(args.timing_repeats, 7)
+            lines = write(measure(args), args, Path(args.out))
+            print("\n".join(lines))
+            print(f"wrote {args.out}/{args.name}.md, .csv")
+            return
     if args.quick:
         args.batch, args.error_batch = min(args.batch, 1024), min(args.error_batch, 256)
         args.pilot, args.optimize_max_nfe = min(args.pilot, 512), min(args.optimize_max_nfe, 10)
