@@ -424,22 +424,31 @@ def test_stale_temporary_files_in_the_workdir_are_removed_at_start(tmp_path):
 
 
 # ---- resuming: refused when the network or the SDE changed ------------------------------------------
+def _resume_is_refused(tmp_path, capsys, change, field, *phrases):
+    """Resuming a 3-step run with ``change`` raises a ValueError naming ``field``, the phrases and
+    ``--no-resume``, leaves every file as it was, and ``sde-diffusion train`` says the same in one
+    line (exit 2). Returns the command-line arguments of the change."""
+    train(tiny(3), tmp_path, quiet=True)
+    before = _tree(tmp_path, ignore=(".lock",))
+    with pytest.raises(ValueError) as info:
+        train(tiny(6, **change), tmp_path, quiet=True)
+    msg = str(info.value)
+    assert field in msg and "--no-resume" in msg and all(p in msg for p in phrases), msg
+    assert _tree(tmp_path, ignore=(".lock",)) == before
+    key, value = next(iter(change.items()))
+    args = ("--config.training.n_iters=6", f"--config.{key}={value}")
+    assert _cli_train(tmp_path, *args) == 2
+    assert field in _one_error_line(capsys)
+    return args
+
+
 @pytest.mark.parametrize("change, field", [
     ({"model.hidden": 32}, "model.hidden: 16 -> 32"),
     ({"model.depth": 3}, "model.depth: 2 -> 3"),
     ({"model.parameterization": "x0"}, "model.parameterization: 'eps' -> 'x0'"),
 ])
 def test_resuming_with_another_network_is_refused_naming_the_fields(tmp_path, capsys, change, field):
-    train(tiny(3), tmp_path, quiet=True)
-    before = _tree(tmp_path, ignore=(".lock",))
-    with pytest.raises(ValueError) as info:
-        train(tiny(6, **change), tmp_path, quiet=True)
-    msg = str(info.value)
-    assert "another network" in msg and field in msg and "--no-resume" in msg and "new workdir" in msg
-    assert _tree(tmp_path, ignore=(".lock",)) == before
-    key, value = next(iter(change.items()))
-    assert _cli_train(tmp_path, "--config.training.n_iters=6", f"--config.{key}={value}") == 2
-    assert field in _one_error_line(capsys)
+    _resume_is_refused(tmp_path, capsys, change, field, "another network", "new workdir")
     assert train(tiny(6, **change), tmp_path, quiet=True, resume=False).step == 6   # starting over
 
 
@@ -449,18 +458,8 @@ def test_resuming_with_another_network_is_refused_naming_the_fields(tmp_path, ca
     ({"training.sde": "vpsde_cosine"}, "training.sde: 'vpsde' -> 'vpsde_cosine'"),
 ])
 def test_resuming_with_another_sde_is_refused(tmp_path, capsys, change, field):
-    train(tiny(3), tmp_path, quiet=True)
-    before = _tree(tmp_path, ignore=(".lock",))
-    with pytest.raises(ValueError) as info:
-        train(tiny(6, **change), tmp_path, quiet=True)
-    msg = str(info.value)
-    assert "trained under VPSDE(" in msg and field in msg and "--no-resume" in msg
-    assert _tree(tmp_path, ignore=(".lock",)) == before
-    key, value = next(iter(change.items()))
-    assert _cli_train(tmp_path, "--config.training.n_iters=6", f"--config.{key}={value}") == 2
-    assert field in _one_error_line(capsys)
-    assert _cli_train(tmp_path, "--config.training.n_iters=6", f"--config.{key}={value}",
-                      "--no-resume") == 0
+    args = _resume_is_refused(tmp_path, capsys, change, field, "trained under VPSDE(")
+    assert _cli_train(tmp_path, *args, "--no-resume") == 0
 
 
 def test_changes_that_leave_the_model_and_the_sde_alone_resume_with_a_warning(tmp_path):
