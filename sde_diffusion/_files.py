@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Union
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["atomic_write", "OutputError", "remove_stale_temporaries", "ExclusiveLock",
-           "LockHeldError", "STALE_FOREIGN_S", "json_safe", "dumps_json", "write_json"]
+           "LockHeldError", "STALE_FOREIGN_S", "json_safe", "dumps_json", "write_json", "write_text"]
 
 #: errors of the storage rather than of the program: turned into :class:`OutputError`.
 STORAGE_ERRNOS = frozenset(getattr(errno, name) for name in
@@ -240,15 +240,18 @@ def dumps_json(obj: Any, **kwargs) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
-def write_json(path: PathLike, obj: Any) -> str:
-    """``obj`` as indented, valid JSON (:func:`dumps_json`), written atomically."""
-    text = dumps_json(obj, indent=2) + "\n"
-
+def write_text(path: PathLike, text: str) -> str:
+    """``text`` written atomically (UTF-8)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
     return atomic_write(path, write)
+
+
+def write_json(path: PathLike, obj: Any) -> str:
+    """``obj`` as indented, valid JSON (:func:`dumps_json`), written atomically."""
+    return write_text(path, dumps_json(obj, indent=2) + "\n")
 
 
 class LockHeldError(RuntimeError):

@@ -6,7 +6,6 @@ writes a report folder (``report.md``, PNG figures, CSV tables).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -122,6 +121,7 @@ def _run_demo(out, iters, n, nfes, seed, quiet, n_likelihood, retrain, command, 
     from .likelihood import log_likelihood
     from .reports import (plot_error_vs_nfe, plot_sample_panels, plot_trajectories, provenance,
                           write_csv, write_markdown_table, write_text)
+    from ._files import write_json
     from .samplers import sample
     from .evaluation import evaluate_model, train
 
@@ -188,7 +188,7 @@ def _run_demo(out, iters, n, nfes, seed, quiet, n_likelihood, retrain, command, 
     _log(quiet, "[4/4] writing the report")
     record = provenance(seed=seed, command=command, iterations=int(trained.step),
                         training_reused=reused, samples_per_solver=n, bootstrap_resamples=bootstrap)
-    write_text(os.path.join(out, "provenance.json"), json.dumps(record, indent=2) + "\n")
+    write_json(os.path.join(out, "provenance.json"), record)
     report = _report(config, train_s, trained, reused, plan, _final_loss(workdir), quality, table,
                      floor, n, bootstrap, floor_repeats, likelihood_rows, nfes, record)
     path = write_text(os.path.join(out, "report.md"), report)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._checks import as_samples, require
-from ._files import atomic_write
+from ._files import atomic_write, write_text
 
 __all__ = ["write_markdown_table", "write_csv", "write_text", "plot_error_vs_nfe",
            "plot_sample_panels", "plot_trajectories", "image_grid", "save_image_grid",
@@ -71,14 +71,6 @@ def write_csv(rows: Sequence[dict], path: str) -> str:
             writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-
-    return atomic_write(path, write)
-
-
-def write_text(path: str, text: str) -> str:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
 
     return atomic_write(path, write)
 
