@@ -71,7 +71,7 @@ from torch import nn
 
 from .._checks import require
 from .._files import (STORAGE_ERRNOS, ExclusiveLock, LockHeldError, OutputError, atomic_write,
-                      describe_holder, remove_stale_temporaries)
+                      describe_holder, remove_stale_temporaries, write_text)
 from ..checkpoints import (LAST_NAME, CheckpointError, capture_rng_states, latest_checkpoint,
                            load_checkpoint, restore_rng_states, save_checkpoint)
 from ..config import MODEL_KEYS, build_sde, config_to_json, flatten, network_config
@@ -743,12 +743,7 @@ class Trainer:
 
     def _write_config(self) -> None:
         text = json.dumps(json.loads(config_to_json(self.config)), indent=2, sort_keys=True)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(text)
-
-        atomic_write(os.path.join(self.workdir, "config.json"), write)
+        write_text(os.path.join(self.workdir, "config.json"), text)
 
     def _progress_bar(self):
         if not self.is_main or self.quiet or not sys.stderr.isatty():
