@@ -18,6 +18,17 @@ The 2-D toys (each ``(n, generator=None, noise=...) -> (n, 2)``, i.i.d. given th
                     FFJORD), radial noise std 0.02.
 ==================  ============================================================================
 
+Class labels: every loader with natural classes takes ``return_labels=False``; ``True`` returns
+``(x, y)`` with ``y`` an int64 ``(N,)`` tensor of classes ``0..K-1``, drawn together with ``x``
+(the same ``x`` as without labels, for the same generator). :data:`DATASET_CLASSES` gives ``K``
+for the named sets: ``moons`` (0 = upper half circle, 1 = lower), ``8gaussians`` (mode ``k`` at
+angle ``k pi/4``), ``rings`` (ring ``k`` from the inside out), ``checkerboard`` (filled cell
+``2 c + b``: column ``c`` in 0..3 from the left, ``b`` in 0..1 the lower/upper filled cell of that
+column) and ``digits`` (0..9). ``swiss_roll`` has none. A ``.npz`` file gives its labels in an
+array ``y`` (``label_key``); an image folder with one subfolder per class gives the subfolder's
+index in sorted order (:func:`image_folder_classes`); an oracle mixture gives each sample's class
+(its components' ``labels``, else the component index).
+
 ``digits``: sklearn's ``load_digits`` (1797 images, 8x8, values 0..16, shipped with scikit-learn,
 no download) mapped by ``x / 16 * 2 - 1`` to [-1, 1]; ``size=16`` (or any size > 8) is a bilinear
 resize of the 8x8 images (``align_corners=False``; values stay in [-1, 1]). The train/test split
@@ -30,7 +41,7 @@ import functools
 import inspect
 import math
 import os
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,7 +52,8 @@ from ._checks import require
 __all__ = ["two_moons", "swiss_roll", "eight_gaussians", "checkerboard", "rings", "digits",
            "digits_labels", "mixture_dataset", "load_npz", "load_image_folder", "scale_to_unit",
            "unscale", "get_dataset", "DATASETS", "infinite_batches", "InfiniteBatches",
-           "DIGITS_TEST_SIZE", "check_dataset_dependencies"]
+           "DIGITS_TEST_SIZE", "check_dataset_dependencies", "DATASET_CLASSES",
+           "image_folder_classes", "check_labels"]
 
 DIGITS_TEST_SIZE = 360
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -58,6 +70,28 @@ def _check_noise(noise) -> float:
     return float(noise)
 
 
+def check_labels(y, n: int, num_classes: Optional[int] = None, what: str = "labels") -> torch.Tensor:
+    """``y`` as an int64 ``(n,)`` tensor, checked: integers, one per sample, in ``[0, num_classes)``
+    when ``num_classes`` is given (the null label ``num_classes`` is not a data label)."""
+    y = torch.as_tensor(y)
+    require(not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool,
+            f"{what} must be integers, got {y.dtype}")
+    require(tuple(y.shape) == (n,), f"{what} must have shape ({n},) (one per sample), got {tuple(y.shape)}")
+    y = y.long()
+    if n and num_classes is not None:
+        lo, hi = int(y.min()), int(y.max())
+        require(lo >= 0 and hi < num_classes,
+                f"{what} must lie in [0, {num_classes}) for num_classes={num_classes}, got values in "
+                f"[{lo}, {hi}]")
+    elif n:
+        require(int(y.min()) >= 0, f"{what} must be >= 0, got {int(y.min())}")
+    return y
+
+
+def _labelled(x: torch.Tensor, y: torch.Tensor, return_labels: bool):
+    return (x, y.long()) if return_labels else x
+
+
 def _rand(n, generator, *shape):
     return torch.rand((n,) + shape, generator=generator, dtype=torch.float64)
 
@@ -67,15 +101,17 @@ def _randn(n, generator, *shape):
 
 
 # ---- 2-D toys ----------------------------------------------------------------------------------
-def two_moons(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.05) -> torch.Tensor:
-    """Two interleaved half circles, scaled to x in [-1, 1], y in [-0.5, 0.5] (see module doc)."""
+def two_moons(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.05,
+              return_labels: bool = False):
+    """Two interleaved half circles, scaled to x in [-1, 1], y in [-0.5, 0.5] (see module doc);
+    label 0 = upper half circle, 1 = lower."""
     n, noise = _check_n(n), _check_noise(noise)
     upper = _rand(n, generator) < 0.5
     theta = _rand(n, generator) * math.pi
     x = torch.where(upper, theta.cos(), 1 - theta.cos())
     y = torch.where(upper, theta.sin(), 0.5 - theta.sin())
     pts = (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25], dtype=torch.float64)) / 1.5
-    return (pts + noise * _randn(n, generator, 2)).float()
+    return _labelled((pts + noise * _randn(n, generator, 2)).float(), (~upper).long(), return_labels)
 
 
 def swiss_roll(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.02) -> torch.Tensor:
@@ -87,32 +123,41 @@ def swiss_roll(n: int, generator: Optional[torch.Generator] = None, noise: float
 
 
 def eight_gaussians(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.08,
-                    radius: float = 0.8) -> torch.Tensor:
-    """Eight equally weighted Gaussians of std ``noise`` on a circle of radius ``radius``."""
+                    radius: float = 0.8, return_labels: bool = False):
+    """Eight equally weighted Gaussians of std ``noise`` on a circle of radius ``radius``; label
+    ``k`` is the mode at angle ``k pi / 4``."""
     n, noise = _check_n(n), _check_noise(noise)
     k = torch.randint(0, 8, (n,), generator=generator)
     angle = k.double() * (math.pi / 4)
     centres = radius * torch.stack([angle.cos(), angle.sin()], 1)
-    return (centres + noise * _randn(n, generator, 2)).float()
+    return _labelled((centres + noise * _randn(n, generator, 2)).float(), k, return_labels)
 
 
-def checkerboard(n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Uniform on the 8 filled cells of a 4x4 checkerboard covering [-1, 1]^2 (FFJORD's / 2)."""
+def checkerboard(n: int, generator: Optional[torch.Generator] = None, return_labels: bool = False):
+    """Uniform on the 8 filled cells of a 4x4 checkerboard covering [-1, 1]^2 (FFJORD's / 2);
+    label ``2 c + b`` for column ``c`` (0..3 from the left) and ``b`` (0 lower, 1 upper filled
+    cell of that column)."""
     n = _check_n(n)
     x1 = _rand(n, generator) * 4 - 2
-    x2 = _rand(n, generator) - 2 * torch.randint(0, 2, (n,), generator=generator).double()
-    x2 = x2 + torch.floor(x1).remainder(2)
-    return (torch.stack([x1, x2], 1) / 2).float()
+    u = _rand(n, generator)
+    upper = 1 - torch.randint(0, 2, (n,), generator=generator)   # 0: shifted down by 2
+    col_odd = torch.floor(x1).remainder(2)
+    x2 = u - 2 * (1 - upper).double() + col_odd
+    label = 2 * (torch.floor(x1).long() + 2) + upper
+    return _labelled((torch.stack([x1, x2], 1) / 2).float(), label, return_labels)
 
 
-def rings(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.02) -> torch.Tensor:
-    """Four concentric circles (radii 0.25, 0.5, 0.75, 0.95), equal counts, radial noise."""
+def rings(n: int, generator: Optional[torch.Generator] = None, noise: float = 0.02,
+          return_labels: bool = False):
+    """Four concentric circles (radii 0.25, 0.5, 0.75, 0.95), equal counts, radial noise; label
+    ``k`` is ring ``k`` from the inside out."""
     n, noise = _check_n(n), _check_noise(noise)
     radii = torch.tensor([0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
-    r = radii[torch.randint(0, 4, (n,), generator=generator)]
+    k = torch.randint(0, 4, (n,), generator=generator)
+    r = radii[k]
     angle = _rand(n, generator) * (2 * math.pi)
     r = r + noise * _randn(n, generator)
-    return (r[:, None] * torch.stack([angle.cos(), angle.sin()], 1)).float()
+    return _labelled((r[:, None] * torch.stack([angle.cos(), angle.sin()], 1)).float(), k, return_labels)
 
 
 # ---- digits --------------------------------------------------------------------------------------
@@ -170,12 +215,24 @@ def digits_labels(split: str = "train") -> torch.Tensor:
 
 
 # ---- oracle and user data ------------------------------------------------------------------------
+def _component_classes(mixture) -> Optional[torch.Tensor]:
+    """The class of each component of a labelled mixture (its ``labels``), or ``None``."""
+    labels = getattr(mixture, "labels", None)
+    return None if labels is None else torch.as_tensor(labels).long().cpu()
+
+
 def mixture_dataset(mixture, n: int, generator: Optional[torch.Generator] = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``n`` samples of a :class:`~sde_diffusion.oracles.GaussianMixture`'s clean data (t=None)."""
+                    dtype: torch.dtype = torch.float32, return_labels: bool = False):
+    """``n`` samples of a :class:`~sde_diffusion.oracles.GaussianMixture`'s clean data (t=None);
+    ``return_labels=True`` adds each sample's class: its component's class for a mixture with
+    ``labels``, else the component index (the same ``x`` either way)."""
     require(hasattr(mixture, "sample") and hasattr(mixture, "event_shape"),
             f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
-    return mixture.sample(_check_n(n), t=None, generator=generator, dtype=dtype)
+    if not return_labels:
+        return mixture.sample(_check_n(n), t=None, generator=generator, dtype=dtype)
+    x, comp = mixture.sample(_check_n(n), t=None, generator=generator, dtype=dtype, return_labels=True)
+    classes = _component_classes(mixture)
+    return x, (comp.long() if classes is None else classes.to(comp.device)[comp])
 
 
 def scale_to_unit(x, low: float, high: float) -> torch.Tensor:
@@ -197,22 +254,31 @@ def unscale(x, low: float, high: float) -> torch.Tensor:
 
 
 def load_npz(path: Union[str, os.PathLike], key: str = "x", low: Optional[float] = None,
-             high: Optional[float] = None) -> torch.Tensor:
+             high: Optional[float] = None, return_labels: bool = False, label_key: str = "y"):
     """Array ``key`` of a ``.npz`` (or the array of a ``.npy``) file as a float32 tensor.
 
     Pickled objects are refused (``allow_pickle=False``). With ``low`` and ``high`` given the values
     are mapped from ``[low, high]`` to [-1, 1]; ``uint8`` arrays default to ``low=0, high=255``;
     other arrays are returned as stored (scale them yourself, e.g. with :func:`scale_to_unit`).
+    ``return_labels=True`` returns ``(x, y)`` with ``y`` the integer array ``label_key`` of the
+    ``.npz`` (one class ``>= 0`` per sample; a ``.npy`` file has no labels).
     """
     path = os.fspath(path)
     require(os.path.isfile(path), f"no such file: {path!r}")
+    labels = None
     if path.lower().endswith(".npy"):
+        require(not return_labels, f"{path!r} is a .npy file, which holds one array and no labels; "
+                                   f"store x and {label_key!r} in a .npz file")
         arr = np.load(path, allow_pickle=False)
     else:
         with np.load(path, allow_pickle=False) as loaded:
             keys = list(loaded.keys())
             require(key in keys, f"{path!r} has no array {key!r}; its arrays are {keys}")
             arr = loaded[key]
+            if return_labels:
+                require(label_key in keys, f"{path!r} has no label array {label_key!r} (needed for "
+                                           f"class labels); its arrays are {keys}")
+                labels = loaded[label_key]
     require(arr.dtype.kind in "biuf", f"{path!r} holds {arr.dtype} data; need a numeric array")
     require(arr.ndim >= 2, f"{path!r} must hold a (N, ...) array with N samples, got shape {arr.shape}")
     if low is None and high is None and arr.dtype == np.uint8:
@@ -222,7 +288,11 @@ def load_npz(path: Union[str, os.PathLike], key: str = "x", low: Optional[float]
     if low is not None:
         x = scale_to_unit(x, low, high)
     require(bool(torch.isfinite(x).all()), f"{path!r} holds NaN or Inf values")
-    return x
+    if not return_labels:
+        return x
+    require(labels.dtype.kind in "iu", f"{path!r}: labels {label_key!r} must be integers, got {labels.dtype}")
+    return x, check_labels(torch.from_numpy(labels.astype(np.int64)), x.shape[0],
+                           what=f"labels {label_key!r} of {path!r}")
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -251,9 +321,23 @@ def _read_image(path: str) -> np.ndarray:
     return arr
 
 
-def load_image_folder(path: Union[str, os.PathLike], size: int, channels: int = 3) -> torch.Tensor:
+def image_folder_classes(path: Union[str, os.PathLike]) -> List[str]:
+    """The class names of a labelled image folder: its subfolders, sorted by name (class ``k`` is
+    the ``k``-th), as :func:`load_image_folder` with ``return_labels=True`` reads them."""
+    path = os.fspath(path)
+    require(os.path.isdir(path), f"no such folder: {path!r}")
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
+                     and not d.startswith("."))
+    require(classes, f"folder {path!r} has no subfolders: class labels need one subfolder per "
+                     f"class (e.g. {path}/cat/*.png, {path}/dog/*.png)")
+    return classes
+
+
+def load_image_folder(path: Union[str, os.PathLike], size: int, channels: int = 3,
+                      return_labels: bool = False):
     """All images in a folder (sorted by name, not recursive) as ``(N, channels, size, size)``
-    float32 in [-1, 1].
+    float32 in [-1, 1]; with ``return_labels=True`` the images of its subfolders, one per class
+    (:func:`image_folder_classes`), as ``(x, y)`` with ``y`` the subfolder's index.
 
     ``channels=1`` converts to grey with the ITU-R 601 luma weights (0.299, 0.587, 0.114);
     ``channels=3`` keeps RGB (grey images are repeated). Alpha is composited over black. Images are
@@ -265,6 +349,11 @@ def load_image_folder(path: Union[str, os.PathLike], size: int, channels: int = 
     require(os.path.isdir(path), f"no such folder: {path!r}")
     require(isinstance(size, int) and size >= 1, f"size must be an integer >= 1, got {size!r}")
     require(channels in (1, 3), f"channels must be 1 or 3, got {channels!r}")
+    if return_labels:
+        parts = [load_image_folder(os.path.join(path, c), size, channels)
+                 for c in image_folder_classes(path)]
+        y = torch.cat([torch.full((p.shape[0],), k, dtype=torch.long) for k, p in enumerate(parts)])
+        return torch.cat(parts), y
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
     require(files, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path!r}")
     out = []
@@ -296,8 +385,9 @@ def _toy(fn):
     return make
 
 
-def _mixture(mixture, n: int = 10_000, seed: int = 0, generator: Optional[torch.Generator] = None):
-    return mixture_dataset(mixture, n, _generator(seed, generator))
+def _mixture(mixture, n: int = 10_000, seed: int = 0, generator: Optional[torch.Generator] = None,
+             return_labels: bool = False):
+    return mixture_dataset(mixture, n, _generator(seed, generator), return_labels=return_labels)
 
 
 DATASETS = {
@@ -305,6 +395,10 @@ DATASETS = {
     "checkerboard": _toy(checkerboard), "rings": _toy(rings), "digits": digits, "npz": load_npz,
     "images": load_image_folder, "mixture": _mixture,
 }
+
+#: the number of classes of the named data sets with fixed classes (``return_labels=True``); the
+#: classes of ``npz``, ``images`` and ``mixture`` come with the data.
+DATASET_CLASSES = {"moons": 2, "8gaussians": 8, "rings": 4, "checkerboard": 8, "digits": 10}
 
 
 def _accepted(name: str):
@@ -325,8 +419,14 @@ def get_dataset(name: str, **kwargs) -> torch.Tensor:
     - ``npz``: ``path``, ``key="x"``, ``low``, ``high`` (a ``.npy`` path works too);
     - ``images``: ``path``, ``size``, ``channels=3``;
     - ``mixture``: ``mixture`` (a GaussianMixture), ``n``, ``seed`` or ``generator``.
+
+    Every set but ``swiss_roll`` takes ``return_labels=True`` and then returns ``(x, y)`` (see
+    the module doc; ``npz`` also ``label_key="y"``).
     """
     require(name in DATASETS, f"unknown data set {name!r}; valid names are {sorted(DATASETS)}")
+    labelled = sorted(DATASET_CLASSES) + ["images", "mixture", "npz"]
+    require(not kwargs.get("return_labels") or name in labelled,
+            f"data set {name!r} has no class labels; data sets with labels are {labelled}")
     accepted = _accepted(name)
     unknown = sorted(set(kwargs) - set(accepted))
     require(not unknown, f"data set {name!r} does not take {unknown}; it takes {accepted}")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from sde_diffusion import GaussianMixture
-from sde_diffusion.data import (DATASETS, checkerboard, digits, digits_labels, eight_gaussians, get_dataset,
-                                infinite_batches, load_image_folder, load_npz, mixture_dataset, rings,
-                                scale_to_unit, swiss_roll, two_moons, unscale)
+from sde_diffusion.data import (DATASET_CLASSES, DATASETS, check_labels, checkerboard, digits, digits_labels,
+                                eight_gaussians, get_dataset, image_folder_classes, infinite_batches,
+                                load_image_folder, load_npz, mixture_dataset, rings, scale_to_unit,
+                                swiss_roll, two_moons, unscale)
 
 TOYS = {"moons": two_moons, "swiss_roll": swiss_roll, "8gaussians": eight_gaussians,
         "checkerboard": checkerboard, "rings": rings}
@@ -51,6 +52,84 @@ def test_toy_geometry():
     assert torch.allclose(angles, angles.round(), atol=1e-4)
     s = swiss_roll(4000, g, noise=0.0)
     assert float(s.norm(dim=1).max()) <= 1.0 + 1e-6 and float(s.norm(dim=1).min()) >= 1 / 3 - 1e-6
+
+
+# ---- class labels ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["moons", "8gaussians", "rings", "checkerboard"])
+def test_toy_labels_leave_the_points_alone_and_name_the_class(name):
+    x = get_dataset(name, n=4000, seed=3)
+    xl, y = get_dataset(name, n=4000, seed=3, return_labels=True)
+    assert torch.equal(x, xl)                                   # the same points as without labels
+    K = DATASET_CLASSES[name]
+    assert y.dtype == torch.int64 and y.shape == (4000,)
+    counts = torch.bincount(y, minlength=K)
+    assert counts.numel() == K and bool((counts > 4000 / K * 0.8).all())     # every class, balanced
+    # each class is where the module doc says it is (noise-free points)
+    fn = TOYS[name]
+    pts, lab = (fn(4000, gen(5), return_labels=True) if name == "checkerboard"
+                else fn(4000, gen(5), noise=0.0, return_labels=True))
+    if name == "moons":
+        m = pts.double() * 1.5 + torch.tensor([0.5, 0.25], dtype=torch.float64)
+        on_upper = ((m.norm(dim=1) - 1).abs() < 1e-5) & (m[:, 1] >= -1e-6)
+        assert torch.equal(on_upper, lab == 0)
+    elif name == "8gaussians":
+        angle = torch.atan2(pts[:, 1], pts[:, 0]).remainder(2 * math.pi)
+        assert torch.equal((angle / (math.pi / 4)).round().long() % 8, lab)
+    elif name == "rings":
+        r = pts.norm(dim=1)
+        assert torch.equal((r[:, None] - torch.tensor([0.25, 0.5, 0.75, 0.95])).abs().argmin(1), lab)
+    else:
+        col, row = torch.floor(pts[:, 0] * 2).long() + 2, torch.floor(pts[:, 1] * 2).long() + 2
+        assert torch.equal(col, lab // 2) and torch.equal(row // 2, lab % 2)
+
+
+def test_labelled_mixture_npz_and_image_folder(tmp_path):
+    gm = GaussianMixture([0.3, 0.7], [[-0.5, 0.0], [0.5, 0.2]], [0.1, 0.05])
+    x, comp = mixture_dataset(gm, 5000, gen(0), return_labels=True)
+    assert torch.equal(x, mixture_dataset(gm, 5000, gen(0)))
+    assert abs(float(comp.double().mean()) - 0.7) < 0.03
+    assert float(x[comp == 0, 0].mean()) < 0 < float(x[comp == 1, 0].mean())
+    # npz with a y array
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((4, 2)), y=np.array([0, 2, 1, 2]), f=np.ones(4))
+    xs, ys = get_dataset("npz", path=str(path), return_labels=True)
+    assert xs.shape == (4, 2) and ys.tolist() == [0, 2, 1, 2] and ys.dtype == torch.int64
+    with pytest.raises(ValueError, match=r"labels 'f' of .* must be integers|must be integers"):
+        load_npz(path, return_labels=True, label_key="f")
+    np.savez(tmp_path / "nolab.npz", x=np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"has no label array 'y'.*\['x'\]"):
+        load_npz(tmp_path / "nolab.npz", return_labels=True)
+    np.savez(tmp_path / "short.npz", x=np.zeros((4, 2)), y=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"must have shape \(4,\)"):
+        load_npz(tmp_path / "short.npz", return_labels=True)
+    np.save(tmp_path / "p.npy", np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="no labels"):
+        load_npz(tmp_path / "p.npy", return_labels=True)
+    # image folder with one subfolder per class
+    import matplotlib.image as mpimg
+    root = tmp_path / "imgs"
+    for cls, value, count in (("b_dog", 0.8, 2), ("a_cat", 0.2, 3)):
+        (root / cls).mkdir(parents=True)
+        for i in range(count):
+            mpimg.imsave(root / cls / f"{i}.png", np.full((4, 4, 3), value, np.float32))
+    assert image_folder_classes(root) == ["a_cat", "b_dog"]
+    xi, yi = get_dataset("images", path=str(root), size=4, channels=1, return_labels=True)
+    assert xi.shape == (5, 1, 4, 4) and yi.tolist() == [0, 0, 0, 1, 1]
+    assert torch.allclose(xi[yi == 0], torch.full((3, 1, 4, 4), 0.2 * 2 - 1), atol=2.01 / 255)
+    with pytest.raises(ValueError, match="has no subfolders: class labels need one subfolder"):
+        load_image_folder(root / "a_cat", 4, return_labels=True)
+
+
+def test_label_checks_and_unlabelled_sets():
+    with pytest.raises(ValueError, match=r"data set 'swiss_roll' has no class labels; data sets with labels are"):
+        get_dataset("swiss_roll", n=10, return_labels=True)
+    assert check_labels(torch.tensor([0, 2]), 2, 3).tolist() == [0, 2]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) for num_classes=3, got values in \[0, 3\]"):
+        check_labels(torch.tensor([0, 3]), 2, 3)
+    with pytest.raises(ValueError, match="labels must be >= 0, got -1"):
+        check_labels(torch.tensor([0, -1]), 2)
+    with pytest.raises(ValueError, match="labels must be integers, got torch.float32"):
+        check_labels(torch.tensor([0.0, 1.0]), 2)
 
 
 # ---- digits -------------------------------------------------------------------------------------
