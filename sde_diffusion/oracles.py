@@ -64,6 +64,7 @@ def _chunk_elements(share: int, device: torch.device) -> int:
     n = max(share, _MIN_CHUNK)
     return min(n, _CPU_CHUNK) if device.type == "cpu" else n
 _FIELDS = ("score", "x0", "eps")
+_POSTERIORS = ("resp", "log_resp")
 
 
 def _like(v: Scale, x: torch.Tensor) -> Scale:
@@ -81,6 +82,20 @@ class GaussianMixture:
         sde: forward SDE defining ``p_t``; needed by every method given a time ``t``.
         covariances: instead of ``stds``, full ``(K, dim, dim)`` symmetric positive-definite
             covariance matrices acting on the flattened event (``dim = prod(event_shape)``).
+        labels: optional ``(K,)`` integer class of each component (several components may share
+            one); the classes are ``0 .. n_classes - 1`` and each has at least one component.
+            ``n_classes`` itself is the *null* label (unconditional), as for the networks.
+
+Class labels make the oracle conditional, exactly and at every ``t``: with ``y(k)`` the class of
+component ``k`` and ``r_k(x, t) = p(k | x_t)`` the responsibilities,
+
+.. math:: p(y \mid x_t) = \sum_{k: y(k) = y} r_k(x, t), \qquad
+          \nabla_x \log p(y \mid x_t) = \nabla_x \log p_t(x \mid y) - \nabla_x \log p_t(x)
+
+(Bayes' rule; ``p_t(x | y)`` is the sub-mixture of class ``y`` with renormalised weights, diffused
+by the same SDE: :meth:`conditional`). :meth:`score`, :meth:`x0`, :meth:`eps` and :meth:`log_prob`
+take ``y=`` (a class, or one per sample, the null label meaning unconditional) and
+:meth:`sample` draws ``p(x_0 | y)``.
 
     A time ``t=None`` means the clean data distribution ``p_data``; a number or a ``(batch,)``
     tensor means the law of ``alpha(t) x0 + sigma(t) z`` under ``sde`` (for the VE SDE that
@@ -92,7 +107,8 @@ class GaussianMixture:
     """
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, stds: Optional[ArrayLike] = None,
-                 sde: Optional[SDE] = None, *, covariances: Optional[ArrayLike] = None):
+                 sde: Optional[SDE] = None, *, covariances: Optional[ArrayLike] = None,
+                 labels: Optional[ArrayLike] = None):
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
         m = torch.as_tensor(means, dtype=torch.float64)
         K = w.shape[0]
@@ -114,6 +130,7 @@ class GaussianMixture:
         flat_m = m.reshape(K, dim)
         self._cache: Dict[Tuple[torch.device, torch.dtype], Dict[str, torch.Tensor]] = {}
         self._times: Dict[float, Tuple[float, float]] = {}          # t -> (alpha, sigma) under sde
+        self._set_labels(labels)
         if covariances is None:
             s = torch.as_tensor(stds, dtype=torch.float64)
             if s.ndim == 0:
@@ -161,15 +178,80 @@ class GaussianMixture:
         self._base = {"means": flat_m, "axis_means": torch.einsum("kd,kde->ke", flat_m, U),
                       "axis_var": lam.contiguous(), "rotations": U.permute(1, 0, 2).reshape(dim, K * dim)}
 
+    def _set_labels(self, labels: Optional[ArrayLike]) -> None:
+        """Validate and store the components' classes: ``labels`` ``(K,)`` long (or ``None``),
+        ``n_classes``, and ``_members`` ``(n_classes + 1, K)``: row ``c`` marks class ``c``'s
+        components, the last row (the null label) all of them."""
+        self._conditionals: Dict[int, "GaussianMixture"] = {}
+        if labels is None:
+            self.labels: Optional[torch.Tensor] = None
+            self.n_classes: Optional[int] = None
+            self._members: Optional[torch.Tensor] = None
+            return
+        K = self.n_components
+        raw = torch.as_tensor(labels)
+        require(tuple(raw.shape) == (K,),
+                f"labels must hold one class per component, shape ({K},), got {tuple(raw.shape)}")
+        if raw.is_floating_point():
+            require(bool(torch.isfinite(raw).all()) and bool((raw == raw.round()).all()),
+                    f"labels must be integers, got {raw.tolist()}")
+        else:
+            require(raw.dtype != torch.bool and not raw.is_complex(),
+                    f"labels must be integers, got dtype {raw.dtype}")
+        lab = raw.long()
+        require(bool((lab >= 0).all()), f"labels must be >= 0, got {lab.tolist()}")
+        C = int(lab.max()) + 1
+        missing = sorted(set(range(C)) - set(lab.tolist()))
+        require(not missing, f"labels must use every class 0..{C - 1} (each class needs a "
+                             f"component), got {lab.tolist()}: no component of class {missing}")
+        self.labels, self.n_classes = lab, C
+        members = torch.zeros(C + 1, K, dtype=torch.bool)
+        members[lab, torch.arange(K)] = True
+        members[C] = True
+        self._members = members
+
+    def _require_labels(self, what: str) -> int:
+        require(self.labels is not None,
+                f"{what} needs class labels, and this mixture has none: build it with "
+                f"labels=... (one class per component)")
+        return self.n_classes
+
+    def _check_y(self, y, what: str, null_ok: bool = True) -> Union[int, torch.Tensor]:
+        """``y`` a class (int) or a tensor of classes, in ``0 .. n_classes - 1`` (and the null
+        label ``n_classes`` when ``null_ok``)."""
+        C = self._require_labels(what)
+        hi = C if null_ok else C - 1
+        valid = f"0..{hi}" + (f" ({C} = the null label, unconditional)" if null_ok else "")
+        if isinstance(y, torch.Tensor) and y.ndim > 0:
+            require(not y.is_floating_point() and y.dtype != torch.bool and not y.is_complex(),
+                    f"{what}: y must hold integer classes, got dtype {y.dtype}")
+            require(y.ndim == 1, f"{what}: y must be a class or a (batch,) tensor, got shape "
+                                 f"{tuple(y.shape)}")
+            if y.numel():
+                lo_, hi_ = int(y.min()), int(y.max())
+                require(lo_ >= 0 and hi_ <= hi, f"{what}: y must lie in {valid}, got "
+                                                f"{lo_ if lo_ < 0 else hi_}")
+            return y.long()
+        try:
+            c = int(y)
+            ok = c == y
+        except (TypeError, ValueError):
+            ok = False
+        require(ok and not isinstance(y, bool), f"{what}: y must be an integer class, got {y!r}")
+        require(0 <= c <= hi, f"{what}: y must lie in {valid}, got {c}")
+        return c
+
     @classmethod
     def from_eigen(cls, weights: ArrayLike, means: ArrayLike, eigenvalues: ArrayLike,
-                   eigenvectors: ArrayLike, sde: Optional[SDE] = None) -> "GaussianMixture":
+                   eigenvectors: ArrayLike, sde: Optional[SDE] = None, *,
+                   labels: Optional[ArrayLike] = None) -> "GaussianMixture":
         """Full components given as ``C_k = U_k diag(l_k) U_k^T``: ``eigenvalues`` ``(K, dim)``
         (> 0) and orthonormal ``eigenvectors`` ``(K, dim, dim)`` (columns). Skips the
         eigendecomposition (``O(K dim^3)``, minutes for ``dim`` in the thousands); the
         orthonormality check and ``covariances`` cost two matrix products per component."""
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        mix = cls(w, means, torch.ones(w.shape[0], dtype=torch.float64), sde)   # validates the rest
+        mix = cls(w, means, torch.ones(w.shape[0], dtype=torch.float64), sde,  # validates the rest
+                  labels=labels)
         K, dim = mix.n_components, mix.dim
         lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
         U = torch.as_tensor(eigenvectors, dtype=torch.float64)
@@ -208,7 +290,7 @@ class GaussianMixture:
         """The same mixture, diffused by ``sde`` (shares the parameters and their cached copies)."""
         require(isinstance(sde, SDE), f"sde must be an SDE instance, got {sde!r}")
         other = copy.copy(self)
-        other.sde, other._times = sde, {}
+        other.sde, other._times, other._conditionals = sde, {}, {}
         return other
 
     def mean(self) -> torch.Tensor:
@@ -309,7 +391,8 @@ class GaussianMixture:
         rows = max(1, _chunk_elements(B * D // 8, xf.device) // max(D, 1))
         if rows >= B:
             return fn(xf.double(), slice(None)).to(xf.dtype)
-        shape = {"log_prob": (B,), "resp": (B, self.n_components)}.get(what, (B, D))
+        shape = {"log_prob": (B,), "resp": (B, self.n_components),
+                 "log_resp": (B, self.n_components)}.get(what, (B, D))
         out = xf.new_empty(shape)
         for i in range(0, B, rows):
             out[i:i + rows] = fn(xf[i:i + rows].double(), slice(i, i + rows))
@@ -349,8 +432,8 @@ class GaussianMixture:
                 lj = torch.add(log_w, torch.log(vv), alpha=-c1).sub_(dist.div_(vv), alpha=0.5)
             if what == "log_prob":
                 return torch.logsumexp(lj, dim=1)
-            if what == "resp":
-                return torch.softmax(lj, dim=1)
+            if what in _POSTERIORS:
+                return torch.softmax(lj, dim=1) if what == "resp" else torch.log_softmax(lj, dim=1)
             e = lj.sub_(lj.max(1, keepdim=True).values).exp_()    # proportional to r_k / v_k
             norm = e.sum(1, keepdim=True)
             es2 = (e @ s2).unsqueeze(1)
@@ -383,6 +466,8 @@ class GaussianMixture:
             lj = torch.addmm(base, x, lin).addmm_(x * x, quad)
             if what == "log_prob":
                 return torch.logsumexp(lj, dim=1)
+            if what == "log_resp":
+                return torch.log_softmax(lj, dim=1)
             r = torch.softmax(lj, dim=1)
             if what == "resp":
                 return r
@@ -403,7 +488,7 @@ class GaussianMixture:
         chunk = max(1, _chunk_elements(B * D // 6, xf.device) // (K * D))
         if self._kind == "full":
             chunk = max(chunk, _MIN_ROWS)
-        result = xf.new_empty({"log_prob": (B,), "resp": (B, K)}.get(what, (B, D)))
+        result = xf.new_empty({"log_prob": (B,), "resp": (B, K), "log_resp": (B, K)}.get(what, (B, D)))
         return [slice(i, i + chunk) for i in range(0, B, chunk)], result
 
     def _full_shared(self, xf: torch.Tensor, a: Scale, s: Scale, what: str) -> torch.Tensor:
@@ -444,6 +529,9 @@ class GaussianMixture:
             if what == "log_prob":
                 result[sl] = torch.logsumexp(log_joint, dim=1)
                 continue
+            if what == "log_resp":
+                result[sl] = torch.log_softmax(log_joint, dim=1)
+                continue
             r = torch.softmax(log_joint, dim=1)
             if what == "resp":
                 result[sl] = r
@@ -479,6 +567,9 @@ class GaussianMixture:
             if what == "log_prob":
                 result[sl] = torch.logsumexp(log_joint, dim=1)
                 continue
+            if what == "log_resp":
+                result[sl] = torch.log_softmax(log_joint, dim=1)
+                continue
             r = torch.softmax(log_joint, dim=1)
             if what == "resp":
                 result[sl] = r
@@ -494,39 +585,127 @@ class GaussianMixture:
         return result
 
     # ---- exact quantities ---------------------------------------------------------------------
-    def log_prob(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
-        """``log p_t(x)`` per sample, shape ``(batch,)`` (log-sum-exp over components)."""
-        return self._evaluate(x, t, "log_prob")
+    def log_prob(self, x: torch.Tensor, t: Optional[TimeLike] = None, y=None) -> torch.Tensor:
+        """``log p_t(x)`` per sample, shape ``(batch,)`` (log-sum-exp over components); with
+        ``y``, ``log p_t(x | y)`` (the sub-mixture of class ``y``)."""
+        return self._evaluate(x, t, "log_prob") if y is None else self._by_class(x, t, y, "log_prob")
 
     def responsibilities(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
         """Posterior component probabilities ``p(k | x_t)``, shape ``(batch, K)``."""
         return self._evaluate(x, t, "resp")
 
-    def score(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
-        """``grad_x log p_t(x) = sum_k r_k (alpha^2 C_k + sigma^2 I)^-1 (alpha m_k - x)``."""
-        return self._evaluate(x, t, "score")
+    def score(self, x: torch.Tensor, t: Optional[TimeLike] = None, y=None) -> torch.Tensor:
+        """``grad_x log p_t(x) = sum_k r_k (alpha^2 C_k + sigma^2 I)^-1 (alpha m_k - x)``; with
+        ``y``, the class-conditional score ``grad_x log p_t(x | y)``."""
+        return self._evaluate(x, t, "score") if y is None else self._by_class(x, t, y, "score")
 
-    def x0(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+    def x0(self, x: torch.Tensor, t: TimeLike, y=None) -> torch.Tensor:
         """Denoiser ``E[x0 | x_t = x] = sum_k r_k (m_k + alpha C_k (alpha^2 C_k + sigma^2 I)^-1
         (x - alpha m_k))``, computed per component (no division by ``alpha``) so it stays exact
-        where ``alpha`` is tiny."""
-        return self._evaluate(x, t, "x0")
+        where ``alpha`` is tiny; with ``y``, ``E[x0 | x_t = x, y]``."""
+        return self._evaluate(x, t, "x0") if y is None else self._by_class(x, t, y, "x0")
 
-    def eps(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Noise predictor ``E[z | x_t = x] = -sigma(t) * score``."""
-        return self._evaluate(x, t, "eps")
+    def eps(self, x: torch.Tensor, t: TimeLike, y=None) -> torch.Tensor:
+        """Noise predictor ``E[z | x_t = x] = -sigma(t) * score`` (with ``y``: given ``y``)."""
+        return self._evaluate(x, t, "eps") if y is None else self._by_class(x, t, y, "eps")
+
+    # ---- class labels ---------------------------------------------------------------------------
+    def conditional(self, y: int) -> "GaussianMixture":
+        """The sub-mixture of class ``y``: its components with weights ``w_k / sum_{y(k)=y} w_j``,
+        under the same SDE, so its score, denoiser, log-density and samples are exactly those of
+        ``p_t(x | y)``. Unlabelled (its components' classes are all ``y``); the parameters are
+        sliced from this mixture's, not recomputed; cached per class."""
+        c = self._check_y(y, "conditional", null_ok=False)
+        hit = self._conditionals.get(c)
+        if hit is None:
+            idx = self._members[c].nonzero().squeeze(1)
+            K, D = self.n_components, self.dim
+            sub = copy.copy(self)
+            w = self.weights[idx]
+            sub.weights, sub.means = w / w.sum(), self.means[idx]
+            sub.stds = None if self.stds is None else self.stds[idx]
+            sub.covariances = None if self.covariances is None else self.covariances[idx]
+            sub._base = {k: (v.view(D, K, D)[:, idx].reshape(D, len(idx) * D) if k == "rotations"
+                             else v[idx]) for k, v in self._base.items()}
+            sub._cache, sub._times = {}, {}
+            sub._set_labels(None)
+            hit = self._conditionals[c] = sub
+        return hit
+
+    def log_class_posterior(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
+        """``log p(y | x_t)`` for every class, shape ``(batch, n_classes)``: the log-sum-exp of the
+        log-responsibilities of each class's components (exact where the posterior underflows)."""
+        C = self._require_labels("log_class_posterior")
+        lr = self._evaluate(x, t, "log_resp")                            # (batch, K)
+        mask = self._members[:C].to(lr.device)
+        return lr[:, None, :].masked_fill(~mask, -math.inf).logsumexp(2)
+
+    def class_posterior(self, x: torch.Tensor, t: Optional[TimeLike] = None) -> torch.Tensor:
+        """``p(y | x_t) = sum_{k: y(k) = y} p(k | x_t)`` for every class, shape ``(batch,
+        n_classes)`` (rows sum to 1)."""
+        C = self._require_labels("class_posterior")
+        r = self._evaluate(x, t, "resp")
+        return r @ self._members[:C].T.to(r)
+
+    def log_class_posterior_grad(self, x: torch.Tensor, t: Optional[TimeLike], y) -> torch.Tensor:
+        """``grad_x log p(y | x_t) = grad_x log p_t(x | y) - grad_x log p_t(x)`` (Bayes' rule:
+        ``log p(y | x_t) = log p_t(x | y) + log p(y) - log p_t(x)``), in closed form: the score of
+        class ``y``'s sub-mixture minus the mixture's. ``y`` a class or one per sample
+        (``(batch,)``), not the null label. The exact classifier of classifier guidance
+        (Dhariwal & Nichol 2021, Sec. 4; Song et al. 2021, Sec. 5)."""
+        self._check_y(y, "log_class_posterior_grad", null_ok=False)
+        return self._by_class(x, t, y, "score") - self._evaluate(x, t, "score")
+
+    def _by_class(self, x: torch.Tensor, t: Optional[TimeLike], y, what: str) -> torch.Tensor:
+        """``what`` of ``p_t(x | y)``: class ``y``'s sub-mixture on the rows of class ``y``, the
+        whole mixture on the rows with the null label."""
+        y = self._check_y(y, what)
+        C = self.n_classes
+        if not isinstance(y, torch.Tensor):
+            return (self if y == C else self.conditional(y))._evaluate(x, t, what)
+        self._check_x(x)
+        require(y.shape[0] == x.shape[0],
+                f"y must hold one class per sample, shape ({x.shape[0]},), got {tuple(y.shape)}")
+        y = y.to(x.device)
+        classes = torch.unique(y).tolist()
+        if len(classes) == 1:
+            return (self if classes[0] == C else self.conditional(classes[0]))._evaluate(x, t, what)
+        out = x.new_empty((x.shape[0],) if what == "log_prob" else x.shape)
+        per_sample = isinstance(t, torch.Tensor) and t.ndim == 1 and t.shape[0] == x.shape[0] > 1
+        for c in classes:
+            rows = (y == c).nonzero().squeeze(1)
+            tc = t
+            if per_sample:
+                tc = t[:1].expand(len(rows)) if t.stride(0) == 0 else t[rows.to(t.device)]
+            out[rows] = (self if c == C else self.conditional(c))._evaluate(x[rows], tc, what)
+        return out
 
     def sample(self, n: int, t: Optional[TimeLike] = None,
                generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float32,
                device: Union[str, torch.device, None] = None,
-               return_labels: bool = False):
-        """Draw ``n`` samples of ``p_t`` (``t=None``: clean data), optionally with their components.
-        Full-covariance components draw ``m_k + U_k (sqrt(l_k) * z)``."""
+               return_labels: bool = False, y=None):
+        """Draw ``n`` samples of ``p_t`` (``t=None``: clean data), optionally with their components
+        (``return_labels``: the component index of each sample; its class is ``labels[index]``).
+        Full-covariance components draw ``m_k + U_k (sqrt(l_k) * z)``. ``y`` (a labelled
+        mixture): draw ``p_t(x | y)`` instead, for one class or one per sample (``(n,)``; the null
+        label draws from the whole mixture): the components of class ``y`` with renormalised
+        weights."""
         require(isinstance(n, int) and n >= 1, f"n must be an integer >= 1, got {n!r}")
         if generator is not None and device is None:
             device = generator.device
-        labels = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator)
+        if y is None:
+            labels = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator)
+        else:
+            y = self._check_y(y, "sample")
+            if isinstance(y, torch.Tensor):
+                require(y.shape[0] == n, f"sample: y must hold one class per sample, shape ({n},), "
+                                         f"got {tuple(y.shape)}")
+                w = self.weights.to(device) * self._members.to(device)[y.to(device)]   # (n, K)
+                labels = torch.multinomial(w, 1, generator=generator).squeeze(1)
+            else:
+                w = self.weights.to(device) * self._members.to(device)[y]
+                labels = torch.multinomial(w, n, replacement=True, generator=generator)
         noise = torch.randn((n,) + tuple(self.event_shape), generator=generator, device=device,
                             dtype=torch.float64)
         if self.covariances is None:
@@ -554,12 +733,13 @@ class GaussianMixture:
 def random_mixture(dim: Union[int, Sequence[int]] = 2, n_components: int = 8, seed: int = 0,
                    sde: Optional[SDE] = None, spread: float = 0.6,
                    std_range: Sequence[float] = (0.05, 0.2), diagonal: bool = False,
-                   full: bool = False) -> GaussianMixture:
+                   full: bool = False, labels: Optional[ArrayLike] = None) -> GaussianMixture:
     """A reproducible mixture with unequal weights and widths, its means inside ``[-spread, spread]``
     (data roughly in ``[-1, 1]`` like scaled images). ``dim`` may be an event shape. ``diagonal``:
     a standard deviation per axis; ``full``: covariances ``U_k diag(s_k^2) U_k^T`` with such
     per-axis ``s_k`` and random orthogonal ``U_k`` (QR of a Gaussian matrix), built by
-    :meth:`GaussianMixture.from_eigen`."""
+    :meth:`GaussianMixture.from_eigen`. ``labels``: the components' classes (see
+    :class:`GaussianMixture`)."""
     event = (dim,) if isinstance(dim, int) else tuple(dim)
     require(n_components >= 1, f"n_components must be >= 1, got {n_components!r}")
     lo, hi = float(std_range[0]), float(std_range[1])
@@ -571,8 +751,9 @@ def random_mixture(dim: Union[int, Sequence[int]] = 2, n_components: int = 8, se
     std_shape = (n_components,) + (event if diagonal or full else ())
     stds = lo + (hi - lo) * torch.rand(std_shape, generator=g, dtype=torch.float64)
     if not full:
-        return GaussianMixture(weights, means, stds, sde)
+        return GaussianMixture(weights, means, stds, sde, labels=labels)
     d = math.prod(event)
     q, r = torch.linalg.qr(torch.randn((n_components, d, d), generator=g, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]   # the Haar-distributed Q
-    return GaussianMixture.from_eigen(weights, means, stds.reshape(n_components, d) ** 2, q, sde)
+    return GaussianMixture.from_eigen(weights, means, stds.reshape(n_components, d) ** 2, q, sde,
+                                      labels=labels)
