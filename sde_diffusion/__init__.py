@@ -7,6 +7,9 @@ lives in :mod:`sde_diffusion.training`, networks in :mod:`sde_diffusion.models`.
 """
 from .evaluation import evaluate_model, train
 from .likelihood import image_log_likelihood, log_likelihood
+from .inverse import (BlockAverage, Colorization, Dense, LinearOperator, Mask, observe,
+                      solve_inverse)
+from .inverse.posterior import exact_posterior
 from .models import OracleModel, ScoreModel
 from .oracles import GaussianMixture, random_mixture
 from .samplers import available_solvers, make_grid, optimize_grid, sample
@@ -18,3 +21,5 @@ __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture",
            "ScoreModel", "OracleModel", "sample", "available_solvers", "make_grid", "optimize_grid",
            "log_likelihood",
            "image_log_likelihood", "train", "evaluate_model"]
+__all__ += ["solve_inverse", "LinearOperator", "Mask", "Colorization", "BlockAverage", "Dense",
+            "observe", "exact_posterior"]
