@@ -11,6 +11,7 @@ from .inverse import (BlockAverage, Colorization, Dense, LinearOperator, Mask, o
                       solve_inverse)
 from .inverse.posterior import exact_posterior
 from .models import OracleModel, ScoreModel
+from .models import from_diffusers, from_k_diffusion
 from .oracles import GaussianMixture, random_mixture
 from .samplers import available_solvers, make_grid, optimize_grid, sample
 from .sdes import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
@@ -23,3 +24,4 @@ __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture",
            "image_log_likelihood", "train", "evaluate_model"]
 __all__ += ["solve_inverse", "LinearOperator", "Mask", "Colorization", "BlockAverage", "Dense",
             "observe", "exact_posterior"]
+__all__ += ["from_diffusers", "from_k_diffusion"]
