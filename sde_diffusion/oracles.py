@@ -210,6 +210,22 @@ take ``y=`` (a class, or one per sample, the null label meaning unconditional) a
         members[C] = True
         self._members = members
 
+    def check_model_kwargs(self, kwargs: dict) -> None:
+        """The arguments an :class:`~sde_diffusion.models.OracleModel` of this mixture accepts
+        (bound or per call): none for an unlabelled mixture; ``y`` (a class, one per sample, the
+        null label ``n_classes`` or ``None``: unconditional) for a labelled one."""
+        if not kwargs:
+            return
+        require(self.labels is not None,
+                f"the oracle of a Gaussian mixture without labels takes no network arguments, got "
+                f"{', '.join(kwargs)}: build the mixture with labels=... for y, or bind arguments "
+                f"to a ScoreModel of a network")
+        other = [k for k in kwargs if k != "y"]
+        require(not other, f"the oracle of a labelled Gaussian mixture takes only y=..., got "
+                           f"{', '.join(other)}")
+        if kwargs["y"] is not None:
+            self._check_y(kwargs["y"], "OracleModel")
+
     def _require_labels(self, what: str) -> int:
         require(self.labels is not None,
                 f"{what} needs class labels, and this mixture has none: build it with "
