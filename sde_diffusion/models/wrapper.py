@@ -269,16 +269,19 @@ class OracleModel(ScoreModel):
         super().__init__(self.mixture.score, sde, parameterization="score", check_finite=check_finite)
 
     def bind(self, **kwargs) -> "ScoreModel":
-        """An oracle is an exact function of ``(x, t)``: it takes no network arguments."""
-        raise ValueError(f"the oracle of a Gaussian mixture takes no network arguments, got "
-                         f"{', '.join(kwargs) or 'none'}: bind them to a ScoreModel of a network")
+        """An oracle is an exact function of ``(x, t)``; a labelled mixture's also takes the class
+        ``y`` (one, or one per sample; the null label or ``None``: unconditional) and gives the
+        exact class-conditional views (:meth:`GaussianMixture.check_model_kwargs`)."""
+        self.mixture.check_model_kwargs(kwargs)
+        return super().bind(**kwargs)
 
     def _exact(self, fn, x, t, kwargs, checked: bool = False):
-        require(not kwargs, f"the oracle of a Gaussian mixture takes no network arguments, got "
-                            f"{', '.join(kwargs)}")
+        if self.bound or kwargs:
+            kwargs = {**self.bound, **kwargs}
+            self.mixture.check_model_kwargs(kwargs)
         if not checked:
             t = self.sde.time(t, x, sync=False)
-        out = fn(x, t)
+        out = fn(x, t, **kwargs)
         self.nfe += 1
         if self.check_finite and not all_finite(out):
             bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
