@@ -10,7 +10,7 @@ from .likelihood import image_log_likelihood, log_likelihood
 from .inverse import (BlockAverage, Colorization, Dense, LinearOperator, Mask, observe,
                       solve_inverse)
 from .inverse.posterior import exact_posterior
-from .models import OracleModel, ScoreModel
+from .models import ClassifierFreeGuidance, ClassifierGuidance, OracleModel, ScoreModel
 from .models import from_diffusers, from_k_diffusion
 from .oracles import GaussianMixture, random_mixture
 from .samplers import available_solvers, make_grid, optimize_grid, sample
@@ -25,3 +25,4 @@ __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture",
 __all__ += ["solve_inverse", "LinearOperator", "Mask", "Colorization", "BlockAverage", "Dense",
             "observe", "exact_posterior"]
 __all__ += ["from_diffusers", "from_k_diffusion"]
+__all__ += ["ClassifierFreeGuidance", "ClassifierGuidance"]
