@@ -58,8 +58,8 @@ def exact_posterior(prior: GaussianMixture, operator: LinearOperator, y: torch.T
                     sigma_y: float = 0.0) -> PosteriorMixture:
     """The mixture ``p(x | y)`` (module docstring) for one observation ``y`` (``out_shape`` or
     ``(1, *out_shape)``), with the prior's SDE. Computed in float64 from the dense matrix of
-    ``A`` (``d_x`` up to a few thousand). Zero eigenvalues of the posterior covariances (below
-    ``d_x`` float64 round-offs of the largest) are set to exactly zero."""
+    ``A`` (``d_x`` up to a few thousand). Eigenvalues of the posterior covariances below ``4 d_x``
+    float64 round-offs of the prior covariance's largest entry are set to exactly zero."""
     require(isinstance(prior, GaussianMixture), f"prior must be a GaussianMixture, got {type(prior).__name__}")
     require(isinstance(operator, LinearOperator),
             f"operator must be a LinearOperator, got {type(operator).__name__}")
@@ -99,7 +99,9 @@ def exact_posterior(prior: GaussianMixture, operator: LinearOperator, y: torch.T
     cov = C - LinvAC.mT @ LinvAC
     cov = 0.5 * (cov + cov.mT)
     lam, U = torch.linalg.eigh(cov)
-    floor = D * torch.finfo(torch.float64).eps * lam.abs().amax(1, keepdim=True).clamp_min(1e-300)
+    # round-off of C_k - G_k A C_k is relative to the prior's scale, not the posterior's
+    scale = torch.maximum(C.abs().amax((1, 2)), lam.abs().amax(1))[:, None].clamp_min(1e-300)
+    floor = 4 * D * torch.finfo(torch.float64).eps * scale
     lam = torch.where(lam <= floor, torch.zeros_like(lam), lam)
     keep = weights > 0                       # components with no posterior mass are dropped
     post = PosteriorMixture.from_eigen(weights[keep], means[keep].reshape((-1,) + tuple(prior.event_shape)),
