@@ -273,21 +273,22 @@ class DiffusersNet(torch.nn.Module):
 class _Timestep:
     """The network's timestep at time ``t``: the fractional timestep ``t N / T - 1`` clamped to the
     trained range ``[0, N - 1]`` (interpolated, k-diffusion's convention) or rounded to the nearest
-    trained timestep (``quantize``). An index within the time's own round-off of an integer
-    (``8 N`` ulps of its dtype) is that integer, so a grid on trained timesteps gives the network
-    the exact integers a diffusers pipeline gives it."""
+    trained timestep (``quantize``). In float32 or lower precision an index within the time's own
+    round-off of an integer (``8 N`` ulps) is that integer, so a grid on trained timesteps gives
+    the network the exact integers a diffusers pipeline gives it (in float64 the difference is
+    ~1e-13 and left as it is)."""
 
     def __init__(self, sde: DiscreteVPSDE, quantize: bool, integer: bool):
         self.sde, self.quantize, self.integer = sde, quantize, integer
+        self.scale, self.top = sde.N / sde.T, float(sde.N - 1)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        k = self.sde.timestep(t).clamp(0, self.sde.N - 1)
-        r = k.round()
+        k = (t * self.scale).sub_(1.0).clamp_(0.0, self.top)
         if self.quantize:
-            k = r
-        else:
-            tol = 8 * self.sde.N * torch.finfo(k.dtype).eps
-            k = torch.where((k - r).abs() <= tol, r, k)
+            k = k.round_()
+        elif k.dtype != torch.float64:
+            r = k.round()
+            k = torch.where((k - r).abs_() <= 8 * self.sde.N * torch.finfo(k.dtype).eps, r, k)
         return k.long() if self.integer else k
 
 
