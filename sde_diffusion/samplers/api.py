@@ -1,7 +1,11 @@
-"""The one entry point: ``sample(model, sde, shape | x_T, solver=..., steps=...)``."""
+"""The one entry point: ``sample(model, sde, shape | x_T, solver=..., steps=...)``, and the
+automatic choice of solver, order and grid for a budget (``sample(model, nfe=N)``,
+:func:`auto_config`)."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,23 +19,97 @@ from .base import (CHECK_EVERY, Correction, GeneratorLike, NoiseSource, SampleRe
 from .grids import GRIDS, check_steps, make_grid
 from .registry import get_solver
 
-__all__ = ["sample", "start_state", "custom_grid"]
+__all__ = ["sample", "start_state", "custom_grid", "auto_config", "data_scale", "ConfiguredResult",
+           "AUTO", "DEFAULT_SOLVER"]
 
 GridLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
+
+#: the solver of ``sample(model, ...)`` when neither ``solver`` nor ``nfe`` is given (score_sde's)
+DEFAULT_SOLVER = "euler_maruyama"
+#: the name that asks for the automatic choice (:func:`auto_config`)
+AUTO = "auto"
+#: the budget from which the automatic choice takes UniPC's predictor order 3 instead of 2
+AUTO_ORDER3_FROM_NFE = 10
+#: the ``focus`` grid's ``sigma_data`` when the data's scale is not known (EDM's, images in [-1, 1])
+DEFAULT_SIGMA_DATA = 0.5
+
+
+@dataclass
+class ConfiguredResult(SampleResult):
+    """A :class:`SampleResult` that also records the configuration that ran (``config``): the
+    solver, its options (with a budget's plan filled in), the grid (name and its parameter, or
+    ``"custom"``), the steps and, for the automatic choice, ``auto=True`` and the ``rule`` applied.
+    ``sample(model, **result.config["call"])`` reproduces the run from the same noise."""
+
+    config: Dict[str, object] = field(default_factory=dict)
+
+
+def data_scale(model: Union[ScoreModel, GaussianMixture]) -> Optional[float]:
+    """The data's RMS per-coordinate standard deviation (EDM's ``sigma_data``) where the model
+    knows it -- an oracle mixture (or its :class:`~sde_diffusion.models.OracleModel`): by the law
+    of total variance, ``sqrt(mean_d(sum_k w_k (s_kd^2 + m_kd^2) - (sum_k w_k m_kd)^2))`` -- else
+    ``None`` (a trained network does not say)."""
+    mixture = model if isinstance(model, GaussianMixture) else getattr(model, "mixture", None)
+    if not isinstance(mixture, GaussianMixture):
+        return None
+    w = mixture.weights
+    m = mixture.means.reshape(len(w), -1)
+    if mixture.covariances is not None:
+        within = torch.einsum("k,kdd->d", w, mixture.covariances)
+    else:
+        within = w @ mixture.stds.reshape(len(w), -1) ** 2
+    var = within + w @ (m * m) - (w @ m) ** 2
+    return float(var.clamp(min=0).mean().sqrt())
+
+
+def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
+                sigma_data: Optional[float] = None) -> Dict[str, object]:
+    r"""The configuration ``sample(model, nfe=nfe)`` uses when no solver is named: a dict with
+    ``solver``, ``options``, ``grid``, ``sigma_data``, ``nfe`` and ``rule`` (a sentence).
+
+    The rule (docs/samplers.md, "The default for a budget"; measured on mixtures under VP, sub-VP
+    and VE at NFE 2-15 by ``benchmarks/low_nfe.py --rule``, checked on the 64-D benchmark mixture):
+
+    - ``unipc`` (UniPC's exponential Adams-Bashforth predictor with its Adams-Moulton corrector in
+      log-SNR, Zhao et al. 2023) at one NFE per step, predictor order ``p = 2`` below
+      :data:`AUTO_ORDER3_FROM_NFE` (10) NFE and ``p = 3`` from there (method order ``p + 1``);
+    - ``lower_order_final=True``: the predictor's order at step ``i`` of ``n`` is
+      ``min(p, n - i)`` (Lu et al. 2022b, Sec. 4 / App. D, for < 15 steps): the last steps, the
+      longest in log-SNR near the data, do not extrapolate a polynomial over old points;
+    - the ``focus`` grid (steps concentrated around the noise level ``sigma_data``,
+      :func:`~.grids.focus_grid`) with ``sigma_data`` = the given value, else the data's scale
+      where the model knows it (an oracle, :func:`data_scale`), else 0.5.
+
+    ``model`` may be ``None`` (then only ``sigma_data`` or 0.5 decide)."""
+    require(isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1,
+            f"nfe must be an integer >= 1, got {nfe!r}")
+    known = data_scale(model) if model is not None else None
+    if sigma_data is None:
+        sigma_data, source = (known, "the data's scale (oracle)") if known is not None else \
+            (DEFAULT_SIGMA_DATA, "the default 0.5 (the data's scale is not known)")
+    else:
+        source = "given"
+    require(sigma_data > 0 and math.isfinite(sigma_data), f"sigma_data must be > 0, got {sigma_data!r}")
+    order = 3 if nfe >= AUTO_ORDER3_FROM_NFE else 2
+    rule = (f"nfe={nfe}: unipc with predictor order {order} (2 below {AUTO_ORDER3_FROM_NFE} NFE, 3 "
+            f"from there), lower order at the final steps, on the focus grid with sigma_data="
+            f"{sigma_data:.4g} ({source})")
+    return {"solver": "unipc", "options": {"order": order, "lower_order_final": True},
+            "grid": "focus", "sigma_data": float(sigma_data), "nfe": nfe, "rule": rule}
 
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
-           solver: str = "euler_maruyama", steps: Optional[int] = None, *,
+           solver: Optional[str] = None, steps: Optional[int] = None, *,
            nfe: Optional[int] = None, grid: Union[str, GridLike, None] = None,
            t_start: Optional[float] = None, t_end: Optional[float] = None, rho: float = 7.0,
-           sigma_data: float = 0.5,
+           sigma_data: Optional[float] = None,
            generator: GeneratorLike = None, index_offset: int = 0, denoise: bool = False,
            dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
            correct: Optional[Correction] = None, grad: bool = False,
-           check_every: int = CHECK_EVERY, **options) -> SampleResult:
+           check_every: int = CHECK_EVERY, **options) -> ConfiguredResult:
     """Draw samples by integrating the reverse process from ``t_start`` (T) down to ``t_end`` (eps).
 
     Args:
@@ -40,7 +118,12 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         sde: the forward SDE; defaults to the model's.
         shape: ``(batch, ...)`` of the samples, when ``x_T`` is not given (then drawn from the prior).
         x_T: the starting state; its dtype and device are used throughout.
-        solver: a registered solver name (see :func:`~sde_diffusion.samplers.available_solvers`).
+        solver: a registered solver name (see :func:`~sde_diffusion.samplers.available_solvers`),
+            or ``"auto"``: the best configuration for the budget (:func:`auto_config`: UniPC,
+            its order, lower-order final steps, the ``focus`` grid). Not given: ``"auto"`` when
+            ``nfe`` is given, else ``"euler_maruyama"`` (score_sde's sampler; ``steps=`` calls keep
+            it). With ``"auto"`` a given ``grid``, ``sigma_data`` or option replaces the rule's,
+            and ``steps`` stands for ``nfe`` (one NFE per step). ``result.config`` says what ran.
         steps: number of grid intervals (default ``sde.N``; for an adaptive solver 1, the single
             interval ``[t_end, t_start]``: more intervals make it stop and report at every grid
             time); at most :data:`~sde_diffusion.samplers.grids.MAX_STEPS` (100000: more is
@@ -53,7 +136,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             sets the steps (a ``steps`` or ``nfe`` asking for another number of steps, or
             ``t_start``/``t_end``, is an error); default: the solver's own
             (``get_solver(name).grid``, its paper's choice).
-        rho, sigma_data: shape of the ``karras`` and ``focus`` grids.
+        rho, sigma_data: shape of the ``karras`` and ``focus`` grids (``sigma_data`` default
+            0.5; with ``"auto"`` the data's scale where the model knows it).
         generator: an int seed (default ``None``: torch's global generator), a
             ``torch.Generator``, or one generator per sample. With an int seed the noise of a
             sample -- in ``x_T`` and at every stochastic step -- depends only on the seed and the
@@ -90,10 +174,28 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             ``correct``, ``callback`` or the trajectory see the state.
         **options: passed to the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
     """
+    require(steps is None or nfe is None, "give steps or nfe, not both")
+    require(solver is None or isinstance(solver, str), f"solver must be a name, got {solver!r}")
+    if solver is None:
+        solver = AUTO if nfe is not None else DEFAULT_SOLVER
+    auto = None
+    if solver == AUTO:
+        times = None if grid is None or isinstance(grid, str) else custom_grid(grid, as_model(model, sde).sde)
+        budget = nfe if nfe is not None else steps if steps is not None else \
+            (len(times) - 1 if times is not None else None)
+        require(budget is not None, "solver='auto' chooses for a budget: give nfe (or steps, or a "
+                                    "custom grid)")
+        auto = auto_config(model, int(budget), sigma_data)
+        solver, sigma_data = auto["solver"], auto["sigma_data"]
+        options = {**auto["options"], **options}
+        grid = auto["grid"] if grid is None else grid
+        if steps is not None:
+            steps, nfe = None, int(steps)
+    if sigma_data is None:
+        sigma_data = DEFAULT_SIGMA_DATA
     info = get_solver(solver)
     model = as_model(model, sde)
     sde = model.sde
-    require(steps is None or nfe is None, "give steps or nfe, not both")
     info.check_options(options)
     times = None if grid is None or isinstance(grid, str) else custom_grid(grid, sde)
     planned = options
@@ -122,8 +224,24 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
                                    two_way=info.two_way, check_every=check_every)
         if denoise:
             x = model.x0(x, ctx.t(ctx.steps))
-    return SampleResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
-                        trajectory=trajectory)
+    grid_name = "custom" if grid is not None and not isinstance(grid, str) else \
+        (info.grid if grid is None else grid)
+    config: Dict[str, object] = {"solver": info.name, "options": dict(options), "grid": grid_name,
+                                 "steps": steps, "auto": auto is not None}
+    if grid_name == "focus":
+        config["sigma_data"] = float(sigma_data)
+    elif grid_name == "karras":
+        config["rho"] = float(rho)
+    if auto is not None:
+        config["rule"] = auto["rule"]
+    call = {"solver": info.name, "steps": steps, **dict(options),
+            "grid": grid_name if grid_name != "custom" else times.clone()}
+    call.update({k: config[k] for k in ("sigma_data", "rho") if k in config})
+    call.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None
+                 and grid_name != "custom"})
+    config["call"] = call
+    return ConfiguredResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
+                            trajectory=trajectory, config=config)
 
 
 def start_state(sde: SDE, shape: Optional[Sequence[int]], x_T: Optional[torch.Tensor],
