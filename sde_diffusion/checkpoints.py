@@ -6,6 +6,10 @@ A checkpoint is a ``torch.save``'d dict of tensors and plain Python values only:
 - ``step``: number of optimisation steps done;
 - ``config``: the run's config as JSON *text* (never a pickled object);
 - ``data_shape``: the shape of one data sample, to rebuild the network;
+- ``task``: ``"score"`` or ``"classifier"`` (``config.training.task``) and ``num_classes``: the
+  number of classes ``K`` of a class-conditional model or a classifier (``None``: unconditional),
+  so a loaded model knows its label range (labels ``0..K-1``, ``K`` the null label); files written
+  before these keys existed read as ``"score"`` and the config's ``model.num_classes``;
 - ``model``, ``ema``: network state dicts (raw and exponential moving average weights);
 - ``optimizer``: the optimizer's state dict (and ``grad_scaler`` for fp16);
 - ``rng``: the states of every random number generator the run uses: torch's global CPU
@@ -37,7 +41,8 @@ from ._files import atomic_write
 from .config import config_from_json, config_to_json
 from .models.factory import model_from_config
 
-__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "latest_checkpoint",
+__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "classifier_from_checkpoint",
+           "latest_checkpoint",
            "capture_rng_states", "restore_rng_states", "CheckpointError", "LAST_NAME", "FORMAT"]
 
 FORMAT = "sde_diffusion.checkpoint"
@@ -105,13 +110,18 @@ def restore_rng_states(states: Dict[str, Any], **generators: Optional[torch.Gene
 def save_checkpoint(path: PathLike, *, step: int, config, data_shape, model_state: Dict,
                     ema_state: Optional[Dict] = None, optimizer_state: Optional[Dict] = None,
                     rng: Optional[Dict] = None, extra: Optional[Dict] = None) -> str:
-    """Write a checkpoint atomically (see the module docstring for its contents)."""
+    """Write a checkpoint atomically (see the module docstring for its contents; ``task`` and
+    ``num_classes`` are read from ``config``)."""
+    cfg = config_from_json(config) if isinstance(config, str) else config
+    num_classes = cfg.model.get("num_classes", None)
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "step": int(step),
         "config": config if isinstance(config, str) else config_to_json(config),
         "data_shape": [int(s) for s in data_shape],
+        "task": str(cfg.training.get("task", "score")),
+        "num_classes": None if num_classes is None else int(num_classes),
         "model": model_state,
         "ema": ema_state,
         "optimizer": optimizer_state,
@@ -174,6 +184,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
         raise CheckpointError(f"{what}: its config is not valid JSON ({_first_line(err)})") from None
     ckpt["config_json"] = ckpt["config"]
     ckpt["config"] = config
+    ckpt.setdefault("task", str(config.training.get("task", "score")))
+    ckpt.setdefault("num_classes", config.model.get("num_classes", None))
     return ckpt
 
 
@@ -203,6 +215,20 @@ def model_from_checkpoint(path: PathLike, use_ema: bool = True,
     the raw weights; it is put in eval mode on ``device`` (default: CPU). ``path`` may also be a
     workdir, whose latest checkpoint is used.
     """
+    model, sde, config = _model_of(path, use_ema, device, "score")
+    return model, sde, config
+
+
+def classifier_from_checkpoint(path: PathLike, use_ema: bool = True,
+                               device: Union[str, torch.device, None] = None):
+    """Rebuild a trained noise-conditional classifier (``training.task = "classifier"``):
+    ``(NoisyClassifier, sde, config)``, loaded like :func:`model_from_checkpoint` (EMA weights
+    by default, eval mode, no gradients for the weights). ``clf(x, t)`` gives
+    ``log p(y | x_t, t)``, shape ``(batch, num_classes)``."""
+    return _model_of(path, use_ema, device, "classifier")
+
+
+def _model_of(path: PathLike, use_ema: bool, device, task: str):
     path = os.fspath(path)
     if os.path.isdir(path):
         found = latest_checkpoint(path)
@@ -210,6 +236,12 @@ def model_from_checkpoint(path: PathLike, use_ema: bool = True,
             raise CheckpointError(f"no checkpoint in {path!r}")
         path = found
     ckpt = load_checkpoint(path, map_location="cpu")
+    what = {"score": ("a score model", "model_from_checkpoint"),
+            "classifier": ("a noise-conditional classifier", "classifier_from_checkpoint")}
+    if ckpt["task"] != task:
+        held, loader = what.get(ckpt["task"], (f"task {ckpt['task']!r}", "load_checkpoint"))
+        raise CheckpointError(f"{path!r} holds {held} (training.task={ckpt['task']!r}), not "
+                              f"{what[task][0]}; load it with {loader}")
     config = ckpt["config"]
     state = ckpt["ema"] if use_ema else ckpt["model"]
     if state is None:

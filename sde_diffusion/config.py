@@ -29,12 +29,17 @@ import ml_collections
 from ._checks import require
 from .sdes import SDE, canonical_sde_name, make_sde
 
-__all__ = ["default_config", "toy_config", "digits_config", "TOY_DATASETS", "load_config",
+__all__ = ["default_config", "toy_config", "digits_config", "classifier_config", "TASKS",
+           "check_p_uncond", "TOY_DATASETS", "load_config",
            "apply_overrides", "parse_overrides", "build_sde", "flatten", "config_to_json",
            "config_from_json", "network_config", "MODEL_KEYS", "NULLABLE_FIELDS"]
 
 #: fields that may be set back to ``None`` after holding a value (``None`` means "off/default").
 NULLABLE_FIELDS = ("num_classes", "embed_dim", "time_scale")
+
+#: what a run trains (``config.training.task``): a score model (``"score"``) or a noise-conditional
+#: classifier ``p(y | x_t, t)`` (``"classifier"``, :func:`classifier_config`).
+TASKS = ("score", "classifier")
 
 #: keys of ``config.model`` read by the SDE builder and the training loop, not by the network
 #: constructor; :func:`network_config` drops them before calling ``build_network``.
@@ -68,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
     training.sample_freq = 0             # preview grid/scatter every N steps (0: off)
     training.n_preview = 64              # samples per preview
     training.mixed_precision = "no"      # "no", "bf16" or "fp16" (autocast; GPU only)
+    training.task = "score"              # "score" or "classifier" (noise-conditional p(y | x_t))
+    training.p_uncond = 0.0              # label dropout to the null label (classifier-free guidance)
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "euler_maruyama"   # a solver name of sde_diffusion.samplers
@@ -88,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     data.num_channels = 1                # image folder channels
 
     config.model = model = ml_collections.ConfigDict()
-    model.name = "mlp"
+    model.name = "mlp"                   # mlp | unet (| mlp_classifier | unet_classifier)
     model.parameterization = "eps"       # eps | x0 | v | score
     model.time_input = "t"               # t | sigma | index: what the network receives
     model.ema_rate = 0.999
@@ -225,6 +232,56 @@ def digits_config(sde: str = "vpsde") -> ml_collections.ConfigDict:
     optim.warmup = 500
     optim.grad_clip = 1.0
     return config
+
+
+def check_p_uncond(config) -> float:
+    """``config.training.p_uncond`` checked: in ``[0, 1)``, and ``> 0`` only for a conditional
+    score model (``config.model.num_classes`` set, ``training.task = "score"``)."""
+    p = config.training.get("p_uncond", 0.0)
+    require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= float(p) < 1.0,
+            f"config.training.p_uncond (label dropout probability) must lie in [0, 1), got {p!r}")
+    if float(p) > 0:
+        require((config.get("model", None) or {}).get("num_classes", None) is not None,
+                f"config.training.p_uncond={p} drops labels, but the model is unconditional: set "
+                f"config.model.num_classes (the number of classes) or p_uncond=0")
+        require(str(config.training.get("task", "score")) == "score",
+                f"config.training.p_uncond={p} is for score models (classifier-free guidance); a "
+                f"classifier trains on every label: set p_uncond=0")
+    return float(p)
+
+
+#: score-network fields a classifier network does not take (dropped by :func:`classifier_config`).
+_SCORE_ONLY_FIELDS = ("resblock_updown",)
+
+
+def classifier_config(config: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:
+    """A copy of the score-model ``config`` (``mlp`` or ``unet``) turned into the config of a
+    noise-conditional classifier of the same data and SDE: ``training.task = "classifier"``,
+    ``model.name`` ``mlp_classifier`` / ``unet_classifier`` with the same width, depth and time
+    embedding, ``model.num_classes = num_classes``, no label dropout and no previews. The
+    classifier trains with cross-entropy on ``x_t`` at ``t ~ U[training.eps, T]`` (Dhariwal &
+    Nichol 2021, Sec. 4)."""
+    require(isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2,
+            f"num_classes must be an integer >= 2, got {num_classes!r}")
+    name = str(config.model.name)
+    require(name in ("mlp", "unet"), f"classifier_config turns an 'mlp' or 'unet' config into a "
+                                     f"classifier's, got model.name={name!r}")
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.training.task = "classifier"
+    c.training.p_uncond = 0.0
+    c.training.sample_freq = 0
+    c.training.continuous = True
+    c.training.likelihood_weighting = False
+    c.training.importance_sampling = False
+    with c.model.unlocked() if hasattr(c.model, "unlocked") else contextlib.nullcontext():
+        for key in _SCORE_ONLY_FIELDS:
+            if key in c.model:
+                del c.model[key]
+        if "num_classes" in c.model:
+            del c.model["num_classes"]
+    c.model.name = name + "_classifier"
+    c.model.num_classes = num_classes
+    return c
 
 
 # ---- loading ------------------------------------------------------------------------------------

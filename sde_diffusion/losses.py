@@ -39,6 +39,13 @@ For SMLD this is exactly ``t_i = i T / (N - 1)``; for DDPM's linear betas ``t_i`
 ``~1/N`` of ``(i + 1) T / N``; the last few DDPM levels lie slightly beyond ``T`` (abar below
 ``alpha(T)^2`` by ~7 %) and are clamped to ``T``.
 
+Class labels: a conditional network (``num_classes=K``) gets the batch's labels ``y`` through the
+loss's keyword arguments (``model.eps(x_t, t, y=y)``). For classifier-free guidance (Ho & Salimans
+2022, "Classifier-Free Diffusion Guidance", Algorithm 1) :func:`drop_labels` replaces each label by
+the null label ``K`` with probability ``p_uncond`` (they use 0.1 or 0.2), so the one network also
+learns the unconditional score. :func:`classifier_loss` trains a noise-conditional classifier
+``p(y | x_t, t)`` with cross-entropy at ``t ~ U[eps, T]`` (Dhariwal & Nichol 2021, Sec. 4).
+
 Data parallelism: with ``world_size > 1`` each rank passes its shard ``x0`` of a global batch of
 ``world_size * len(x0)`` samples; every rank draws the random numbers for the *whole* global batch
 from the same generator and keeps its own slice, so the losses (and, after DDP's gradient average,
@@ -51,11 +58,14 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._checks import expand_to, require
+from .config import check_p_uncond
+from .models.classifier import NoisyClassifier
+from .models.factory import config_task
 from .models.wrapper import ScoreModel
 from .sdes import SDE, VESDE, VPSDE
 
 __all__ = ["dsm_loss", "ddpm_loss", "smld_loss", "sample_time", "importance_sampling_norm",
-           "get_loss_fn", "WEIGHTINGS"]
+           "get_loss_fn", "WEIGHTINGS", "drop_labels", "classifier_loss"]
 
 WEIGHTINGS = ("score_sde", "likelihood")
 
@@ -258,14 +268,100 @@ def smld_loss(model: ScoreModel, x0: torch.Tensor, generator: Optional[torch.Gen
     return per_sample if return_per_sample else per_sample.mean()
 
 
+# ---- labels -----------------------------------------------------------------------------------
+def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int,
+                generator: Optional[torch.Generator] = None, rank: int = 0,
+                world_size: int = 1) -> torch.Tensor:
+    """``y`` with each label replaced by ``null_label`` independently with probability
+    ``p_uncond`` (Ho & Salimans 2022, Algorithm 1: "c <- null with probability p_uncond"). One
+    uniform number per sample of the global batch is drawn from ``generator`` (nothing is drawn
+    when ``p_uncond == 0``), so a run resumes exactly and DDP ranks drop as one process would."""
+    require(0.0 <= float(p_uncond) < 1.0, f"p_uncond must lie in [0, 1), got {p_uncond!r}")
+    if float(p_uncond) == 0.0:
+        return y
+    _check_shard(rank, world_size)
+    gdev = generator.device if generator is not None else y.device
+    u = _draw(torch.rand, (y.shape[0],), generator, gdev, torch.float32, rank, world_size).to(y.device)
+    return torch.where(u < float(p_uncond), torch.full_like(y, int(null_label)), y)
+
+
+def classifier_loss(classifier: NoisyClassifier, x0: torch.Tensor, y: torch.Tensor,
+                    generator: Optional[torch.Generator] = None, eps: Optional[float] = None, *,
+                    t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                    return_per_sample: bool = False, rank: int = 0,
+                    world_size: int = 1) -> torch.Tensor:
+    r"""Cross-entropy of a noise-conditional classifier on the forward process:
+    :math:`\mathbb E_{t \sim U[\epsilon, T]}\,\mathbb E_{x_0, y, z}\,[-\log p_\phi(y \mid x_t, t)]`
+    with :math:`x_t = \alpha(t) x_0 + \sigma(t) z` (Dhariwal & Nichol 2021, Sec. 4; score_sde's
+    noise-conditional classifier). ``t`` and ``noise`` are drawn as in :func:`dsm_loss` (same order,
+    same sharding) unless given."""
+    require(isinstance(classifier, NoisyClassifier),
+            f"classifier must be a NoisyClassifier, got {type(classifier).__name__}")
+    require(isinstance(x0, torch.Tensor) and x0.is_floating_point() and x0.ndim >= 2,
+            "x0 must be a floating tensor of shape (batch, ...)")
+    require(isinstance(y, torch.Tensor) and not y.is_floating_point() and y.shape == (x0.shape[0],),
+            f"y must be an integer (batch,) tensor with batch {x0.shape[0]}")
+    _check_shard(rank, world_size)
+    sde = classifier.sde
+    eps = _check_eps(sde, eps)
+    B = x0.shape[0]
+    gdev = _generator_device(generator, x0)
+    if t is None:
+        t = sample_time(sde, B, generator, False, eps, device=gdev, dtype=x0.dtype, rank=rank,
+                        world_size=world_size).to(x0.device)
+    else:
+        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device).expand(B)
+    if noise is None:
+        noise = _draw(torch.randn, tuple(x0.shape), generator, gdev, x0.dtype, rank,
+                      world_size).to(x0.device)
+    _, log_alpha, log_sigma = sde.log_scales(t, sync=False)
+    x_t = expand_to(log_alpha.exp(), x0) * x0 + expand_to(log_sigma.exp(), x0) * noise
+    per_sample = torch.nn.functional.cross_entropy(classifier.logits(x_t, t), y.long(), reduction="none")
+    return per_sample if return_per_sample else per_sample.mean()
+
+
 # ---- from a config -----------------------------------------------------------------------------
 def get_loss_fn(config, sde: SDE) -> Callable:
     """``loss_fn(model, x0, generator, rank=0, world_size=1) -> scalar`` chosen by
     ``config.training`` as in score_sde: ``continuous=True`` -> :func:`dsm_loss` (with
     ``likelihood_weighting``, ``importance_sampling``, ``reduce_mean``, ``eps``);
-    ``continuous=False`` -> :func:`ddpm_loss` for a VP SDE, :func:`smld_loss` for VE."""
+    ``continuous=False`` -> :func:`ddpm_loss` for a VP SDE, :func:`smld_loss` for VE.
+
+    Labels: ``loss_fn(..., y=labels)`` passes them to the network, each first replaced by the null
+    label ``config.model.num_classes`` with probability ``training.p_uncond``
+    (:func:`drop_labels`, drawn from ``generator`` before the times and the noise).
+    ``training.task = "classifier"`` -> :func:`classifier_loss` (``loss_fn(clf, x0, generator,
+    rank, world_size, y=labels)``, times in ``[training.eps, T]``)."""
     tr = config.training
     reduce_mean = bool(tr.get("reduce_mean", True))
+    task = config_task(config)
+    p_uncond = check_p_uncond(config)
+    if task == "classifier":
+        require(bool(tr.get("continuous", True)) and not bool(tr.get("likelihood_weighting", False))
+                and not bool(tr.get("importance_sampling", False)),
+                "the classifier task trains at uniform continuous times: set continuous=True, "
+                "likelihood_weighting=False, importance_sampling=False")
+        eps = float(tr.get("eps", 1e-5))
+        require(0 < eps < sde.T, f"config.training.eps must lie in (0, T={sde.T}), got {eps!r}")
+
+        def classifier_loss_fn(model, x0, generator=None, rank=0, world_size=1, y=None):
+            require(y is not None, "the classifier task needs labels: loss_fn(..., y=labels)")
+            return classifier_loss(model, x0, y, generator, eps=eps, rank=rank, world_size=world_size)
+        return classifier_loss_fn
+    inner = _score_loss_fn(config, sde, reduce_mean)
+    if p_uncond == 0.0:
+        return inner
+    null = int(config.model.num_classes)
+
+    def loss_with_dropout(model, x0, generator=None, rank=0, world_size=1, **kw):
+        if kw.get("y") is not None:
+            kw["y"] = drop_labels(kw["y"], p_uncond, null, generator, rank, world_size)
+        return inner(model, x0, generator, rank=rank, world_size=world_size, **kw)
+    return loss_with_dropout
+
+
+def _score_loss_fn(config, sde: SDE, reduce_mean: bool) -> Callable:
+    tr = config.training
     if bool(tr.get("continuous", True)):
         weighting = "likelihood" if bool(tr.get("likelihood_weighting", False)) else "score_sde"
         importance = bool(tr.get("importance_sampling", False))

@@ -31,10 +31,15 @@ def test_every_config_file_loads_and_builds(path):
     missing = set(flatten(default_config())) - set(flatten(config))
     assert not missing, missing
     sde = build_sde(config)
-    shape = (2,) if config.model.name == "mlp" else (1, config.data.image_size, config.data.image_size)
+    shape = ((2,) if config.model.name.startswith("mlp")
+             else (1, config.data.image_size, config.data.image_size))
     net = build_network(network_config(config.model), shape)
     x = torch.zeros((2,) + shape)
-    assert net(x, torch.full((2,), 0.5)).shape == x.shape
+    y = None if config.model.get("num_classes") is None else torch.tensor([0, 1])
+    if config.training.task == "classifier":     # logits over the classes
+        assert net(x, torch.full((2,), 0.5)).shape == (2, config.model.num_classes)
+    else:
+        assert net(x, torch.full((2,), 0.5), y=y).shape == x.shape
     assert sde.N == config.model.num_scales
 
 

@@ -1,24 +1,29 @@
 """Build a network, and the model that wraps it, from an ``ml_collections`` config (score_sde's
 layout): :func:`build_network` from ``config.model``'s constructor fields, :func:`model_from_config`
-the :class:`~sde_diffusion.models.ScoreModel` of a whole config. Training, checkpoints and the
-command line build their models here and nowhere else."""
+the :class:`~sde_diffusion.models.ScoreModel` of a whole config (or, for
+``config.training.task = "classifier"``, the
+:class:`~sde_diffusion.models.classifier.NoisyClassifier`). Training, checkpoints and the command
+line build their models here and nowhere else."""
 from __future__ import annotations
 
 import inspect
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from .._checks import require
-from ..config import build_sde, network_config
+from ..config import TASKS, build_sde, network_config
 from ..sdes import SDE
+from .classifier import CLASSIFIER_NETWORKS, NoisyClassifier
 from .mlp import TimeMLP
 from .unet import UNet
 from .wrapper import ScoreModel
 
-__all__ = ["NETWORKS", "build_network", "model_from_config"]
+__all__ = ["NETWORKS", "build_network", "model_from_config", "config_task"]
 
-NETWORKS = {"mlp": TimeMLP, "unet": UNet}
+#: every network by config name: the score networks and the classifiers
+#: (:data:`~sde_diffusion.models.classifier.CLASSIFIER_NETWORKS`).
+NETWORKS = {"mlp": TimeMLP, "unet": UNet, **CLASSIFIER_NETWORKS}
 
 
 def _fields(config) -> Mapping:
@@ -32,8 +37,8 @@ def _fields(config) -> Mapping:
 def build_network(model_config, data_shape: Sequence[int]) -> nn.Module:
     """The network named by ``model_config.name`` for data of shape ``data_shape``.
 
-    ``name`` is ``"mlp"`` (``data_shape = (dim,)``) or ``"unet"`` (``data_shape = (C, H, W)`` with
-    ``H == W``). Every other field is a constructor argument of :class:`TimeMLP` / :class:`UNet` of
+    ``name`` is ``"mlp"`` or ``"mlp_classifier"`` (``data_shape = (dim,)``), ``"unet"`` or
+    ``"unet_classifier"`` (``data_shape = (C, H, W)`` with ``H == W``). Every other field is a constructor argument of :class:`TimeMLP` / :class:`UNet` of
     the same name (missing ones take the constructor defaults); the data size arguments (``dim``;
     ``in_channels``, ``image_size``) come from ``data_shape`` (a field of that name must agree with
     it). A field the network does not take raises ``ValueError`` listing the valid ones, so a typo
@@ -44,12 +49,12 @@ def build_network(model_config, data_shape: Sequence[int]) -> nn.Module:
     require(name in NETWORKS, f"model name must be one of {sorted(NETWORKS)}, got {name!r}")
     shape = tuple(int(s) for s in data_shape)
     cls = NETWORKS[name]
-    if name == "mlp":
-        require(len(shape) == 1, f"the mlp network needs data_shape (dim,), got {shape}")
+    if name.startswith("mlp"):
+        require(len(shape) == 1, f"the {name} network needs data_shape (dim,), got {shape}")
         sized = {"dim": shape[0]}
     else:
         require(len(shape) == 3 and shape[1] == shape[2],
-                f"the unet network needs square images, data_shape (C, H, H), got {shape}")
+                f"the {name} network needs square images, data_shape (C, H, H), got {shape}")
         sized = {"in_channels": shape[0], "image_size": shape[1]}
     params = [p for p in inspect.signature(cls).parameters if p not in sized]
     unknown = sorted(k for k in fields if k != "name" and k not in params and k not in sized)
@@ -66,23 +71,51 @@ def build_network(model_config, data_shape: Sequence[int]) -> nn.Module:
     return cls(**sized, **kwargs)
 
 
+def config_task(config) -> str:
+    """``config.training.task`` (``"score"`` when absent), checked against ``config.model``: the
+    classifier task needs a classifier network and ``num_classes``, the score task a score
+    network."""
+    task = str(config.training.get("task", "score"))
+    require(task in TASKS, f"config.training.task must be one of {TASKS}, got {task!r}")
+    model = config.get("model", None) or {}
+    name = model.get("name", None)
+    if task == "classifier":
+        require(model.get("num_classes", None) is not None,
+                "config.training.task='classifier' needs config.model.num_classes (the number of "
+                "classes K >= 2)")
+        require(name is None or name in CLASSIFIER_NETWORKS,
+                f"config.training.task='classifier' needs a classifier network, config.model.name "
+                f"one of {sorted(CLASSIFIER_NETWORKS)}, got {name!r}")
+    else:
+        require(name not in CLASSIFIER_NETWORKS,
+                f"config.model.name={name!r} is a classifier: set config.training.task='classifier' "
+                f"to train it, or name a score network ('mlp', 'unet')")
+    return task
+
+
 def model_from_config(config, data_shape: Optional[Sequence[int]] = None, *, sde: Optional[SDE] = None,
                       net: Optional[nn.Module] = None,
-                      check_finite: bool = True) -> Tuple[nn.Module, ScoreModel]:
+                      check_finite: bool = True) -> Tuple[nn.Module, Union[ScoreModel, NoisyClassifier]]:
     """``(net, model)``: the network ``config.model`` names, built for data of shape
     ``data_shape`` (:func:`build_network` of :func:`~sde_diffusion.config.network_config`), and
     the :class:`ScoreModel` that reads it with ``config.model.parameterization`` and
     ``config.model.time_input`` under ``sde`` (default: :func:`~sde_diffusion.config.build_sde`
-    of ``config``).
+    of ``config``). For ``config.training.task = "classifier"`` the model is the
+    :class:`~sde_diffusion.models.classifier.NoisyClassifier` of the network (with
+    ``config.model.time_input`` and ``num_classes``).
 
     Pass ``net`` (a network of your own, an EMA copy, a ``DistributedDataParallel`` wrapper) to
     wrap it instead of building one; ``data_shape`` is then not needed. ``check_finite`` is the
     wrapper's NaN/Inf check (off in the training loop, where it would sync the device per step).
     """
+    task = config_task(config)
     if net is None:
         require(data_shape is not None, "model_from_config needs data_shape to build a network")
         net = build_network(network_config(config.model), tuple(int(s) for s in data_shape))
     sde = build_sde(config) if sde is None else sde
+    if task == "classifier":
+        return net, NoisyClassifier(net, sde, time_input=str(config.model.time_input),
+                                    num_classes=int(config.model.num_classes))
     model = ScoreModel(net, sde, parameterization=str(config.model.parameterization),
                        time_input=str(config.model.time_input), check_finite=check_finite)
     return net, model

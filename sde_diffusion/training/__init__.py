@@ -75,9 +75,12 @@ from .._files import (STORAGE_ERRNOS, ExclusiveLock, LockHeldError, OutputError,
 from ..checkpoints import (LAST_NAME, CheckpointError, capture_rng_states, latest_checkpoint,
                            load_checkpoint, restore_rng_states, save_checkpoint)
 from ..config import MODEL_KEYS, build_sde, config_to_json, flatten, network_config
-from ..data import InfiniteBatches, check_dataset_dependencies, get_dataset, infinite_batches
+from ..data import (DATASET_CLASSES, InfiniteBatches, check_dataset_dependencies, check_labels,
+                    get_dataset, infinite_batches)
 from ..losses import get_loss_fn
 from ..models import ScoreModel, model_from_config
+from ..models.classifier import NoisyClassifier
+from ..models.factory import config_task
 from ..sdes import SDE
 
 __all__ = ["train", "TrainResult", "PreviewFn", "NonFiniteLossError",
@@ -127,7 +130,8 @@ class TrainResult:
     checkpoint: Optional[str]                   # path of checkpoint_last.pt (None if not written)
     net: nn.Module                              # raw weights (unwrapped from DDP)
     ema_net: nn.Module                          # EMA weights, eval mode
-    model: ScoreModel                           # the EMA network wrapped for samplers
+    model: Any                                  # the EMA network wrapped: a ScoreModel for samplers
+                                                # (a NoisyClassifier for training.task="classifier")
     sde: Any
     config: Any
     interrupted: Optional[str] = None           # "SIGINT"/"SIGTERM" when stopped by a signal
@@ -139,11 +143,21 @@ class TrainResult:
 
 
 # ---- building blocks --------------------------------------------------------------------------
-def load_data(config, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def _num_classes(config) -> Optional[int]:
+    """``config.model.num_classes`` (``None``: unconditional), checked to be an integer >= 1."""
+    k = config.model.get("num_classes", None)
+    require(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+            f"config.model.num_classes must be None or an integer >= 1, got {k!r}")
+    return k
+
+
+def load_data(config, generator: Optional[torch.Generator] = None, labels: bool = False):
     """The training set named by ``config.data.dataset`` (``sde_diffusion.data.get_dataset``):
     2-D toys get ``n=config.data.n_train`` samples drawn with ``generator``; ``digits`` gets
     ``size=image_size`` and ``split``; ``npz`` gets ``path`` and ``key``; ``images`` gets ``path``,
-    ``size=image_size`` and ``channels=num_channels``."""
+    ``size=image_size`` and ``channels=num_channels``. ``labels=True`` returns ``(x, y)`` with the
+    class labels (``return_labels=True``), checked to lie in ``[0, config.model.num_classes)``;
+    a data set without labels raises ``ValueError`` saying so."""
     d = config.data
     name = str(d.dataset)
     if name == "digits":
@@ -154,10 +168,47 @@ def load_data(config, generator: Optional[torch.Generator] = None) -> torch.Tens
         kwargs = {"path": str(d.path), "size": int(d.image_size), "channels": int(d.num_channels)}
     else:
         kwargs = {"n": int(d.n_train), "generator": generator}
-    x = get_dataset(name, **kwargs)
+    if not labels:
+        x = get_dataset(name, **kwargs)
+        require(isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] >= 1,
+                f"dataset {name!r} must be a (N, ...) tensor, got {type(x).__name__}")
+        return x.float()
+    k = _num_classes(config)
+    try:
+        x, y = get_dataset(name, return_labels=True, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"config.model.num_classes={k} trains a class-conditional model, which "
+                         f"needs labelled data: {err}") from None
     require(isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] >= 1,
             f"dataset {name!r} must be a (N, ...) tensor, got {type(x).__name__}")
-    return x.float()
+    return x.float(), _checked_labels(y, x.shape[0], k, f"the labels of data set {name!r}")
+
+
+def _checked_labels(y, n: int, k: Optional[int], what: str) -> torch.Tensor:
+    try:
+        return check_labels(y, n, k, what=what)
+    except ValueError as err:
+        raise ValueError(f"{err} (config.model.num_classes={k}: labels 0..{k - 1}, {k} is the "
+                         f"null label)" if k is not None else str(err)) from None
+
+
+def _split_data(data, k: Optional[int], device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Your own ``data=`` argument of :func:`train`: a tensor, or ``(x, y)`` for a conditional
+    model (``config.model.num_classes``)."""
+    if isinstance(data, (tuple, list)):
+        require(len(data) == 2, f"data must be a tensor x or a pair (x, y), got {len(data)} items")
+        x, y = data
+    else:
+        x, y = data, None
+    require(isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 2 and x.shape[0] >= 1,
+            "data must be a floating (N, ...) tensor (or a pair (x, y) with labels y)")
+    if k is None:
+        require(y is None, "data has labels y but config.model.num_classes is None (an unconditional "
+                           "model): set config.model.num_classes, or pass data=x alone")
+        return x.to(device), None
+    require(y is not None, f"config.model.num_classes={k} trains a class-conditional model: pass "
+                           f"data=(x, y) with labels y in [0, {k})")
+    return x.to(device), _checked_labels(y, x.shape[0], k, "the labels y of data").to(device)
 
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:
@@ -357,7 +408,17 @@ def _config_changes(old, new) -> List[str]:
 
 #: ``config.model`` fields that are not the network's constructor arguments but still change what
 #: its weights mean: refused on resume like a change of the network.
-_MEANING_KEYS = ("model.parameterization", "model.time_input")
+_MEANING_KEYS = ("model.parameterization", "model.time_input", "model.num_classes", "training.task")
+
+
+def _with_new_defaults(saved):
+    """A checkpoint's config with the fields added since it was written (``training.task``,
+    ``training.p_uncond``) at the values that reproduce the run that wrote it."""
+    saved = copy.deepcopy(saved)
+    for key, value in (("task", "score"), ("p_uncond", 0.0)):
+        if key not in saved.training:
+            saved.training[key] = value
+    return saved
 
 
 def _sde_without_eps(config) -> SDE:
@@ -373,6 +434,7 @@ def _check_resumable(found: str, saved, config, own_net: bool) -> None:
     """Refuse to resume ``found`` (trained with config ``saved``) under ``config`` when the network
     (``config.model``'s constructor arguments; not checked for a network of one's own), its
     parameterization or time input, or the forward SDE differ; warn about other changes."""
+    saved = _with_new_defaults(saved)
     changes = _config_changes(saved, config)
     key = lambda change: change.split(":", 1)[0]  # noqa: E731
     net_keys = set() if own_net else {"model." + k for k in (*network_config(saved.model).keys(),
@@ -433,7 +495,17 @@ def _check_settings(config, world: int, own_data: bool) -> None:
     _ema_rate(config.model.ema_rate)
     _optimizer_class(config)
     _amp_mode(config)
-    get_loss_fn(config, build_sde(config))
+    k = _num_classes(config)
+    get_loss_fn(config, build_sde(config))   # also the task and p_uncond
+    name = str(config.data.dataset)
+    if k is not None and not own_data:
+        labelled = sorted(DATASET_CLASSES) + ["images", "mixture", "npz"]
+        require(name in labelled, f"config.model.num_classes={k} trains a class-conditional model, "
+                                  f"but data set {name!r} has no class labels; data sets with labels "
+                                  f"are {labelled}")
+        require(name not in DATASET_CLASSES or k >= DATASET_CLASSES[name],
+                f"config.model.num_classes={k} is too small for data set {name!r}, which has "
+                f"{DATASET_CLASSES.get(name)} classes")
     check_dependencies(config, own_data)
 
 
@@ -593,14 +665,19 @@ class Trainer:
         self.last_good: Optional[str] = None      # checkpoint_last.pt once known to be good
         self.sample_paths: List[str] = []
         seed = int(config.seed)
+        self.task, self.num_classes = config_task(config), _num_classes(config)
+        if self.task == "classifier" and self.preview is not None and self.sample_freq > 0:
+            warnings.warn("config.training.sample_freq > 0 but a classifier run draws no previews")
+            self.preview = None
 
         data_gen = torch.Generator().manual_seed(seed)          # seeds the data order
         if data is not None:
-            require(isinstance(data, torch.Tensor) and data.is_floating_point()
-                    and data.ndim >= 2 and data.shape[0] >= 1, "data must be a floating (N, ...) tensor")
-            self.data = data.to(self.device)
+            self.data, self.labels = _split_data(data, self.num_classes, self.device)
         else:
-            self.data = load_data(config, torch.Generator().manual_seed(seed + 1)).to(self.device)
+            loaded = load_data(config, torch.Generator().manual_seed(seed + 1),
+                               labels=self.num_classes is not None)
+            x, y = loaded if self.num_classes is not None else (loaded, None)
+            self.data, self.labels = x.to(self.device), None if y is None else y.to(self.device)
         self.data_shape = tuple(self.data.shape[1:])
         self.sde = build_sde(config)
         torch.manual_seed(seed)
@@ -618,14 +695,19 @@ class Trainer:
         self.amp_dtype, scaler = _autocast(config, self.device)
         noise = torch.Generator(device=self.device).manual_seed(seed + 2)
         self.loss_fn = get_loss_fn(config, self.sde)
-        # data order: shuffled indices into the training set, sharded over ranks
-        batches = infinite_batches(self.data, int(tr.batch_size), data_gen, rank=ddp.rank,
+        # data order: shuffled indices into the training set (and its labels), sharded over ranks
+        batches = infinite_batches(self.data if self.labels is None else (self.data, self.labels),
+                                   int(tr.batch_size), data_gen, rank=ddp.rank,
                                    world_size=ddp.world_size)
         self.state = TrainState(net=net, ema=ema, optimizer=optimizer, scaler=scaler,
                                 batches=batches, noise=noise)
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.grad_norm = torch.zeros((), device=self.device)
         self.model: Optional[ScoreModel] = None   # what the loss calls: set by run() (DDP there)
+        # previews of a conditional model: labels 0, 1, ..., K-1, 0, 1, ... (the null label never)
+        self.preview_labels = (None if self.num_classes is None else
+                               torch.arange(int(tr.get("n_preview", 64)), device=self.device)
+                               % self.num_classes)
 
     def say(self, msg: str) -> None:
         if self.is_main and not self.quiet:
@@ -703,14 +785,15 @@ class Trainer:
         """One optimisation step on the next batch (loss, warm-up learning rate, backward, gradient
         clipping, optimizer, EMA); returns the loss, still on the device."""
         s = self.state
-        x0 = next(s.batches)
+        batch = next(s.batches)
+        x0, kw = (batch, {}) if self.labels is None else (batch[0], {"y": batch[1]})
         if self.amp_dtype is not None:
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
                 loss = self.loss_fn(self.model, x0, s.noise, rank=self.ddp.rank,
-                                    world_size=self.ddp.world_size)
+                                    world_size=self.ddp.world_size, **kw)
         else:
             loss = self.loss_fn(self.model, x0, s.noise, rank=self.ddp.rank,
-                                world_size=self.ddp.world_size)
+                                world_size=self.ddp.world_size, **kw)
         s.optimizer.zero_grad(set_to_none=True)
         lr = _lr_at(s.step, self.base_lr, self.warmup)
         for group in s.optimizer.param_groups:
@@ -791,6 +874,8 @@ class Trainer:
                     if (self.preview is not None and self.sample_freq > 0
                             and step % self.sample_freq == 0 and self.is_main):
                         _, ema_model = model_from_config(config, sde=self.sde, net=s.ema.net)
+                        if self.preview_labels is not None:
+                            ema_model = ema_model.bind(y=self.preview_labels)
                         path = self.preview(step, ema_model, self.data)
                         if path:
                             self.sample_paths.append(path)
