@@ -73,7 +73,7 @@ def _like(v: Scale, x: torch.Tensor) -> Scale:
 
 
 class GaussianMixture:
-    """Mixture of Gaussians with isotropic, diagonal or full-covariance components, any event shape.
+    r"""Mixture of Gaussians with isotropic, diagonal or full-covariance components, any event shape.
 
     Args:
         weights: ``(K,)`` non-negative mixture weights (normalised here).
