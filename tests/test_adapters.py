@@ -414,3 +414,19 @@ def test_clear_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "k_diffusion", None)
     with pytest.raises(ImportError, match="pip install k-diffusion --no-deps"):
         load_k_diffusion("sampling")
+
+
+def test_docs_models_diffusers_examples_run(tmp_path, monkeypatch):
+    """docs/models.md's blocks that need diffusers (```python no-run diffusers: the plain docs test
+    skips them, since the 'ecosystem' extra may be missing) run here."""
+    from pathlib import Path
+
+    from markdown_blocks import fenced_blocks
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+    blocks = [f for f in fenced_blocks(doc.read_text(encoding="utf-8"))
+              if f.lang == "python" and "diffusers" in f.words[1:]]
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for f in blocks:
+        exec(compile("\n" * (f.line - 1) + f.code, str(doc), "exec"), {"__name__": "__doc_models__"})
