@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import platform
 import statistics
@@ -117,10 +118,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     rows = [measure(b, args.repeats, args.calls) for b in args.batch]
     cols = list(rows[0])
-    with open(args.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(args.out + ".csv", buf.getvalue())
     lines = [
         "# Adapter overhead: from_diffusers vs the UNet2DModel called directly",
         "",
