@@ -44,13 +44,15 @@ def _distance(problem, method, nfe, sigma_y=0.0, **options):
 # measured (2-d, lower half observed, prior at 0.463):
 #   vp: score_sde 0.012, ddnm 0.013, ddnm_plus 0.022, repaint 0.031, sdedit 0.012
 #   ve: 0.013, 0.009, 0.019, 0.015, 0.016;   subvp: 0.015, 0.009, 0.020, 0.023, 0.011
+# (a DDNM whose projection moves only half-way measures 0.034 here, 0.14 in the 8-d VE test)
 @pytest.mark.parametrize("sde", sorted(SDES))
-@pytest.mark.parametrize("method,nfe", [("score_sde", 200), ("ddnm", 100), ("ddnm_plus", 100),
-                                        ("repaint", 200), ("sdedit", 100)])
-def test_far_closer_than_the_prior_on_a_noiseless_mask(sde, method, nfe):
+@pytest.mark.parametrize("method,nfe,bound", [("score_sde", 200, 0.03), ("ddnm", 100, 0.03),
+                                              ("ddnm_plus", 100, 0.045), ("repaint", 200, 0.06),
+                                              ("sdedit", 100, 0.035)])
+def test_far_closer_than_the_prior_on_a_noiseless_mask(sde, method, nfe, bound):
     problem = _problem(sde, "mask", (2,), 0.0)
     assert problem[4] > 0.4
-    assert _distance(problem, method, nfe) < 0.07
+    assert _distance(problem, method, nfe) < bound
 
 
 def test_close_to_the_exact_posterior_at_high_nfe():
@@ -58,10 +60,15 @@ def test_close_to_the_exact_posterior_at_high_nfe():
     p2 = _problem("vp", "mask", (2,), 0.0)
     assert _distance(p2, "score_sde", 500) < 0.03
     assert _distance(p2, "ddnm", 500) < 0.03
-    # 8-d VE: floor 0.007, prior 0.289; measured score_sde 0.008, repaint 0.010 at 600 NFE
+    # 8-d VE: floor 0.007, prior 0.289; measured score_sde 0.008 at 600 NFE
     p8 = _problem("ve", "mask", (8,), 0.0)
     assert _distance(p8, "score_sde", 600) < 0.02
-    assert _distance(p8, "repaint", 600) < 0.025
+
+
+@pytest.mark.slow
+def test_repaint_close_to_the_exact_posterior_at_high_nfe():
+    p8 = _problem("ve", "mask", (8,), 0.0)
+    assert _distance(p8, "repaint", 600) < 0.025          # measured 0.010 (floor 0.007)
 
 
 def test_ddnm_stays_biased_in_8d_but_beats_the_prior():
