@@ -919,3 +919,192 @@ def test_bad_eigendecompositions_name_the_value():
     x = torch.randn(5, 2, dtype=F64)
     torch.testing.assert_close(a.log_prob(x), b.log_prob(x), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(a.score(x), b.score(x), rtol=1e-12, atol=1e-12)
+
+
+# ---- class labels (issue 12): the exact conditional oracle ---------------------------------------
+LABELLED = {
+    "iso": lambda sde: random_mixture(2, 5, seed=3, sde=sde, labels=[0, 1, 0, 2, 1]),
+    "diag": lambda sde: random_mixture(2, 5, seed=4, sde=sde, labels=[1, 0, 2, 2, 0], diagonal=True),
+    "full": lambda sde: random_mixture(3, 4, seed=5, sde=sde, labels=[0, 1, 1, 0], full=True),
+}
+
+
+def _direct_log_joint(mix, x, t):
+    """``log w_k N(x; alpha m_k, alpha^2 C_k + sigma^2 I)`` per sample and component by dense
+    multivariate normals (float64, differentiable in ``x``): Bayes' rule by hand."""
+    B, K, D = x.shape[0], mix.n_components, mix.dim
+    t = torch.as_tensor(t, dtype=F64).expand(B) if not isinstance(t, torch.Tensor) or t.ndim == 0 else t
+    _, log_a, log_s = mix.sde.log_scales(t.double())
+    a, s = log_a.exp()[:, None, None, None], log_s.exp()[:, None, None, None]
+    cov = mix.covariances if mix.covariances is not None else torch.diag_embed(mix.stds.reshape(K, D) ** 2)
+    covt = a * a * cov[None] + s * s * torch.eye(D, dtype=F64)                 # (B, K, D, D)
+    mean = a[..., 0] * mix.means.reshape(1, K, D)
+    dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=covt)
+    return dist.log_prob(x.reshape(B, 1, D)) + mix.weights.log()
+
+
+def _direct_log_class_posterior(mix, x, t):
+    lj = _direct_log_joint(mix, x, t)
+    per_class = torch.stack([torch.logsumexp(lj[:, mix.labels == c], 1) for c in range(mix.n_classes)], 1)
+    return per_class - torch.logsumexp(lj, 1, keepdim=True)
+
+
+def _labelled_points(mix, n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + tuple(mix.event_shape), generator=g, dtype=F64) * 0.8
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("kind", list(LABELLED))
+def test_class_posterior_is_bayes_rule(kind, sde_name):
+    mix = LABELLED[kind](SDES[sde_name]())
+    x = _labelled_points(mix)
+    for t in (0.02, 0.5, 1.0, torch.linspace(0.01, 1.0, 7, dtype=F64)):
+        ref = _direct_log_class_posterior(mix, x, t)
+        p, lp = mix.class_posterior(x, t), mix.log_class_posterior(x, t)
+        assert p.shape == (7, mix.n_classes) and lp.shape == (7, mix.n_classes)
+        torch.testing.assert_close(p.sum(1), torch.ones(7, dtype=F64), rtol=0, atol=1e-14)
+        torch.testing.assert_close(p, ref.exp(), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(lp, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_log_class_posterior_stays_finite_where_the_posterior_underflows():
+    means = torch.tensor([[-1.0], [1.0]], dtype=F64)
+    mix = GaussianMixture([0.5, 0.5], means, [0.01, 0.01], VPSDE(), labels=[0, 1])
+    x = torch.tensor([[-0.9], [0.9]], dtype=F64)
+    lp = mix.log_class_posterior(x, 0.0)
+    assert torch.isfinite(lp).all() and lp[0, 1] < -1e4 and mix.class_posterior(x, 0.0)[0, 1] == 0
+    torch.testing.assert_close(lp, _direct_log_class_posterior(mix, x, 0.0), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+@pytest.mark.parametrize("kind", list(LABELLED))
+def test_class_posterior_gradient_is_autograd_of_its_log(kind, sde_name):
+    """``grad log p(y | x_t)`` in closed form (sub-mixture score minus score) equals autograd of the
+    direct Bayes computation, for one class and for one class per sample."""
+    mix = LABELLED[kind](SDES[sde_name]())
+    x = _labelled_points(mix, seed=1)
+    y = torch.arange(7) % mix.n_classes
+    for t in (0.3, torch.linspace(0.05, 0.95, 7, dtype=F64)):
+        xg = x.clone().requires_grad_(True)
+        lp = _direct_log_class_posterior(mix, xg, t)
+        (g_all,) = torch.autograd.grad(lp[torch.arange(7), y].sum(), xg)
+        torch.testing.assert_close(mix.log_class_posterior_grad(x, t, y), g_all, rtol=1e-8, atol=1e-9)
+        xg = x.clone().requires_grad_(True)
+        (g_one,) = torch.autograd.grad(_direct_log_class_posterior(mix, xg, t)[:, 1].sum(), xg)
+        torch.testing.assert_close(mix.log_class_posterior_grad(x, t, 1), g_one, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("kind", list(LABELLED))
+def test_the_conditional_is_the_sub_mixture(kind, sde_name):
+    """``conditional(y)`` equals a mixture built from class ``y``'s components with renormalised
+    weights; ``score(x, t, y)`` is it, and equals ``score + grad log p(y | x_t)`` (Bayes); the null
+    label gives the whole mixture, sample by sample."""
+    sde = SDES[sde_name]()
+    mix = LABELLED[kind](sde)
+    x = _labelled_points(mix, seed=2)
+    for c in range(mix.n_classes):
+        idx = mix.labels == c
+        w = mix.weights[idx]
+        built = (GaussianMixture(w, mix.means[idx], mix.stds[idx], sde) if mix.covariances is None
+                 else GaussianMixture(w, mix.means[idx], sde=sde, covariances=mix.covariances[idx]))
+        sub = mix.conditional(c)
+        assert sub is mix.conditional(c) and sub.labels is None and sub.sde is sde
+        torch.testing.assert_close(sub.weights, w / w.sum(), rtol=1e-15, atol=0)
+        for t in (None, 0.3, torch.linspace(0.05, 1.0, 7, dtype=F64)):
+            for what in ("log_prob", "score") + (("x0", "eps") if t is not None else ()):
+                got = getattr(mix, what)(x, t, y=c)
+                torch.testing.assert_close(got, getattr(built, what)(x, t), rtol=1e-11, atol=1e-11)
+                torch.testing.assert_close(got, getattr(sub, what)(x, t), rtol=0, atol=0)
+            if t is not None:
+                torch.testing.assert_close(mix.score(x, t, y=c),
+                                           mix.score(x, t) + mix.log_class_posterior_grad(x, t, c),
+                                           rtol=1e-9, atol=1e-9)
+    y = torch.tensor([0, mix.n_classes, 1, mix.n_classes, 0, 1, 0])
+    for t in (0.4, torch.linspace(0.05, 1.0, 7, dtype=F64)):
+        per = mix.score(x, t, y=y)
+        for i in range(7):
+            ti = t if isinstance(t, float) else t[i:i + 1]
+            one = mix.score(x[i:i + 1], ti) if y[i] == mix.n_classes else mix.conditional(int(y[i])).score(x[i:i + 1], ti)
+            torch.testing.assert_close(per[i:i + 1], one, rtol=1e-12, atol=1e-12)
+
+
+def test_labelled_sampling_draws_the_class():
+    mix = random_mixture(2, 5, seed=3, sde=VPSDE(), labels=[0, 1, 0, 2, 1])
+    n = 20000
+    x, comp = mix.sample(n, generator=torch.Generator().manual_seed(0), return_labels=True, y=0)
+    assert (mix.labels[comp] == 0).all()
+    w = mix.conditional(0).weights
+    freq = torch.bincount(comp, minlength=5)[mix.labels == 0].double() / n
+    assert ((freq - w).abs() <= 4.5 * (w * (1 - w) / n).sqrt()).all(), (freq, w)
+    y = torch.arange(n) % 4                                   # 3: the null label, the whole mixture
+    x, comp = mix.sample(n, t=0.3, generator=torch.Generator().manual_seed(1), return_labels=True, y=y)
+    assert (mix.labels[comp[y < 3]] == y[y < 3]).all() and x.shape == (n, 2)
+    whole = torch.bincount(comp[y == 3], minlength=5).double() / int((y == 3).sum())
+    assert ((whole - mix.weights).abs() <= 4.5 * (mix.weights * (1 - mix.weights) / (n / 4)).sqrt()).all()
+    # without y, a labelled mixture draws exactly what the unlabelled one draws
+    plain = random_mixture(2, 5, seed=3, sde=VPSDE())
+    a = mix.sample(50, t=0.2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    b = plain.sample(50, t=0.2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    assert torch.equal(a, b)
+
+
+def test_labels_are_kept_by_with_sde_and_from_eigen():
+    mix = LABELLED["full"](VPSDE())
+    ve = mix.with_sde(VESDE())
+    assert torch.equal(ve.labels, mix.labels) and ve.n_classes == 2
+    assert ve.conditional(1).sde is ve.sde and mix.conditional(1).sde is mix.sde
+    x = _labelled_points(mix)
+    torch.testing.assert_close(ve.class_posterior(x, 0.5), _direct_log_class_posterior(ve, x, 0.5).exp(),
+                               rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([0, 1], r"one class per component, shape \(3,\), got \(2,\)"),
+    ([0, -1, 1], "labels must be >= 0"),
+    ([0, 0.5, 1], "labels must be integers"),
+    ([0, 2, 2], r"every class 0\.\.2 .* no component of class \[1\]"),
+])
+def test_bad_labels_name_the_value(labels, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture([1, 1, 1], [[0.0], [1.0], [2.0]], [0.1, 0.1, 0.1], labels=labels)
+
+
+def test_bad_classes_name_the_value():
+    mix = LABELLED["iso"](VPSDE())
+    plain = random_mixture(2, 3, seed=0, sde=VPSDE())
+    x = _labelled_points(mix, n=2)
+    with pytest.raises(ValueError, match="class_posterior needs class labels"):
+        plain.class_posterior(x, 0.5)
+    with pytest.raises(ValueError, match=r"y must lie in 0\.\.3 \(3 = the null label"):
+        mix.score(x, 0.5, y=4)
+    with pytest.raises(ValueError, match=r"conditional: y must lie in 0\.\.2, got 3"):
+        mix.conditional(3)
+    with pytest.raises(ValueError, match=r"log_class_posterior_grad: y must lie in 0\.\.2, got 3"):
+        mix.log_class_posterior_grad(x, 0.5, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="y must hold integer classes"):
+        mix.score(x, 0.5, y=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"one class per sample, shape \(2,\)"):
+        mix.score(x, 0.5, y=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"sample: y must hold one class per sample, shape \(5,\)"):
+        mix.sample(5, y=torch.tensor([0, 1]))
+
+
+def test_the_oracle_model_takes_a_bound_label():
+    from sde_diffusion import OracleModel
+
+    mix = LABELLED["diag"](VPSDE())
+    x = _labelled_points(mix, n=4)
+    y = torch.tensor([0, 1, 2, 3])
+    model = OracleModel(mix).bind(y=y)
+    tt = torch.full((4,), 0.3, dtype=F64)
+    a, s = _scales(mix.sde, 0.3)
+    for view in ("eps", "x0", "score"):
+        torch.testing.assert_close(getattr(model, view)(x, 0.3), getattr(mix, view)(x, 0.3, y=y), rtol=0, atol=0)
+        torch.testing.assert_close(model.at_scales(view, x, tt, a, s), getattr(mix, view)(x, 0.3, y=y),
+                                   rtol=0, atol=0)
+    assert torch.equal(OracleModel(mix).bind(y=None).score(x, 0.3), mix.score(x, 0.3))
+    assert model.nfe == 6
+    with pytest.raises(ValueError, match="takes only y"):
+        OracleModel(mix).bind(mask=1)
