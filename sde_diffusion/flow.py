@@ -50,7 +50,7 @@ import torch
 
 from ._checks import expand_to, require
 from .divergence import exact_divergence, hutchinson_divergence
-from .models.wrapper import OracleModel, ScoreModel, as_model
+from .models.wrapper import OracleModel, ScoreModel, as_model, linear_in_view, native_view
 from .sdes import SDE
 
 __all__ = [
@@ -69,13 +69,25 @@ def _velocity(f: torch.Tensor, g2: torch.Tensor, x: torch.Tensor, score: torch.T
     return expand_to(f, x) * x - expand_to(0.5 * g2, x) * score
 
 
-def pf_drift(model: ScoreModel, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def pf_drift(model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+             scales: Optional[Tuple[float, float, float, float]] = None) -> torch.Tensor:
     """The probability-flow drift ``F(x, t) = f(t) x - g(t)^2 s(x, t) / 2`` ([SDE] eq. 13) of
     ``model`` under its SDE, for ``x`` of shape ``(batch, *event)`` and ``t`` a ``(batch,)`` tensor
     (one network evaluation). ``t`` is not checked again on an accelerator (see the module
-    docstring: the callers keep it inside ``[0, T]``)."""
-    f, g2 = model.sde.f_g2(t, sync=False)
-    return _velocity(f, g2, x, model.score(x, t))
+    docstring: the callers keep it inside ``[0, T]``).
+
+    ``scales = (alpha, sigma, f, g^2)`` at ``t`` as numbers (a sampler's grid or stage, computed
+    once per run): then ``t`` is not checked and nothing is recomputed per call; the model is
+    asked for its own output's view ``m`` (:func:`~sde_diffusion.models.wrapper.native_view`)
+    and ``F = c_x x + c_m m`` is one multiply and one add (float64 results move at round-off)."""
+    if scales is None:
+        f, g2 = model.sde.f_g2(t, sync=False)
+        return _velocity(f, g2, x, model.score(x, t))
+    a, s, f, g2 = scales
+    view = native_view(model)
+    p, q = linear_in_view("score", view, a, s)
+    m = model.at_scales(view, x, t, a, s)
+    return torch.mul(x, f - 0.5 * g2 * p).add_(m, alpha=-0.5 * g2 * q)
 
 
 class FlowField:

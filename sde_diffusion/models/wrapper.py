@@ -18,17 +18,20 @@ is turned into the others with alpha and sigma of the SDE:
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Optional, Union
+from contextvars import ContextVar
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from .._checks import TimeLike, all_finite, expand_to, require
 from ..sdes import SDE
 
-__all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "as_model", "PARAMETERIZATIONS", "TIME_INPUTS"]
+__all__ = ["ScoreModel", "OracleModel", "NonFiniteError", "as_model", "deferred_finite_checks",
+           "native_view", "linear_in_view", "PARAMETERIZATIONS", "TIME_INPUTS"]
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "score")
 TIME_INPUTS = ("t", "sigma", "index")
+_VIEWS = ("eps", "x0", "score")
 
 
 def _is_float(v) -> bool:
@@ -41,6 +44,71 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, t: Optional[float] = None, step: Optional[int] = None):
         super().__init__(message)
         self.t, self.step = t, step
+
+
+#: True inside :func:`deferred_finite_checks`: the models' per-output finiteness check is left to
+#: the caller (a sampler's loop, which checks its state).
+_DEFERRED: ContextVar[bool] = ContextVar("sde_diffusion_deferred_finite_checks", default=False)
+
+
+class deferred_finite_checks:
+    """Inside this block (in this thread or task) no model checks its outputs for NaN/Inf: the
+    caller takes that over. ``sample()`` uses it for the fixed-step solvers unless
+    ``check_every=1``: a NaN/Inf output makes the state NaN/Inf at that step, and the loop's state
+    flags (read every ``check_every`` steps) name the step, so the per-call reduction and host
+    read (a device sync per network call on a GPU) are saved. ``defer=False`` restores the
+    checks inside an outer deferred block. A plain class (entered once per solver step: cheaper
+    than a generator-based context manager); reusable, not re-entrant."""
+
+    __slots__ = ("defer", "_token")
+
+    def __init__(self, defer: bool = True):
+        self.defer = bool(defer)
+        self._token = None
+
+    def __enter__(self) -> "deferred_finite_checks":
+        self._token = _DEFERRED.set(self.defer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _DEFERRED.reset(self._token)
+
+
+def _check_output(out: torch.Tensor, t: torch.Tensor, who: str) -> None:
+    """Raise :class:`NonFiniteError` naming the time of the first sample whose output is NaN/Inf
+    (one reduction and one host read when all is finite)."""
+    if not all_finite(out):
+        bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
+        raise NonFiniteError(f"the {who} returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
+
+
+def native_view(model: "ScoreModel") -> str:
+    """The view (``eps``, ``x0`` or ``score``) that ``model`` gives without converting its output:
+    its parameterization, or ``eps`` for a ``v`` model (the oracle: ``score``). A solver whose
+    update is linear in the model output asks for this view and folds the conversion into its
+    per-step coefficients (:func:`linear_in_view`). A subclass that overrides some views but not
+    that one (guidance written as an ``eps`` method) is asked for the first view it overrides."""
+    p = model.parameterization
+    view = p if p in _VIEWS else "eps"
+    cls = type(model)
+    own = [v for v in _VIEWS if getattr(cls, v) is not getattr(ScoreModel, v)]
+    return view if not own or view in own else own[0]
+
+
+def linear_in_view(want: str, view: str, alpha: float, sigma: float) -> Tuple[float, float]:
+    r"""``(p, q)`` with ``want(x) = p x + q view(x)`` at a time with scales ``alpha``, ``sigma``,
+    from ``x = alpha x0 + sigma eps`` and ``score = -eps/sigma``: e.g. ``eps = (x - alpha x0)/sigma``
+    gives ``(1/sigma, -alpha/sigma)`` for ``want="eps", view="x0"``. Python floats (float64)."""
+    a, s = alpha, sigma
+    require(want in _VIEWS and view in _VIEWS,
+            f"want and view must be eps, x0 or score, got {want!r}, {view!r}")
+    if want == view:
+        return 0.0, 1.0
+    if want == "eps":
+        return (1 / s, -a / s) if view == "x0" else (0.0, -s)
+    if want == "x0":
+        return (1 / a, -s / a) if view == "eps" else (1 / a, s * s / a)
+    return (0.0, -1 / s) if view == "eps" else (-1 / (s * s), a / (s * s))
 
 
 class ScoreModel:
@@ -56,7 +124,10 @@ class ScoreModel:
             DDPM label score_sde feeds its networks); or a callable ``t -> t_in``.
         check_finite: raise :class:`NonFiniteError` when the network returns NaN/Inf. The check
             reduces the output to one sum and reads it back: on a GPU that is one device sync
-            per call; pass ``False`` where that matters (the training loop does).
+            per call; pass ``False`` where that matters (the training loop does). Inside
+            ``sample()`` with a fixed-step solver it is skipped unless ``check_every=1``: the
+            sampler's own check of the state names the step instead
+            (:func:`deferred_finite_checks`).
 
     ``nfe`` counts network evaluations: one per call of ``net``, whatever the batch size. A
     method that evaluates the network several times per view (classifier-free guidance: with and
@@ -169,9 +240,8 @@ class ScoreModel:
                 f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
         if out.dtype != x.dtype and out.is_floating_point():
             out = out.to(x.dtype)
-        if self.check_finite and not all_finite(out):
-            bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
-            raise NonFiniteError(f"the model returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
+        if self.check_finite and not _DEFERRED.get():
+            _check_output(out, t, "model")
         return out
 
     def _output(self, x: torch.Tensor, t: TimeLike, kwargs: dict, view: str):
@@ -193,10 +263,13 @@ class ScoreModel:
         no time check and no recomputation of the scales. The same formulas as :meth:`eps`,
         :meth:`x0`, :meth:`score` with numbers for the scales: float64 results are bit-identical,
         float32 ones move at round-off (the scales are rounded once from float64 instead of
-        computed in float32). A subclass that overrides the view itself is called through it."""
-        fn = getattr(type(self), view, None)
+        computed in float32). A subclass that overrides the view itself, :meth:`raw` or
+        :meth:`_output` (guidance combining several network outputs) is called through its view."""
         require(view in ("eps", "x0", "score"), f"view must be eps, x0 or score, got {view!r}")
-        if fn is not getattr(ScoreModel, view) or type(self).raw is not ScoreModel.raw:
+        cls = type(self)
+        fn = getattr(cls, view)
+        if (fn is not getattr(ScoreModel, view) or cls.raw is not ScoreModel.raw
+                or cls._output is not ScoreModel._output):
             return fn(self, x, t, **kwargs)          # a subclass's own view or network call
         t_in = None
         if self.time_input == "sigma":
@@ -283,9 +356,8 @@ class OracleModel(ScoreModel):
             t = self.sde.time(t, x, sync=False)
         out = fn(x, t, **kwargs)
         self.nfe += 1
-        if self.check_finite and not all_finite(out):
-            bad_t = float(t[~torch.isfinite(out).reshape(out.shape[0], -1).all(1)][0])
-            raise NonFiniteError(f"the oracle returned NaN/Inf at t={bad_t:.6g}", t=bad_t)
+        if self.check_finite and not _DEFERRED.get():
+            _check_output(out, t, "oracle")
         return out
 
     def at_scales(self, view, x, t, alpha, sigma, **kwargs):

@@ -13,11 +13,13 @@ from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .._checks import all_finite, require
-from ..models.wrapper import NonFiniteError, ScoreModel
+from ..models.wrapper import (NonFiniteError, ScoreModel, deferred_finite_checks, linear_in_view,
+                              native_view)
 from ..sdes import SDE
 
 __all__ = ["NoiseSource", "SolverContext", "SampleResult", "GeneratorLike", "Correction", "chunk_size",
-           "NOISE_CHUNK_ELEMENTS", "NOISE_MAX_CHUNK", "CHECK_EVERY", "run_solver", "stepping"]
+           "NOISE_CHUNK_ELEMENTS", "NOISE_MAX_CHUNK", "CHECK_EVERY", "run_solver", "stepping",
+           "native_view", "linear_in_view"]   # the last two re-exported from models.wrapper
 
 GeneratorLike = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
@@ -172,6 +174,7 @@ class SolverContext:
     def __post_init__(self):
         _, log_a, log_s = self.sde.log_scales(self.times)
         self.alphas, self.sigmas, self.lambdas = log_a.exp(), log_s.exp(), log_a - log_s
+        self.time_list: List[float] = self.times.tolist()
         self._scales = list(zip(self.alphas.tolist(), self.sigmas.tolist()))
         self._lambdas = self.lambdas.tolist()
         self._vec_cache = {}
@@ -195,7 +198,7 @@ class SolverContext:
         memory does not grow with the number of steps."""
         vec = self._vec_cache.get(i)
         if vec is None:
-            vec = torch.full((self.batch,), float(self.times[i]), dtype=self.dtype,
+            vec = torch.full((self.batch,), self.time_list[i], dtype=self.dtype,
                              device=self.device)
             if len(self._vec_cache) >= 2:
                 self._vec_cache.pop(next(iter(self._vec_cache)))
@@ -207,6 +210,26 @@ class SolverContext:
         and so on, read from lists made once per run)."""
         a, s = self._scales[i]
         return a, s, self._lambdas[i]
+
+    def off_grid(self, times: Sequence[float], drift: bool = False) -> List[Tuple[float, ...]]:
+        """``(t, alpha, sigma)`` -- with ``drift``, ``(t, alpha, sigma, f, g^2)`` -- at times off
+        the grid (a solver's intermediate stages), as Python floats from one checked, vectorised
+        call of the SDE's views (float64), made before the first step; the stage is then
+        evaluated with ``model.at_scales(view, x, ctx.vec(t), alpha, sigma)``, without a check
+        or a recomputation per call."""
+        tt = torch.tensor([float(t) for t in times], dtype=torch.float64)
+        if tt.numel() == 0:
+            return []
+        tt, log_a, log_s = self.sde.log_scales(tt)
+        cols = [tt.tolist(), log_a.exp().tolist(), log_s.exp().tolist()]
+        if drift:
+            cols += [v.tolist() for v in self.sde.f_g2(tt)]
+        return list(zip(*cols))
+
+    def view(self, view: str, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The view ``view`` (``eps``, ``x0`` or ``score``) of the model at grid time ``t_i``
+        (see :meth:`eps`)."""
+        return self.model.at_scales(view, x, self.t(i), *self._scales[i])
 
     def eps(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """``model.eps(x, t_i)`` at grid time ``t_i``, with the grid's alpha and sigma (the grid
@@ -289,7 +312,15 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
     network error at a later step (fed the NaN state) is reported as that earlier step.
     ``check_every=1`` reads the flag after every step (strict: the error comes at the step
     itself, before ``correct``, the callback or the trajectory see the state); with more, they
-    may see the NaN states of the steps since the last check."""
+    may see the NaN states of the steps since the last check.
+
+    The model's own check of every output (``ScoreModel(check_finite=True)``: a reduction and a
+    host read per network call) is deferred to these flags for a fixed-step solver with
+    ``check_every > 1`` (:func:`~sde_diffusion.models.wrapper.deferred_finite_checks`, around
+    the solver's own steps; ``correct`` and the callback keep the checks): a NaN/Inf output makes
+    that step's state NaN/Inf, and the error names the step. With ``check_every=1``,
+    and for an ``adaptive`` solver (whose step-size control cannot handle a NaN), every output is
+    checked, and the error names the time of the failing call."""
     require(isinstance(check_every, int) and not isinstance(check_every, bool) and check_every >= 1,
             f"check_every must be an integer >= 1 (1: check the state after every step), "
             f"got {check_every!r}")
@@ -319,32 +350,36 @@ def run_solver(name: str, fn: Callable, ctx: SolverContext, x: torch.Tensor, opt
         if all(ok):
             return
         bad = first + ok.index(False)
-        t_bad = float(ctx.times[min(bad, ctx.steps)])
+        t_bad = times[min(bad, ctx.steps)]
         if adaptive:
             raise NonFiniteError(f"{name} (adaptive step size): the state became NaN/Inf "
-                                 f"integrating from t={float(ctx.times[bad - 1]):.6g} to "
+                                 f"integrating from t={times[bad - 1]:.6g} to "
                                  f"t={t_bad:.6g}{_interval(bad, ctx.steps)}", t=t_bad, step=bad)
         raise NonFiniteError(f"{name}: the state became NaN/Inf at step {bad} of "
                              f"{ctx.steps} (t={t_bad:.6g})", t=t_bad, step=bad)
 
+    times = ctx.time_list
+    # the solver's own model calls only: correct() and the callback keep the models' checks
+    defer = deferred_finite_checks(check_every > 1 and not adaptive)
     try:
         while True:
-            t_now = float(ctx.times[min(step, ctx.steps)])
+            t_now = times[min(step, ctx.steps)]
             try:
-                x = steps.send(sent)
+                with defer:
+                    x = steps.send(sent)
             except StopIteration:
                 break
             except NonFiniteError as err:
                 check()                 # a NaN state of an earlier step made this call fail
                 if adaptive:
                     raise NonFiniteError(f"{name} (adaptive step size, integrating from "
-                                         f"t={t_now:.6g} to t={float(ctx.times[step + 1]):.6g}"
+                                         f"t={t_now:.6g} to t={times[step + 1]:.6g}"
                                          f"{_interval(step + 1, ctx.steps)}): {err}",
                                          t=err.t, step=step + 1) from None
                 raise NonFiniteError(f"{name}: step {step + 1} of {ctx.steps} (from t={t_now:.6g}): "
                                      f"{err}", t=err.t, step=step + 1) from None
             step += 1
-            t_after = float(ctx.times[min(step, ctx.steps)])
+            t_after = times[min(step, ctx.steps)]
             if not flags:
                 first = step
             flags.append(torch.isfinite(x.sum()))

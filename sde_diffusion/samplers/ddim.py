@@ -13,9 +13,12 @@ DPM-Solver (Lu et al. 2022, eq. 3.7) exactly.
 from __future__ import annotations
 
 import math
+from typing import Iterable, List, Tuple
+
+import torch
 
 from .._checks import require
-from .base import SolverContext, stepping
+from .base import SolverContext, linear_in_view, native_view, stepping
 from .registry import register
 
 __all__ = ["ddim_step", "ddim_steps", "check_eta"]
@@ -27,22 +30,46 @@ def check_eta(eta) -> float:
     return eta
 
 
+def _coefficients(ctx: SolverContext, eta: float, view: str,
+                  steps: Iterable[int]) -> List[Tuple[float, float, float]]:
+    """``(c_x, c_m, c_z)`` of the ``steps``, ``x' = c_x x + c_m m + c_z z`` with ``m`` the model's
+    ``view`` at ``t_i``: the update of the module docstring, ``x' = (alpha'/alpha) x +
+    (c - alpha' sigma/alpha) eps + sigma_eta z`` with ``c = sqrt(sigma'^2 - sigma_eta^2)``, and
+    ``eps = p x + q m`` (:func:`~.base.linear_in_view`). Python floats computed in float64 once
+    per grid."""
+    out = []
+    for i in steps:
+        (a, s, lam), (a1, s1, lam1) = ctx.scales(i), ctx.scales(i + 1)
+        noise_std = eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (lam - lam1))))
+        c_eps = math.sqrt(max(0.0, s1 * s1 - noise_std * noise_std)) - a1 * s / a
+        p, q = linear_in_view("eps", view, a, s)
+        out.append((a1 / a + c_eps * p, c_eps * q, noise_std))
+    return out
+
+
 def ddim_step(ctx: SolverContext, i: int, x, eta: float):
-    """One DDIM step from ``t_i`` to the next grid time ``t_{i+1}`` (one NFE)."""
-    (a, s, lam), (a1, s1, lam1) = ctx.scales(i), ctx.scales(i + 1)
-    eps = ctx.eps(i, x)
-    x0 = (x - s * eps) / a
-    noise_std = eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (lam - lam1))))
-    x = a1 * x0 + math.sqrt(max(0.0, s1 * s1 - noise_std * noise_std)) * eps
-    if noise_std > 0:
-        x = x + noise_std * ctx.noise.randn()
-    return x
+    """One DDIM step from ``t_i`` to the next grid time ``t_{i+1}`` (one NFE). A solver running
+    many steps takes them from :func:`ddim_steps`, which computes the coefficients once."""
+    view = native_view(ctx.model)
+    (cx, cm, cz), = _coefficients(ctx, eta, view, [i])
+    return _advance(ctx, i, x, view, cx, cm, cz)
+
+
+def _advance(ctx: SolverContext, i: int, x, view: str, cx: float, cm: float, cz: float):
+    """``c_x x + c_m m + c_z z`` in one fresh tensor: a multiply and one or two in-place adds."""
+    out = torch.mul(x, cx).add_(ctx.view(view, i, x), alpha=cm)
+    if cz > 0:
+        out.add_(ctx.noise.randn(), alpha=cz)
+    return out
 
 
 def ddim_steps(ctx: SolverContext, eta: float):
-    """DDIM's step with this ``eta`` (checked once): ``advance(i, x)`` from ``t_i`` to ``t_{i+1}``."""
+    """DDIM's step with this ``eta`` (checked once; the coefficients of the whole grid computed
+    before the first step): ``advance(i, x)`` from ``t_i`` to ``t_{i+1}``."""
     eta = check_eta(eta)
-    return lambda i, x: ddim_step(ctx, i, x, eta)
+    view = native_view(ctx.model)
+    coef = _coefficients(ctx, eta, view, range(ctx.steps))
+    return lambda i, x: _advance(ctx, i, x, view, *coef[i])
 
 
 @register("ddim", deterministic=lambda eta, **_: float(eta) == 0.0, order=1, step=ddim_steps,

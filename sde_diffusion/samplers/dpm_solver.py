@@ -103,8 +103,9 @@ def _dpm_plan(nfe: int, order: int = 3, orders=None):
 
 def dpm_steps(ctx: SolverContext, order, r1, r2, orders):
     """DPM-Solver's single step with these options (checked once; the times, ``alpha`` and
-    ``sigma`` of every intermediate stage of the run computed up front): ``advance(i, x)`` from
-    ``t_i`` to ``t_{i+1}`` with the order of step ``i``."""
+    ``sigma`` of every intermediate stage of the run computed up front, and handed to the model
+    with each stage's call, :meth:`~sde_diffusion.models.ScoreModel.at_scales`): ``advance(i, x)``
+    from ``t_i`` to ``t_{i+1}`` with the order of step ``i``."""
     order = int(order)
     require(order in (1, 2, 3), f"order must be 1, 2 or 3, got {order!r}")
     orders = [order] * ctx.steps if orders is None else _check_orders(orders, ctx.steps)
@@ -154,7 +155,7 @@ def dpm_steps(ctx: SolverContext, order, r1, r2, orders):
             (t1, a1, s1, lam1), = stages[i]
             rr = (lam1 - lam) / h
             u = (a1 / a) * x - (s1 * math.expm1(lam1 - lam)) * eps0
-            eps1 = model.eps(u, ctx.vec(t1))
+            eps1 = model.at_scales("eps", u, ctx.vec(t1), a1, s1)
             phi = s_t * math.expm1(h)
             return (a_t / a) * x - phi * eps0 - (phi / (2 * rr)) * (eps1 - eps0)
         # Alg. 2 (DPM-Solver-3), r1 = 1/3, r2 = 2/3 by default
@@ -162,10 +163,10 @@ def dpm_steps(ctx: SolverContext, order, r1, r2, orders):
         q1, q2 = (lam1 - lam) / h, (lam2 - lam) / h
         h2 = lam2 - lam
         u1 = (a1 / a) * x - (s1 * math.expm1(lam1 - lam)) * eps0
-        d1 = model.eps(u1, ctx.vec(t1)) - eps0
+        d1 = model.at_scales("eps", u1, ctx.vec(t1), a1, s1) - eps0
         u2 = ((a2 / a) * x - (s2 * math.expm1(h2)) * eps0
               - (s2 * q2 / q1 * (math.expm1(h2) / h2 - 1)) * d1)
-        d2 = model.eps(u2, ctx.vec(t2)) - eps0
+        d2 = model.at_scales("eps", u2, ctx.vec(t2), a2, s2) - eps0
         return ((a_t / a) * x - (s_t * math.expm1(h)) * eps0
                 - (s_t / q2 * (math.expm1(h) / h - 1)) * d2)
 
@@ -267,7 +268,6 @@ def dpm_solver_pp(ctx: SolverContext, x, order: int = 3, lower_order_final: bool
     require(order in (1, 2, 3), f"order must be 1, 2 or 3, got {order!r}")
     require(solver_type in ("taylor", "midpoint"),
             f"solver_type must be 'taylor' or 'midpoint', got {solver_type!r}")
-    model = ctx.model
     alphas, sigmas, lambdas = _grid(ctx)
     x0s: List[torch.Tensor] = []    # newest first
     hs: List[float] = []
@@ -319,7 +319,6 @@ def sde_dpm_solver_pp(ctx: SolverContext, x, order: int = 2, solver_type: str = 
     require(order in (1, 2), f"order must be 1 or 2, got {order!r}")
     require(solver_type in ("taylor", "midpoint"),
             f"solver_type must be 'taylor' or 'midpoint', got {solver_type!r}")
-    model = ctx.model
     alphas, sigmas, lambdas = _grid(ctx)
     prev_x0 = None
     prev_h = None

@@ -46,7 +46,8 @@ def edm_steps(ctx: SolverContext, heun: bool, S_churn, S_tmin, S_tmax, S_noise):
     t_hat, log_a, log_s = at_lambda(
         ctx.sde, [-min(math.log(sig_e[i]) + math.log1p(gamma_max), log_smax) for i in churned],
         0.0, ctx.sde.T)
-    hat = {i: (t_hat[j], math.exp(log_a[j]), math.exp(log_s[j] - log_a[j]))
+    # per churned step: (t_hat, alpha, sigma_e, sigma) at the raised level
+    hat = {i: (t_hat[j], math.exp(log_a[j]), math.exp(log_s[j] - log_a[j]), math.exp(log_s[j]))
            for j, i in enumerate(churned)}
 
     # The state is kept in our variable x = alpha x_e (the model's input, no rescaling pass);
@@ -54,16 +55,17 @@ def edm_steps(ctx: SolverContext, heun: bool, S_churn, S_tmin, S_tmax, S_noise):
     def advance(i: int, x):
         s_cur, s_next = sig_e[i], sig_e[i + 1]
         t_cur, a_cur, a_next = None, alphas[i], alphas[i + 1]     # t_cur: a churned time only
+        sig_cur = None
         if i in hat:
             # Alg. 2 lines 4-6: x_e <- x_e + S_noise sqrt(sigma_hat^2 - sigma^2) z at the time
             # t_hat of sigma_hat
-            t_h, a_hat, s_hat = hat[i]
+            t_h, a_hat, s_hat, sig_hat = hat[i]
             if s_hat > s_cur:
                 std = S_noise * math.sqrt(s_hat * s_hat - s_cur * s_cur)
                 x = combine(x, a_hat / a_cur, [(a_hat * std, ctx.noise.randn())])
-                s_cur, t_cur, a_cur = s_hat, ctx.vec(t_h), a_hat
+                s_cur, t_cur, a_cur, sig_cur = s_hat, ctx.vec(t_h), a_hat, sig_hat
         # Euler step (Alg. 2 lines 7-8): x_e' = x_e + (sigma' - sigma) (x_e - D) / sigma
-        den = ctx.x0(i, x) if t_cur is None else model.x0(x, t_cur)
+        den = ctx.x0(i, x) if t_cur is None else model.at_scales("x0", x, t_cur, a_cur, sig_cur)
         r = (s_next - s_cur) / s_cur
         x_next = combine(x, a_next / a_cur * (1 + r), [(-a_next * r, den)])
         if heun:

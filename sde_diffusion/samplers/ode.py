@@ -41,25 +41,34 @@ import torch
 
 from .. import flow
 from .._checks import require
+from ._exp_integrator import combine
 from .base import SolverContext
 from .registry import register
 
 __all__ = ["pf_drift"]
 
 
-def pf_drift(ctx: SolverContext, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def pf_drift(ctx: SolverContext, x: torch.Tensor, t: torch.Tensor, scales=None) -> torch.Tensor:
     """The probability-flow drift ``f(t) x - g(t)^2 s(x, t) / 2`` (one NFE):
-    :func:`sde_diffusion.flow.pf_drift` of the context's model."""
-    return flow.pf_drift(ctx.model, x, t)
+    :func:`sde_diffusion.flow.pf_drift` of the context's model (``scales = (alpha, sigma, f,
+    g^2)`` at ``t``: no check or recomputation per call)."""
+    return flow.pf_drift(ctx.model, x, t, scales)
+
+
+def _at_grid(ctx: SolverContext, i: int):
+    """``(alpha, sigma, f, g^2)`` at grid time ``t_i`` (floats of the context's grid)."""
+    a, s, _ = ctx.scales(i)
+    return (a, s) + ctx.drift(i)
 
 
 @register("ode_euler", deterministic=True, two_way=True, order=1, nfe=lambda steps: steps,
           summary="probability-flow ODE, Euler (order 1)")
 def ode_euler(ctx: SolverContext, x):
     """Euler's method on the probability-flow ODE in ``t`` (1 NFE per step)."""
+    times = ctx.time_list
     for i in range(ctx.steps):
-        h = float(ctx.times[i + 1] - ctx.times[i])
-        x = x + h * pf_drift(ctx, x, ctx.t(i))
+        h = times[i + 1] - times[i]
+        x = torch.add(x, pf_drift(ctx, x, ctx.t(i), _at_grid(ctx, i)), alpha=h)
         x = yield x
 
 
@@ -68,11 +77,12 @@ def ode_euler(ctx: SolverContext, x):
 def ode_heun(ctx: SolverContext, x):
     """Heun's method (explicit trapezoidal rule) on the probability-flow ODE in ``t``, on every
     step including the last (2 NFE per step)."""
+    times = ctx.time_list
     for i in range(ctx.steps):
-        h = float(ctx.times[i + 1] - ctx.times[i])
-        k1 = pf_drift(ctx, x, ctx.t(i))
-        k2 = pf_drift(ctx, x + h * k1, ctx.t(i + 1))
-        x = x + (0.5 * h) * (k1 + k2)
+        h = times[i + 1] - times[i]
+        k1 = pf_drift(ctx, x, ctx.t(i), _at_grid(ctx, i))
+        k2 = pf_drift(ctx, torch.add(x, k1, alpha=h), ctx.t(i + 1), _at_grid(ctx, i + 1))
+        x = combine(x, 1.0, [(0.5 * h, k1), (0.5 * h, k2)])
         x = yield x
 
 
@@ -80,16 +90,19 @@ def ode_heun(ctx: SolverContext, x):
           summary="probability-flow ODE, classical Runge–Kutta (order 4)")
 def ode_rk4(ctx: SolverContext, x):
     """The classical fourth-order Runge–Kutta method on the probability-flow ODE in ``t``
-    (4 NFE per step)."""
+    (4 NFE per step). The midpoints' scales and drift coefficients are computed once per run."""
+    times = ctx.time_list
+    mids = ctx.off_grid([times[i] + 0.5 * (times[i + 1] - times[i]) for i in range(ctx.steps)],
+                        drift=True)
     for i in range(ctx.steps):
-        t0, t1 = float(ctx.times[i]), float(ctx.times[i + 1])
-        h = t1 - t0
-        tm = ctx.vec(t0 + 0.5 * h)
-        k1 = pf_drift(ctx, x, ctx.t(i))
-        k2 = pf_drift(ctx, x + (0.5 * h) * k1, tm)
-        k3 = pf_drift(ctx, x + (0.5 * h) * k2, tm)
-        k4 = pf_drift(ctx, x + h * k3, ctx.t(i + 1))
-        x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+        h = times[i + 1] - times[i]
+        tm, *at_m = mids[i]
+        tm = ctx.vec(tm)
+        k1 = pf_drift(ctx, x, ctx.t(i), _at_grid(ctx, i))
+        k2 = pf_drift(ctx, torch.add(x, k1, alpha=0.5 * h), tm, at_m)
+        k3 = pf_drift(ctx, torch.add(x, k2, alpha=0.5 * h), tm, at_m)
+        k4 = pf_drift(ctx, torch.add(x, k3, alpha=h), ctx.t(i + 1), _at_grid(ctx, i + 1))
+        x = combine(x, 1.0, [(h / 6, k1), (h / 3, k2), (h / 3, k3), (h / 6, k4)])
         x = yield x
 
 

@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 
-from .base import SolverContext, stepping
+from .base import SolverContext, linear_in_view, native_view, stepping
 from .registry import register
 
 __all__ = ["euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "ancestral_steps",
@@ -36,18 +36,30 @@ __all__ = ["euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "a
 
 def _forward_transition(ctx: SolverContext, i: int):
     """``(r, G^2)`` of the forward step from ``t_{i+1}`` to ``t_i`` as Python floats."""
-    r = math.exp(float(ctx.alphas[i].log() - ctx.alphas[i + 1].log()))
-    s, lam, lam1 = float(ctx.sigmas[i]), float(ctx.lambdas[i]), float(ctx.lambdas[i + 1])
-    return r, -s * s * math.expm1(2 * (lam - lam1))
+    (a, s, lam), (a1, _, lam1) = ctx.scales(i), ctx.scales(i + 1)
+    return math.exp(math.log(a) - math.log(a1)), -s * s * math.expm1(2 * (lam - lam1))
+
+
+def _affine(ctx: SolverContext, i: int, x: torch.Tensor, cx: float, cs: float, cz: float) -> torch.Tensor:
+    """``cx x + cs s(x, t_i) + cz z`` in one fresh tensor: the model's own view ``m`` is asked for
+    (score ``= p x + q m``, :func:`~sde_diffusion.models.wrapper.linear_in_view`), so the update
+    is a multiply and one or two in-place adds; the noise is drawn after the model call."""
+    view = native_view(ctx.model)
+    a, s, _ = ctx.scales(i)
+    p, q = linear_in_view("score", view, a, s)
+    out = torch.mul(x, cx + cs * p).add_(ctx.view(view, i, x), alpha=cs * q)
+    if cz != 0.0:
+        out.add_(ctx.noise.randn(), alpha=cz)
+    return out
 
 
 # ---- Euler–Maruyama -----------------------------------------------------------------------------
 def euler_maruyama_step(ctx: SolverContext, i: int, x: torch.Tensor) -> torch.Tensor:
     """``x <- x - [f x - g^2 s] h + g sqrt(h) z`` with ``h = t_i - t_{i+1} > 0``."""
-    h = float(ctx.times[i] - ctx.times[i + 1])
+    h = ctx.time_list[i] - ctx.time_list[i + 1]
     f, g2 = ctx.drift(i)
-    drift = f * x - g2 * ctx.score(i, x)
-    return x - drift * h + (math.sqrt(g2) * math.sqrt(h)) * ctx.noise.randn()
+    # x - (f x - g^2 s) h + g sqrt(h) z
+    return _affine(ctx, i, x, 1.0 - f * h, g2 * h, math.sqrt(g2) * math.sqrt(h))
 
 
 @register("euler_maruyama", deterministic=False, order=0.5, two_way=True,
@@ -63,8 +75,7 @@ def euler_maruyama(ctx: SolverContext, x):
 def reverse_diffusion_step(ctx: SolverContext, i: int, x: torch.Tensor) -> torch.Tensor:
     """``x' = x - f_i(x) + G^2 s + G z`` with ``f_i(x) = (r - 1) x`` ([SDE] eq. 46)."""
     r, G2 = _forward_transition(ctx, i)
-    s = ctx.score(i, x)
-    return (2.0 - r) * x + G2 * s + math.sqrt(G2) * ctx.noise.randn()
+    return _affine(ctx, i, x, 2.0 - r, G2, math.sqrt(G2))
 
 
 @register("reverse_diffusion", deterministic=False, order=0.5, two_way=True,
@@ -107,13 +118,12 @@ def check_ancestral(ctx: SolverContext) -> str:
 def ancestral_step(ctx: SolverContext, i: int, x: torch.Tensor, kind: str) -> torch.Tensor:
     """One DDPM (``kind="vp"``) or SMLD (``kind="ve"``) ancestral step from ``t_i`` to ``t_{i+1}``."""
     r, G2 = _forward_transition(ctx, i)
-    s = ctx.score(i, x)
     if kind == "vp":
         # beta_i = 1 - r^2 = G^2 for VP; x' = (x + beta s) / sqrt(1 - beta) + sqrt(beta) z
-        return (x + G2 * s) / r + math.sqrt(G2) * ctx.noise.randn()
+        return _affine(ctx, i, x, 1.0 / r, G2 / r, math.sqrt(G2))
     # VE: G^2 = sigma^2 - sigma'^2; x' = x + G^2 s + sqrt(sigma'^2 G^2 / sigma^2) z
-    ratio = float(ctx.sigmas[i + 1] / ctx.sigmas[i])
-    return x + G2 * s + ratio * math.sqrt(G2) * ctx.noise.randn()
+    ratio = ctx.scales(i + 1)[1] / ctx.scales(i)[1]
+    return _affine(ctx, i, x, 1.0, G2, ratio * math.sqrt(G2))
 
 
 def ancestral_steps(ctx: SolverContext):

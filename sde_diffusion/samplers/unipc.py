@@ -71,7 +71,6 @@ def unipc(ctx: SolverContext, x, order: int = 2, corrector: bool = True,
     predictor's order at the last steps to ``min(p, steps - i)``."""
     order = int(order)
     require(1 <= order <= 4, f"order must be 1, 2, 3 or 4, got {order!r}")
-    model = ctx.model
     alphas, sigmas, lambdas = ctx.alphas.tolist(), ctx.sigmas.tolist(), ctx.lambdas.tolist()
     n = ctx.steps
     preds: List[int] = []      # grid indices of the stored data predictions (newest last)

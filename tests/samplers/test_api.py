@@ -207,8 +207,10 @@ def test_nonfinite_model_output_names_step_and_time(solver):
 
 
 def test_nonfinite_step_and_time_are_the_failing_ones():
+    # check_every=1: each model output is checked, so the failing call's time is named
     with pytest.raises(NonFiniteError, match=r"ode_euler: step 7 of 10 \(from t=0\.4006") as info:
-        sample(_nan_below(0.5), shape=(3, 2), solver="ode_euler", steps=10, generator=0)
+        sample(_nan_below(0.5), shape=(3, 2), solver="ode_euler", steps=10, generator=0,
+               check_every=1)
     assert info.value.step == 7 and math.isclose(info.value.t, 1 - 6 * (1 - 1e-3) / 10, rel_tol=1e-6)
 
 
