@@ -179,3 +179,18 @@ def test_model_from_checkpoint(tmp_path):
     assert not any(p.requires_grad for p in model.net.parameters()) and not model.net.training
     x = torch.zeros(4, 2)
     assert model.score(x, 0.5).shape == x.shape
+
+
+def test_checkpoints_record_the_task_and_the_label_range(tmp_path):
+    from sde_diffusion.config import load_config
+    config = load_config(os.path.join(ROOT, "configs", "toy", "8gaussians_cond.py"))
+    path = save_checkpoint(tmp_path / "c.pt", step=1, config=config, data_shape=(2,), model_state={})
+    ckpt = load_checkpoint(path)
+    assert ckpt["task"] == "score" and ckpt["num_classes"] == 8
+    config = load_config(os.path.join(ROOT, "configs", "toy", "moons_vp.py"))
+    old = save_checkpoint(tmp_path / "old.pt", step=1, config=config, data_shape=(2,), model_state={})
+    payload = torch.load(old, weights_only=True)
+    del payload["task"], payload["num_classes"]                     # written before these keys
+    torch.save(payload, old)
+    ckpt = load_checkpoint(old)
+    assert ckpt["task"] == "score" and ckpt["num_classes"] is None

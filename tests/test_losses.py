@@ -271,3 +271,65 @@ def test_float32_training_gradients_flow():
                 loss.backward()
                 assert torch.isfinite(loss)
                 assert all(torch.isfinite(q.grad).all() for q in net.parameters() if q.grad is not None)
+
+
+# ---- labels: dropout and the classifier's cross-entropy ---------------------------------------------
+class LabelNet(nn.Module):
+    """Output ``x * w[y]``: which label reached the network changes the loss."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, num_classes + 1, dtype=torch.float64))
+
+    def forward(self, x, t, y=None):
+        return x * self.w[y][:, None]
+
+
+def test_label_dropout_in_the_loss_equals_dsm_on_the_dropped_labels():
+    from sde_diffusion.losses import drop_labels
+    vp = VPSDE()
+    model = ScoreModel(LabelNet(4), vp)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(64) % 4
+    c = _cfg(p_uncond=0.3)
+    c.model = ml_collections.ConfigDict({"num_classes": 4, "name": "mlp"})
+    got = get_loss_fn(c, vp)(model, x0, torch.Generator().manual_seed(5), y=y)
+    g = torch.Generator().manual_seed(5)
+    dropped = drop_labels(y, 0.3, 4, g)                       # drawn first, from the same generator
+    assert 0 < int((dropped == 4).sum()) < 64
+    want = dsm_loss(model, x0, g, eps=1e-5, y=dropped)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    undropped = dsm_loss(model, x0, torch.Generator().manual_seed(5), eps=1e-5, y=y)
+    assert not torch.allclose(got, undropped)                # the dropout changes what is trained
+    c.training.p_uncond = 0.0                                  # no dropout: nothing drawn
+    torch.testing.assert_close(get_loss_fn(c, vp)(model, x0, torch.Generator().manual_seed(5), y=y), undropped)
+
+
+def test_classifier_loss_is_the_cross_entropy_on_the_forward_marginal():
+    from sde_diffusion.losses import classifier_loss
+    from sde_diffusion.models.classifier import MLPClassifier, NoisyClassifier
+    vp = VPSDE()
+    torch.manual_seed(0)
+    net = MLPClassifier(2, num_classes=3, hidden=8, depth=1, embed_dim=8).double()
+    nn.init.normal_(net.head.weight)
+    clf = NoisyClassifier(net, vp)
+    x0 = torch.randn(16, 2, dtype=torch.float64)
+    y = torch.arange(16) % 3
+    t, z = torch.rand(16, dtype=torch.float64) * 0.9 + 0.05, torch.randn(16, 2, dtype=torch.float64)
+    xt = vp.alpha(t)[:, None] * x0 + vp.sigma(t)[:, None] * z
+    want = -torch.log_softmax(net(xt, t), -1).gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(classifier_loss(clf, x0, y, t=t, noise=z, return_per_sample=True), want)
+    # drawn t and noise: the same numbers as dsm_loss draws (t first, then the noise)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    tt = sample_time(vp, 16, g(), eps=1e-5, dtype=torch.float64)
+    gg = g()
+    sample_time(vp, 16, gg, eps=1e-5, dtype=torch.float64)
+    zz = torch.randn(16, 2, generator=gg, dtype=torch.float64)
+    torch.testing.assert_close(classifier_loss(clf, x0, y, g(), eps=1e-5),
+                               classifier_loss(clf, x0, y, eps=1e-5, t=tt, noise=zz))
+    c = _cfg(task="classifier")
+    c.model = ml_collections.ConfigDict({"num_classes": 3, "name": "mlp_classifier"})
+    torch.testing.assert_close(get_loss_fn(c, vp)(clf, x0, g(), y=y), classifier_loss(clf, x0, y, g(), eps=1e-5))
+    c.training.importance_sampling = True
+    with pytest.raises(ValueError, match="uniform continuous times"):
+        get_loss_fn(c, vp)
