@@ -170,7 +170,7 @@ def get_grid(solver):
 
 @pytest.mark.parametrize("space", ["x0", "eps", "v"])
 def test_rescaled_guidance_matches_the_conditional_std(space):
-    """Lin et al. 2024, Eqs. 15-18: at ``phi = 1`` the guided prediction in ``rescale_on`` has the
+    """Lin et al. 2024, Sec. 3.4: at ``phi = 1`` the guided prediction in ``rescale_on`` has the
     conditional prediction's standard deviation per sample; ``phi = 0`` is plain CFG; ``phi``
     mixes linearly."""
     torch.manual_seed(1)

@@ -25,7 +25,7 @@ or the oracle's exact one (:meth:`GaussianMixture.log_class_posterior_grad`).
 ``sigma(t) / alpha(t)`` (EDM's sigma, ``exp(-lambda(t))``; ``sigma(t)`` for VE) lies in
 ``(lo, hi]``; elsewhere the plain conditional model (``s = 1``), which costs one evaluation.
 
-**Rescaled guidance** (Lin et al. 2024, Sec. 3.4, Eqs. 15-18): ``g = u + s (c - u)`` rescaled per
+**Rescaled guidance** (Lin et al. 2024, Sec. 3.4 and Algorithm 2): ``g = u + s (c - u)`` rescaled per
 sample to the conditional prediction's standard deviation and mixed, ``phi g std(c) / std(g) + (1 -
 phi) g``. The paper applies it to its network's prediction (``v``, Algorithm 2; diffusers to the raw
 network output); this wrapper applies it to ``x0`` by default (``rescale_on="x0"``: the quantity
@@ -237,6 +237,12 @@ class ClassifierFreeGuidance(_Guided):
         self.batched = batched
 
     @property
+    def evaluations_per_call(self) -> int:
+        """Network evaluations per call of a view inside the interval (2; 1 at ``scale=1``): a
+        budget of ``N`` evaluations allows ``N // evaluations_per_call`` solver calls."""
+        return 1 if self.scale == 1.0 else 2
+
+    @property
     def w(self) -> float:
         """Ho & Salimans' guidance weight, ``scale - 1``."""
         return self.scale - 1.0
@@ -295,7 +301,7 @@ class ClassifierFreeGuidance(_Guided):
         return out
 
     def _rescaled(self, view, space, x, a, s, cond, guided):
-        """Lin et al. 2024, Eqs. 16-18 on ``rescale_on`` (``space`` is ``eps`` for ``v``), then
+        """Lin et al. 2024 (Sec. 3.4) on ``rescale_on`` (``space`` is ``eps`` for ``v``), then
         ``view``."""
         if self.rescale_on == "v":                    # v = ((a^2 + s^2) eps - s x) / a
             to_v = lambda e: ((a * a + s * s) * e - s * x) / a      # noqa: E731
@@ -352,6 +358,12 @@ class ClassifierGuidance(_Guided):
         bound = super().bind(**kwargs)
         bound.classifier_calls = 0
         return bound
+
+    @property
+    def evaluations_per_call(self) -> int:
+        """Evaluations (model and classifier) per call of a view inside the interval: 2 (1 at
+        ``scale=0``)."""
+        return 1 if self.scale == 0.0 else 2
 
     def reset_nfe(self) -> None:
         super().reset_nfe()
