@@ -12,7 +12,11 @@ The likelihood of ``y = A x0 + sigma_y n`` given ``x_t`` is approximated by taki
 (eq. 7; with ``sigma_y = 0`` it is ``r_t^{-2} J^T A^+ (y - A x0_hat)``, eq. 8), one vector-Jacobian
 product through the denoiser per step. Variant: ``r_t^2 = sigma_t^2 / (alpha_t^2 + sigma_t^2)``
 (the paper's ``sigma_t^2 / (1 + sigma_t^2)`` in VE units ``sigma_t / alpha_t``: the denoiser's error
-variance for data of unit variance), and the inverse is exact through the operator's SVD,
+variance for Gaussian data of unit variance); the option ``sigma_data`` (default 1, the paper's)
+uses data of that standard deviation instead,
+``r_t^2 = sigma_data^2 sigma_t^2 / (alpha_t^2 sigma_data^2 + sigma_t^2)`` -- for data far from unit
+variance the default makes the guidance too weak at high noise. The inverse is exact through the
+operator's SVD,
 ``A^T (r^2 AA^T + sigma_y^2)^{-1} = V diag(s / (r^2 s^2 + sigma_y^2)) U^T``.
 
 The guided score ``score + w g`` enters a DDIM step (eta as in DDIM) through the predictions
@@ -38,13 +42,17 @@ __all__ = ["pigdm"]
 @register_method("pigdm", needs=("svd",))
 def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, nfe: int,
           solver: Optional[str] = None, generator=None, eta: float = 1.0, weight: float = 1.0,
-          grid: str = "uniform") -> MethodResult:
+          sigma_data: float = 1.0, grid: str = "uniform") -> MethodResult:
     """PiGDM with ``nfe`` network evaluations (one per step plus its vector-Jacobian product).
     ``eta``: DDIM noise (the paper uses 1 for noisy problems, ``eta = 0`` is deterministic);
-    ``weight``: guidance weight ``w``; ``grid``: a time grid of :mod:`~sde_diffusion.samplers.grids`."""
+    ``weight``: guidance weight ``w``; ``sigma_data``: the data's standard deviation in ``r_t``;
+    ``grid``: a time grid of :mod:`~sde_diffusion.samplers.grids`."""
     eta = check_eta(eta)
     weight = float(weight)
     require(math.isfinite(weight) and weight >= 0, f"weight must be a finite number >= 0, got {weight!r}")
+    sigma_data = float(sigma_data)
+    require(math.isfinite(sigma_data) and sigma_data > 0, f"sigma_data must be a finite number > 0, "
+                                                          f"got {sigma_data!r}")
     sigma_y = float(sigma_y)
     sched = schedule(model.sde, nfe, grid)
     noise = noise_for(generator, tuple(x_T.shape), x_T, "pigdm")
@@ -53,7 +61,7 @@ def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor
     start, x = model.nfe, x_T
     for i in range(sched.steps):
         a, s = sched.alphas[i], sched.sigmas[i]
-        r2 = s * s / (a * a + s * s)
+        r2 = sigma_data ** 2 * s * s / (a * a * sigma_data ** 2 + s * s)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             x0 = model.at_scales("x0", xg, sched.t(i, x), a, s)
