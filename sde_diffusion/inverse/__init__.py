@@ -4,7 +4,7 @@ the exact posterior of a Gaussian-mixture prior, and a registry of methods behin
 from .operators import (HALVES, BlockAverage, Colorization, Dense, LinearOperator, Mask,
                         OperatorSVD, box_mask, half_mask, observe, random_pixel_mask)
 from .registry import MethodResult, available_methods, get_method, register_method
-from . import methods  # noqa: F401  (registers every method)
+from . import methods  # noqa: F401  (imported to register every method)
 from .api import solve_inverse
 
 __all__ = ["LinearOperator", "OperatorSVD", "Mask", "Colorization", "BlockAverage", "Dense",

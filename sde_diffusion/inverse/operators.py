@@ -177,8 +177,7 @@ class Mask(LinearOperator):
     def __init__(self, mask):
         m = torch.as_tensor(mask)
         if m.dtype != torch.bool:
-            require(m.is_floating_point() or not m.is_complex(),
-                    f"mask must be boolean or 0/1 numbers, got dtype {m.dtype}")
+            require(not m.is_complex(), f"mask must be boolean or 0/1 numbers, got dtype {m.dtype}")
             require(bool(((m == 0) | (m == 1)).all()), "mask must hold only 0 and 1 (or booleans)")
             m = m != 0
         require(m.ndim >= 1, f"mask must have the event shape of x (at least 1-d), got shape {tuple(m.shape)}")
@@ -376,7 +375,7 @@ class BlockAverage(LinearOperator):
         return x.permute(0, 1, 2, 4, 3, 5).reshape(xf.shape[0], x.shape[1], H // f, W // f, f * f)
 
     def _unblock(self, b: torch.Tensor) -> torch.Tensor:
-        f, (H, W) = self.factor, self.in_shape[-2:]
+        f = self.factor
         B, L, h, w, _ = b.shape
         return b.view(B, L, h, w, f, f).permute(0, 1, 2, 4, 3, 5).reshape(B, -1)
 
@@ -387,9 +386,8 @@ class BlockAverage(LinearOperator):
         return self._pinv(yf) / (self.factor ** 2)
 
     def _pinv(self, yf):
-        B, f = yf.shape[0], self.factor
         h, w = self.out_shape[-2:]
-        b = yf.view(B, -1, h, w, 1).expand(B, yf.numel() // (B * h * w) if B else 1, h, w, f * f)
+        b = yf.reshape(yf.shape[0], -1, h, w, 1).expand(-1, -1, -1, -1, self.factor ** 2)
         return self._unblock(b.contiguous())
 
     def svd(self) -> OperatorSVD:

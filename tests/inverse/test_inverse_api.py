@@ -102,3 +102,25 @@ def test_image_operators_run_on_images():
             if method != "ddnm_plus":
                 torch.testing.assert_close(op.A(r.samples), op.A(x0).expand(3, *op.out_shape),
                                            rtol=0, atol=1e-5)
+
+
+def test_ddnm_runs_any_solver_and_its_wrapper_views_agree():
+    from sde_diffusion.inverse.methods.ddnm import RangeNullSpaceModel
+    from sde_diffusion.models import OracleModel
+
+    for solver in ("dpm_solver++_2m", "euler_maruyama", "ode_heun"):
+        r = solve_inverse(PRIOR, OP, Y, method="ddnm", solver=solver, n=4, nfe=12)
+        assert 1 <= r.nfe <= 12 and r.info["solver"] == solver
+        torch.testing.assert_close(OP.A(r.samples), Y.expand(4, 2), rtol=0, atol=1e-12)
+    inner = OracleModel(PRIOR)
+    wrapped = RangeNullSpaceModel(inner, OP, Y.expand(5, 2))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    t = torch.full((5,), 0.4, dtype=torch.float64)
+    a, s = float(VPSDE().alpha(0.4)), float(VPSDE().sigma(0.4))
+    x0 = wrapped.x0(x, t)
+    torch.testing.assert_close(OP.A(x0), Y.expand(5, 2), rtol=0, atol=1e-12)     # projected
+    torch.testing.assert_close(x0[:, 2:], inner.x0(x, t)[:, 2:])                  # null space kept
+    for view in ("eps", "x0", "score"):
+        torch.testing.assert_close(getattr(wrapped, view)(x, t), wrapped.at_scales(view, x, t, a, s))
+    torch.testing.assert_close(wrapped.score(x, t), -(x - a * x0) / s ** 2)
+    assert wrapped.nfe == inner.nfe == 9          # every view call, counted once by the inner model

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sde_diffusion import VESDE, VPSDE, GaussianMixture, random_mixture, sample
+from sde_diffusion import VESDE, VPSDE, random_mixture, sample
 from sde_diffusion.inverse import Colorization, Dense, Mask, observe
 from sde_diffusion.inverse.posterior import PosteriorMixture, exact_posterior, exact_posteriors
 from sde_diffusion.metrics import sliced_wasserstein

@@ -49,16 +49,14 @@ def sdedit(model, operator, y, *, sigma_y, x_T, nfe, solver, generator, t0: floa
     _, log_a, log_s = sde.log_scales(torch.tensor(t0, dtype=torch.float64))
     z = x_T / sde.prior_std                                     # the given starting noise, standardised
     x_t0 = float(log_a.exp()) * guide + float(log_s.exp()) * z
-    correct = None
-    if keep_observed:
-        noise = method_noise(generator, x_T.shape, x_T.dtype, x_T.device, "sdedit")
+    noise = method_noise(generator, x_T.shape, x_T.dtype, x_T.device, "sdedit")
 
-        def correct(step, t, x):
-            _, la, ls = sde.log_scales(torch.tensor(float(t), dtype=torch.float64))
-            return replace_row_space(operator, x, float(la.exp()) * target + float(ls.exp()) * noise.randn())
+    def keep(step, t, x):
+        _, la, ls = sde.log_scales(torch.tensor(float(t), dtype=torch.float64))
+        return replace_row_space(operator, x, float(la.exp()) * target + float(ls.exp()) * noise.randn())
 
     solver = "euler_maruyama" if solver is None else solver
     out = sample(model, x_T=x_t0, solver=solver, nfe=nfe, t_start=t0, generator=generator,
-                 correct=correct, **(solver_options or {}))
+                 correct=keep if keep_observed else None, **(solver_options or {}))
     x = replace_row_space(operator, out.samples, target) if keep_observed else out.samples
     return MethodResult(samples=x, nfe=out.nfe, info={"solver": solver, "t0": t0})
