@@ -20,7 +20,6 @@ diffusers and k-diffusion are optional: ``pip install "sde_diffusion[ecosystem]"
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import importlib
 import importlib.util
@@ -128,7 +127,7 @@ class DiscreteVPSDE(SDE):
         super().__init__(N=n, T=T, eps=T / n if eps is None else eps)
         self.alphas_cumprod = acp
         self._lam = 0.5 * (acp.log() - torch.log1p(-acp))        # lambda at the trained timesteps
-        self._neg_lam = (-self._lam).tolist()                       # increasing, for bisect
+        self._copies: dict = {}                                     # (table, device, dtype) -> copy
         self._log_acp0 = float(acp[0].log())
         self._digest = hashlib.sha1(acp.numpy().tobytes()).hexdigest()[:12]
 
@@ -144,9 +143,19 @@ class DiscreteVPSDE(SDE):
         return (k + 1) * (self.T / self.N)
 
     # ---- the SDE's views -------------------------------------------------------------------------
+    def _table(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """``lam`` or ``acp`` on ``like``'s device and dtype, copied once per device and dtype (no
+        host-to-device copy per network call)."""
+        key = (name, like.device, like.dtype)
+        table = self._copies.get(key)
+        if table is None:
+            src = self._lam if name == "lam" else self.alphas_cumprod
+            table = self._copies[key] = src.to(device=like.device, dtype=like.dtype)
+        return table
+
     def _lambda(self, t: torch.Tensor) -> torch.Tensor:
         k = self.timestep(t)
-        lam = self._lam.to(device=t.device, dtype=t.dtype)
+        lam = self._table("lam", t)
         lo = k.floor().clamp(0, self.N - 2)
         w = (k - lo).clamp(max=1.0)
         i = lo.long()
@@ -164,7 +173,7 @@ class DiscreteVPSDE(SDE):
 
     def _f_g2(self, t):
         k = self.timestep(t)
-        lam = self._lam.to(device=t.device, dtype=t.dtype)
+        lam = self._table("lam", t)
         i = k.floor().clamp(0, self.N - 2).long()
         slope = (lam[i + 1] - lam[i]) * (self.N / self.T)             # d lambda / dt
         sigma2 = torch.exp(2 * self._log_sigma(t))
@@ -178,8 +187,7 @@ class DiscreteVPSDE(SDE):
         lam = self._lambda_arg(lam)
         lam64 = lam.to(torch.float64).cpu()
         knots = self._lam
-        i = torch.tensor([min(max(bisect.bisect_right(self._neg_lam, -v) - 1, 0), self.N - 2)
-                          for v in lam64.flatten().tolist()], dtype=torch.long).reshape(lam64.shape)
+        i = (torch.searchsorted(-knots, -lam64.contiguous(), right=True) - 1).clamp(0, self.N - 2)
         w = (lam64 - knots[i]) / (knots[i + 1] - knots[i])
         k = torch.where(lam64 <= knots[0], i + w.clamp(max=1.0),
                         -torch.nn.functional.softplus(-2 * lam64) / self._log_acp0 - 1)
@@ -190,7 +198,7 @@ class DiscreteVPSDE(SDE):
         """DDPM chain of the trained schedule: ``f_i = (sqrt(1 - beta_k) - 1) x``,
         ``G_i = sqrt(beta_k)`` with ``beta_k = 1 - abar_k / abar_{k-1}`` at the nearest timestep."""
         t = self.time(t, x)
-        acp = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)
+        acp = self._table("acp", x)
         k = self.timestep(t).round().clamp(0, self.N - 1).long()
         prev = torch.where(k > 0, acp[(k - 1).clamp(min=0)], torch.ones_like(acp[k]))
         beta = 1 - acp[k] / prev
