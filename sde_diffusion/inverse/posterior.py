@@ -96,9 +96,11 @@ def exact_posterior(prior: GaussianMixture, operator: LinearOperator, y: torch.T
     # G_k = C_k A^T S_k^{-1}; with S = L L^T: G_k r = (AC)^T L^-T (L^-1 r)
     LinvAC = torch.linalg.solve_triangular(L, AC, upper=False)              # (K, d_y, D)
     means = m + (LinvAC.mT @ white[:, :, None])[:, :, 0]
-    cov = C - LinvAC.mT @ LinvAC
-    cov = 0.5 * (cov + cov.mT)
-    lam, U = torch.linalg.eigh(cov)
+    if prior.kind == "isotropic" and dy < D:
+        lam, U = _low_rank_eigen(prior.stds.reshape(K, D)[:, 0].to(torch.float64) ** 2, LinvAC)
+    else:
+        cov = C - LinvAC.mT @ LinvAC
+        lam, U = torch.linalg.eigh(0.5 * (cov + cov.mT))
     # round-off of C_k - G_k A C_k is relative to the prior's scale, not the posterior's
     scale = torch.maximum(C.abs().amax((1, 2)), lam.abs().amax(1))[:, None].clamp_min(1e-300)
     floor = 4 * D * torch.finfo(torch.float64).eps * scale
@@ -108,6 +110,21 @@ def exact_posterior(prior: GaussianMixture, operator: LinearOperator, y: torch.T
                                        lam[keep], U[keep], prior.sde)
     post.log_evidence = float(torch.logsumexp(log_w, 0))       # log p(y)
     return post
+
+
+def _low_rank_eigen(var: torch.Tensor, B: torch.Tensor):
+    """Eigen-decomposition of ``C'_k = var_k I - B_k^T B_k`` (isotropic prior components; ``B_k``
+    ``(d_y, D)``) without a ``D x D`` eigensolver: with the complete QR ``B_k^T = Q_k R_k``,
+    ``Q_k^T C'_k Q_k = diag(var_k I - R R^T, var_k I)``, so only the ``d_y x d_y`` block needs
+    ``eigh``; ``O(K D^2 d_y)`` instead of ``O(K D^3)``."""
+    K, dy, D = B.shape
+    Q, R = torch.linalg.qr(B.mT, mode="complete")               # (K, D, D), (K, D, d_y)
+    top = R[:, :dy, :]
+    block = var[:, None, None] * torch.eye(dy, dtype=B.dtype) - top @ top.mT
+    mu, W = torch.linalg.eigh(0.5 * (block + block.mT))
+    lam = torch.cat([mu, var[:, None].expand(K, D - dy)], dim=1)
+    U = torch.cat([Q[:, :, :dy] @ W, Q[:, :, dy:]], dim=2)
+    return lam, U
 
 
 def exact_posteriors(prior: GaussianMixture, operator: LinearOperator, y: torch.Tensor,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sde_diffusion import VESDE, VPSDE, random_mixture, sample
+from sde_diffusion import VESDE, VPSDE, GaussianMixture, random_mixture, sample
 from sde_diffusion.inverse import Colorization, Dense, Mask, observe
 from sde_diffusion.inverse.posterior import PosteriorMixture, exact_posterior, exact_posteriors
 from sde_diffusion.metrics import sliced_wasserstein
@@ -107,3 +107,21 @@ def test_errors_and_batches():
     posts = exact_posteriors(prior, Dense(torch.eye(3)[:2]), ys, 0.2)
     assert len(posts) == 3
     torch.testing.assert_close(posts[1].means, exact_posterior(prior, Dense(torch.eye(3)[:2]), ys[1], 0.2).means)
+
+
+@pytest.mark.parametrize("sigma_y", [0.0, 0.2])
+def test_isotropic_shortcut_equals_the_general_eigensolver(sigma_y):
+    """Isotropic priors take a low-rank path (QR + a d_y x d_y eigensolver); the same prior given
+    as full covariances takes torch.linalg.eigh of the posterior covariance."""
+    iso = random_mixture(7, 4, seed=6, sde=VPSDE())
+    full = GaussianMixture(iso.weights, iso.means, covariances=torch.diag_embed(iso.stds ** 2), sde=VPSDE())
+    op = Dense(torch.randn(3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    y = torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64)
+    a, b = exact_posterior(iso, op, y, sigma_y), exact_posterior(full, op, y, sigma_y)
+    torch.testing.assert_close(a.weights, b.weights, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.means, b.means, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.covariances, b.covariances, rtol=0, atol=1e-12)
+    x = a.sample(50, t=0.5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(a.score(x, 0.5), b.score(x, 0.5), rtol=1e-9, atol=1e-9)
+    if sigma_y == 0:
+        assert int((torch.linalg.eigvalsh(a.covariances).abs() < 1e-14).sum()) == 4 * 3
