@@ -11,7 +11,8 @@ reverse diffusion + Langevin), the state's known part is replaced by the observa
 For a mask, ``A^+A`` keeps the observed pixels: this is score_sde's inpainting. For
 :class:`~sde_diffusion.inverse.Colorization`, ``A^+A`` is the grey axis of the orthogonal colour
 transform: score_sde's colorization (they replace the decoupled grey channel). At the end the known
-part is set to ``A^+ y`` exactly.
+part is set to ``A^+ y`` exactly. The replacement runs once per grid step of the solver (for
+``pc``: after predictor and corrector); score_sde also re-noises between the two.
 
 The unknown part starts from the prior ``x_T`` -- NOT, as score_sde's inpainter does, from
 ``mask * data + (1 - mask) * noise`` at ``t = T``, which puts clean data in the known part of a state
