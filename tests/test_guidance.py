@@ -244,6 +244,24 @@ def test_classifier_guidance_network_classifier_under_no_grad_and_float32():
     assert r.nfe == 16 and r.samples.grad_fn is None and torch.isfinite(r.samples).all()
 
 
+def test_classifier_guidance_is_differentiable_under_sample_grad():
+    """``sample(..., grad=True)`` differentiates the samples through the classifier's gradient
+    too (a second-order term): d sum(samples) / d x_T equals central finite differences."""
+    mix = _mixture(VPSDE())
+    g = ClassifierGuidance(mix, lambda x_, t_: mix.log_class_posterior(x_, t_), 2.0, y=torch.tensor([0, 2]))
+    kw = dict(solver="ddim", steps=3)
+    x_T = torch.tensor([[0.3, -0.2], [-0.5, 0.4]], dtype=torch.float64, requires_grad=True)
+    sample(g, x_T=x_T, grad=True, **kw).samples.sum().backward()
+    h, fd = 1e-6, torch.zeros(2, 2, dtype=torch.float64)
+    for i in range(2):
+        for j in range(2):
+            e = torch.zeros(2, 2, dtype=torch.float64)
+            e[i, j] = h
+            fd[i, j] = (sample(g, x_T=x_T.detach() + e, **kw).samples.sum()
+                        - sample(g, x_T=x_T.detach() - e, **kw).samples.sum()) / (2 * h)
+    torch.testing.assert_close(x_T.grad, fd, rtol=1e-6, atol=1e-7)
+
+
 # ---- every solver runs guided ---------------------------------------------------------------------
 @pytest.mark.parametrize("solver", available_solvers())
 def test_every_solver_samples_guided_like_the_tilted_field(solver):

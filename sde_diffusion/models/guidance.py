@@ -324,9 +324,11 @@ class ClassifierGuidance(_Guided):
             ``OracleModel``): the exact gradient :meth:`log_class_posterior_grad`, in closed form;
             or a callable ``classifier(x, t) -> (batch, K)`` of logits or log-probabilities of the
             noisy ``x_t`` at times ``t`` (a ``(batch,)`` tensor of continuous times), e.g. a
-            noise-conditional classifier network: the gradient of ``log_softmax(...)[y]`` by
-            autograd, under ``torch.enable_grad()`` (``sample()`` runs under ``no_grad``). A
-            ``torch.nn.Module`` receives ``x`` and ``t`` in its parameters' dtype.
+            noise-conditional classifier network (``models.classifier.NoisyClassifier``): the
+            gradient of ``log_softmax(...)[y]`` by autograd, under ``torch.enable_grad()``
+            (``sample()`` runs under ``no_grad``), itself differentiable when the caller builds a
+            graph (``sample(..., grad=True)``). A ``torch.nn.Module`` receives ``x`` and ``t`` in
+            its parameters' dtype.
         scale: ``s >= 0`` (1 with the exact classifier: the exact conditional score).
         y: the class (int or ``(batch,)``), or bind it later with ``.bind(y=...)``.
         interval: ``(lo, hi)`` of noise levels ``sigma/alpha`` where the gradient is added.
@@ -388,8 +390,10 @@ class ClassifierGuidance(_Guided):
         B = x.shape[0]
         y = y.to(x.device).long() if isinstance(y, torch.Tensor) and y.ndim > 0 else \
             torch.full((B,), int(y), dtype=torch.long, device=x.device)
+        keep = torch.is_grad_enabled() and x.requires_grad      # sample(grad=True): differentiable
         with torch.enable_grad():
-            xg = x.detach().to(dtype).requires_grad_(True)
+            xin = x if keep else x.detach().requires_grad_(True)
+            xg = xin.to(dtype)
             tt = t.to(dtype) if isinstance(t, torch.Tensor) else torch.full((B,), float(t), dtype=dtype,
                                                                               device=x.device)
             logits = self.classifier(xg, tt)
@@ -401,7 +405,7 @@ class ClassifierGuidance(_Guided):
             require(bad.numel() == 0, f"y must lie in 0..{K - 1} (the classifier's classes), got "
                                       f"{bad[0].item() if bad.numel() else None}")
             picked = torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum()
-            (grad,) = torch.autograd.grad(picked, xg)
+            (grad,) = torch.autograd.grad(picked, xin, create_graph=keep)
         return grad.to(x.dtype)
 
     def _view(self, view, x, t, a, s, kwargs):
