@@ -16,6 +16,14 @@ of the weights). It writes into ``workdir``:
   second run on the same workdir raises :class:`WorkdirInUseError` at once. The OS drops the lock
   when its holder dies, so a crashed run never blocks the next one.
 
+Class labels: with ``config.model.num_classes = K`` the data is loaded with its labels
+(``return_labels=True``; your own ``data=(x, y)``), checked to lie in ``[0, K)``, shuffled and
+sharded with their samples, and passed to the network by the loss; ``training.p_uncond`` drops
+them to the null label ``K`` for classifier-free guidance (drawn from the run's noise generator,
+so resuming stays exact). ``training.task = "classifier"`` trains a noise-conditional classifier
+(:mod:`sde_diffusion.models.classifier`) with cross-entropy on the forward process's ``x_t``
+instead of a score model, in the same loop (EMA, checkpoints, lock, resume; no previews).
+
 Every ``training.sample_freq`` steps rank 0 hands the EMA model to the ``preview`` hook the caller
 passes (:data:`PreviewFn`). Sampling is not this job's business (training, sampling and
 likelihood are independent jobs): :func:`sde_diffusion.evaluation.previews` is the hook that
@@ -88,7 +96,8 @@ __all__ = ["train", "TrainResult", "PreviewFn", "NonFiniteLossError",
 
 #: The preview hook: ``fn(step, model, data) -> path or None``, called on rank 0 every
 #: ``training.sample_freq`` steps with a :class:`ScoreModel` of the EMA weights (eval mode, on the
-#: training device) and the training set; a path it returns is listed in
+#: training device; a conditional model's is bound to the labels ``0, 1, ..., K-1, 0, ...`` of the
+#: ``training.n_preview`` samples) and the training set (without labels); a path it returns is listed in
 #: :attr:`TrainResult.sample_paths`. It must leave the global random generators alone (draw from a
 #: generator of its own), so that previews never change the training.
 PreviewFn = Callable[[int, ScoreModel, torch.Tensor], Optional[str]]
