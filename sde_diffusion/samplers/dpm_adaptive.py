@@ -64,8 +64,9 @@ def dpm_adaptive(ctx: SolverContext, x, order: int = 3, rtol: float = 0.05, atol
     error tolerance; ``h_init``: the first step in log-SNR; ``max_steps``: attempted steps per
     grid interval before giving up (an error); ``controller``: ``"paper"`` (the rule in the module
     docstring) or ``"k-diffusion"`` (its PID controller with its defaults: factor ``1 +
-    atan(E^{-1/order} - 1)``, accepted when the factor is at least 0.81); ``stats``: a dict that receives ``nfe`` (a list,
-    each sample's network evaluations), ``accepted`` and ``rejected`` (lists of step counts)."""
+    atan(E^{-1/order} - 1)``, accepted when the factor is at least 0.81); ``stats``: a dict that
+    receives ``nfe`` (a list, each sample's network evaluations), ``accepted`` and ``rejected``
+    (lists of step counts)."""
     require(order in (2, 3) and not isinstance(order, bool), f"order must be 2 or 3, got {order!r}")
     rtol, atol = _check_positive("rtol", rtol, True), _check_positive("atol", atol, True)
     require(rtol > 0 or atol > 0, "rtol and atol cannot both be 0")
@@ -102,8 +103,9 @@ def dpm_adaptive(ctx: SolverContext, x, order: int = 3, rtol: float = 0.05, atol
         for _ in range(max_steps):
             if bool(done.all()):
                 break
-            act = (~done).nonzero().squeeze(1)
-            xa, sa, ha = x[act], s[act], h[act]
+            act = (~done).nonzero().squeeze(1)             # host indices; on x's device below
+            act_d = act.to(x.device)
+            xa, sa, ha = x[act_d], s[act], h[act]
             last = sa + ha >= lam_end
             lam_t = torch.where(last, torch.full_like(sa, lam_end), sa + ha)
             _, a0, s0, l0 = scales(sa, t_lo, t_hi)
@@ -133,8 +135,10 @@ def dpm_adaptive(ctx: SolverContext, x, order: int = 3, rtol: float = 0.05, atol
                 x_low = x2
                 x_high = base - _col(st / q2 * (torch.expm1(hh) / hh - 1), xa) * d2
             n_fe[act] += order
-            delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev[act].abs()), min=atol)
-            err2 = ((x_low - x_high) / delta).pow(2).reshape(len(act), -1).mean(1).to(torch.float64)
+            delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev[act_d].abs()), min=atol)
+            # the accept decisions are made on the host (one read per step)
+            err2 = ((x_low - x_high) / delta).pow(2).reshape(len(act), -1).mean(1)
+            err2 = err2.to("cpu", torch.float64)
             if not per_sample:
                 err2 = err2.mean().expand(len(act))
             err = err2.sqrt()
@@ -148,8 +152,9 @@ def dpm_adaptive(ctx: SolverContext, x, order: int = 3, rtol: float = 0.05, atol
                 accept = factor >= 0.81
             h[act] = ha * factor
             acc = act[accept]
-            x[acc] = x_high[accept]
-            x_prev[acc] = x_low[accept]
+            keep_d, acc_d = accept.nonzero().squeeze(1).to(x.device), acc.to(x.device)
+            x[acc_d] = x_high[keep_d]
+            x_prev[acc_d] = x_low[keep_d]
             s[acc] = lt[accept]
             t_s[acc] = torch.where(last[accept], torch.full_like(lt[accept], t_lo),
                                    sde.t_of_lambda(lt[accept]).clamp(t_lo, t_hi))

@@ -80,7 +80,8 @@ def sa_solver(ctx: SolverContext, x, tau: TauLike = 1.0, predictor_order: int = 
                             ("corrector_order", corrector_order, 0)):
         require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= 4,
                 f"{name} must be an integer in {lo}..4, got {value!r}")
-    require(weights in ("exact", "diffusers"), f"weights must be 'exact' or 'diffusers', got {weights!r}")
+    require(weights in ("exact", "diffusers"),
+            f"weights must be 'exact' or 'diffusers', got {weights!r}")
     times = ctx.times.tolist()
     if callable(tau):
         taus = [float(tau(t)) for t in times[:-1]]

@@ -203,7 +203,9 @@ def _k_denoise(mix, sde, x_e, s):
 def test_equivalences_with_existing_solvers(kind):
     sde, mix, x_T = _problem(kind)
     times = make_grid(sde, 9, "karras")
-    run = lambda solver, **kw: sample(mix, sde, x_T=x_T, solver=solver, grid=times, **kw).samples  # noqa: E731
+    def run(solver, **kw):
+        return sample(mix, sde, x_T=x_T, solver=solver, grid=times, **kw).samples
+
     ddim = run("ddim")
     scale = float(ddim.abs().max())
     pairs = [
@@ -330,7 +332,8 @@ def _assert_mode_statistics(samples, target, slack=0.02):
     st = mode_statistics(samples, target)
     n = samples.shape[0]
     w, w_true = st["weights"], st["true_weights"]
-    assert bool(((w - w_true).abs() <= 4.5 * (w_true * (1 - w_true) / n).sqrt() + slack).all()), (w, w_true)
+    se_w = (w_true * (1 - w_true) / n).sqrt()
+    assert bool(((w - w_true).abs() <= 4.5 * se_w + slack).all()), (w, w_true)
     counts = st["counts"]
     se_mean = (st["true_variances"] / counts[:, None]).sqrt()
     assert bool(((st["means"] - st["true_means"]).abs()
@@ -411,7 +414,8 @@ def test_dpm_adaptive_error_follows_the_tolerance(kind):
         nfes.append(r.nfe)
         # the reported NFE is the number of network calls: the slowest sample's count
         assert r.nfe == max(stats["nfe"])
-        assert all(n == 3 * (a + j) for n, a, j in zip(stats["nfe"], stats["accepted"], stats["rejected"]))
+        assert all(n == 3 * (a + j)
+                   for n, a, j in zip(stats["nfe"], stats["accepted"], stats["rejected"]))
     assert errors[0] < 5e-3 and errors[1] < 1e-5 and errors[1] < errors[0] / 20, errors
     assert nfes[1] > nfes[0]
 
