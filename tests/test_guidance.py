@@ -197,6 +197,32 @@ def test_rescaled_guidance_matches_the_conditional_std(space):
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_diffusers_guidance_convention_on_the_same_network_outputs(parameterization):
+    """Peer check: diffusers' guider (``diffusers.guiders.ClassifierFreeGuidance``, applied to the
+    network's raw outputs, eps or v, as its pipelines do) with ``guidance_scale=s`` and
+    ``guidance_rescale=phi`` equals ``ClassifierFreeGuidance(scale=s, rescale=phi,
+    rescale_on=<the network's parameterization>)``; its ``use_original_formulation`` (``cond + g
+    (cond - uncond)``, Ho & Salimans' form) is ``w=g``."""
+    guiders = pytest.importorskip("diffusers.guiders", reason="diffusers (the 'bench' extra)")
+    torch.manual_seed(2)
+    net = TimeMLP(2, hidden=32, depth=2, num_classes=3).double()
+    torch.nn.init.normal_(net.out.weight, std=0.3)
+    sde = VPSDE()
+    model = ScoreModel(net, sde, parameterization)
+    x, y, t = torch.randn(6, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2]), 0.45
+    a, s = _scales(sde, t)
+    cond, uncond = model.raw(x, t, y=y), model.raw(x, t, y=torch.full_like(y, 3))
+    to_eps = (lambda o: o) if parameterization == "eps" else (lambda v: (s * x + a * v) / (a * a + s * s))
+    for kw, ours in (
+            (dict(guidance_scale=3.0), dict(scale=3.0)),
+            (dict(guidance_scale=3.0, guidance_rescale=0.7), dict(scale=3.0, rescale=0.7)),
+            (dict(guidance_scale=2.0, use_original_formulation=True), dict(w=2.0))):
+        pred = guiders.ClassifierFreeGuidance(**kw).forward(cond, uncond).pred
+        mine = ClassifierFreeGuidance(model, y=y, rescale_on=parameterization, **ours).eps(x, t)
+        torch.testing.assert_close(mine, to_eps(pred), rtol=1e-10, atol=1e-12)
+
+
 # ---- classifier guidance --------------------------------------------------------------------------
 @pytest.mark.parametrize("sde_name", sorted(SDES))
 def test_classifier_guidance_with_the_exact_classifier(sde_name):
