@@ -288,6 +288,24 @@ def test_classifier_guidance_is_differentiable_under_sample_grad():
     torch.testing.assert_close(x_T.grad, fd, rtol=1e-6, atol=1e-7)
 
 
+def test_classifier_guidance_takes_the_trained_noise_conditional_classifier():
+    """``models.classifier.NoisyClassifier`` (brief C's trained classifier, ``clf(x, t) -> log p(y
+    | x_t, t)``) plugs in as the callable: the added term is its own ``grad_log_prob``."""
+    from sde_diffusion.models.classifier import MLPClassifier, NoisyClassifier
+
+    torch.manual_seed(3)
+    net = MLPClassifier(2, num_classes=3, hidden=16, depth=1)
+    torch.nn.init.normal_(net.head.weight, std=0.5)
+    sde = VPSDE()
+    clf = NoisyClassifier(net, sde, time_input="sigma")
+    mix = _mixture(sde)
+    x, y = _x(4), torch.tensor([0, 2, 1, 0])
+    g = ClassifierGuidance(mix, clf, 1.5, y=y)
+    ref = mix.score(x, 0.4) + 1.5 * clf.grad_log_prob(x, 0.4, y)
+    torch.testing.assert_close(g.score(x, 0.4), ref, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(g.score(x, 0.4), mix.score(x, 0.4))
+
+
 # ---- every solver runs guided ---------------------------------------------------------------------
 @pytest.mark.parametrize("solver", available_solvers())
 def test_every_solver_samples_guided_like_the_tilted_field(solver):
