@@ -168,3 +168,34 @@ def test_field_does_not_check_device_times_on_every_call(monkeypatch):
     assert calls and not any(calls)
     with pytest.raises(ValueError, match=r"t must lie in \[0, T=1.0\]"):
         FlowField(net)(1.5, x)                       # a host time is checked all the same
+
+
+# ---- pf_drift with the caller's scales (issue 18) ---------------------------------------------------
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v", "score"])
+@pytest.mark.parametrize("sde_cls", [VPSDE, SubVPSDE, VESDE])
+def test_pf_drift_with_given_scales_equals_the_checked_path(parameterization, sde_cls):
+    """``scales = (alpha, sigma, f, g^2)`` as numbers: the same drift (float64, to round-off),
+    asking the model for its own view and neither checking t nor evaluating the SDE."""
+    from sde_diffusion.models import TimeMLP
+    sde = sde_cls()
+    torch.manual_seed(0)
+    net = TimeMLP(2, hidden=8, depth=1).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = ScoreModel(net, sde, parameterization)
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.full((5,), 0.37, dtype=torch.float64)
+    t1 = torch.tensor([0.37], dtype=torch.float64)
+    _, log_a, log_s = sde.log_scales(t1)
+    f, g2 = sde.f_g2(t1)
+    scales = (float(log_a.exp()), float(log_s.exp()), float(f), float(g2))
+    with torch.no_grad():
+        expected = pf_drift(model, x, t)
+        calls = []
+        for name in ("time", "log_scales", "f_g2"):
+            orig = getattr(sde, name)
+            setattr(sde, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+        got = pf_drift(model, x, t, scales)
+    assert calls == []
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)

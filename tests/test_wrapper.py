@@ -534,20 +534,45 @@ def test_sampling_checks_the_time_once_per_run_not_per_call(monkeypatch):
     sde = VPSDE()
     model = ScoreModel(TimeMLP(2, hidden=8, depth=1), sde, "eps")
     calls = []
-    for name in ("time", "log_scales"):
+    for name in ("time", "log_scales", "f_g2"):
         orig = getattr(sde, name)
         monkeypatch.setattr(sde, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
     counts = {}
+    solvers = {"ddim": {}, "dpm_solver++_2m": {}, "unipc": {}, "edm_heun": {}, "euler_maruyama": {},
+               "ode_euler": {}, "ode_heun": {}, "ode_rk4": {}, "dpm_solver_2": {}, "dpm_solver_3": {},
+               "edm_heun(churn)": {"S_churn": 10.0}, "reverse_diffusion": {}, "ancestral": {}}
     for steps in (5, 20):
-        for solver in ("ddim", "dpm_solver++_2m", "unipc", "edm_heun", "euler_maruyama"):
+        for label, options in solvers.items():
             calls.clear()
-            sample(model, x_T=torch.zeros(3, 2), solver=solver, steps=steps)
-            counts[solver, steps] = len(calls)
-    for solver in ("ddim", "dpm_solver++_2m", "unipc", "edm_heun", "euler_maruyama"):
-        assert counts[solver, 20] == counts[solver, 5], (solver, counts)
+            sample(model, x_T=torch.zeros(3, 2), solver=label.split("(")[0], steps=steps, **options)
+            counts[label, steps] = len(calls)
+    for label in solvers:
+        assert counts[label, 20] == counts[label, 5], (label, counts)
 
 
 def test_at_scales_refuses_an_unknown_view():
     model = ScoreModel(lambda x, t: x, VPSDE(), "eps")
     with pytest.raises(ValueError, match="view must be eps, x0 or score, got 'v'"):
         model.at_scales("v", torch.zeros(2, 1), torch.ones(2), 0.5, 0.5)
+
+
+def test_at_scales_goes_through_a_subclass_overriding_output():
+    """A subclass changing how the network is evaluated in ``_output`` (guidance) is not bypassed
+    by the solvers' grid path."""
+    from sde_diffusion import VPSDE, sample
+
+    class Doubled(ScoreModel):
+        def _output(self, x, t, kwargs, view):
+            out, a, s = super()._output(x, t, kwargs, view)
+            return 2 * out, a, s
+    sde = VPSDE()
+    plain = ScoreModel(lambda x, t: 0.1 * x, sde, "eps")
+    doubled = Doubled(lambda x, t: 0.1 * x, sde, "eps")
+    x, t = torch.ones(3, 2, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+    _, log_a, log_s = sde.log_scales(torch.tensor([0.5], dtype=torch.float64))
+    a, s = float(log_a.exp()), float(log_s.exp())
+    assert torch.equal(doubled.at_scales("eps", x, t, a, s), 2 * plain.eps(x, t))
+    x_T = torch.ones(3, 2, dtype=torch.float64)
+    ours = sample(doubled, x_T=x_T, solver="ddim", steps=4).samples
+    assert torch.equal(ours, sample(ScoreModel(lambda x, t: 0.2 * x, sde, "eps"), x_T=x_T,
+                                    solver="ddim", steps=4).samples)

@@ -58,3 +58,56 @@ def test_check_every_is_checked():
     for bad in (0, -1, 2.5, True, "1"):
         with pytest.raises(ValueError, match="check_every must be an integer >= 1"):
             sample(model, x_T=torch.ones(3, 2), solver="ddim", steps=4, check_every=bad)
+
+
+# ---- the model's own per-output check inside sample() (issue 18) -----------------------------------
+def _counting_checks(monkeypatch):
+    """Count the model wrapper's per-output finiteness checks (each one a reduction and a host
+    read: a device sync per network call on a GPU)."""
+    from sde_diffusion.models import wrapper
+    calls = []
+    orig = wrapper.all_finite
+    monkeypatch.setattr(wrapper, "all_finite", lambda x: calls.append(1) or orig(x))
+    return calls
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver_3", "edm_heun", "ode_rk4", "euler_maruyama", "pc"])
+def test_the_models_output_check_is_left_to_the_state_flags_by_default(monkeypatch, solver):
+    calls = _counting_checks(monkeypatch)
+    model = ScoreModel(lambda x, t: 0.1 * x, VPSDE(), "eps")
+    out = sample(model, x_T=torch.ones(3, 2), solver=solver, steps=8, generator=0)
+    assert out.nfe > 0 and calls == []
+    sample(model, x_T=torch.ones(3, 2), solver=solver, steps=8, generator=0, check_every=1)
+    assert len(calls) == out.nfe                 # strict: every output checked
+    calls.clear()
+    model.eps(torch.ones(3, 2), 0.5)             # outside sampling: checked as before
+    assert calls == [1]
+
+
+def test_adaptive_solvers_keep_the_models_output_check(monkeypatch):
+    """A NaN inside an adaptive step-size controller would not surface as the state's NaN."""
+    calls = _counting_checks(monkeypatch)
+    model = ScoreModel(lambda x, t: 0.1 * x, VPSDE(), "eps")
+    out = sample(model, x_T=torch.ones(3, 2), solver="ode", generator=0)
+    assert len(calls) == out.nfe > 0
+
+
+def test_a_nan_output_is_still_named_by_its_step_and_the_checks_come_back_after_sampling():
+    times = make_grid(VPSDE(), STEPS, "uniform")
+    net = _nan_after(float(times[BAD - 1]) + 1e-9).net
+    model = ScoreModel(net, VPSDE(), "eps")              # check_finite=True
+    with pytest.raises(NonFiniteError, match=rf"ddim: the state became NaN/Inf at step {BAD} of {STEPS}"):
+        sample(model, x_T=torch.ones(3, 2), solver="ddim", grid=times)
+    with pytest.raises(NonFiniteError, match=rf"ddim: step {BAD} of {STEPS} \(from t=.*the model "
+                                             rf"returned NaN/Inf"):
+        sample(model, x_T=torch.ones(3, 2), solver="ddim", grid=times, check_every=1)
+    # after a run that raised, the model checks its outputs again
+    with pytest.raises(NonFiniteError, match="the model returned NaN/Inf at t="):
+        model.eps(torch.ones(3, 2), float(times[-1]))
+
+
+def test_a_callback_calling_the_model_keeps_its_check():
+    probe = ScoreModel(lambda x, t: torch.full_like(x, float("nan")), VPSDE(), "eps")
+    with pytest.raises(NonFiniteError, match="the model returned NaN/Inf"):
+        sample(ScoreModel(lambda x, t: 0.1 * x, VPSDE(), "eps"), x_T=torch.ones(3, 2), solver="ddim",
+               steps=4, callback=lambda s, t, x: probe.eps(x, t))
