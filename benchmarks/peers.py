@@ -195,6 +195,10 @@ def _k_peers(sde) -> List[Peer]:
     add("dpmpp_2m/exp", "sample_dpmpp_2m", "exponential")
     add("dpmpp_3m", "sample_dpmpp_3m_sde", "karras", eta=0.0)
     add("dpmpp_3m/exp", "sample_dpmpp_3m_sde", "exponential", eta=0.0)
+    # eta=0 draws no noise: a no-op noise_sampler spares the Brownian tree built per run without one
+    # (7 ms at batch 4096 x 64, 0.07 ms a step over 100) -- for the per-step overhead comparison
+    add("dpmpp_3m_sde(eta=0)", "sample_dpmpp_3m_sde", "karras", eta=0.0,
+        noise_sampler=lambda sigma, sigma_next: None)
     add("dpm_fast", "sample_dpm_fast", "exponential", fixed=True)
     add("euler_ancestral", "sample_euler_ancestral", "karras", stochastic=True)
     add("dpmpp_2m_sde", "sample_dpmpp_2m_sde", "karras", stochastic=True)

@@ -33,8 +33,9 @@ What is measured (see docs/samplers.md, "Benchmark"):
   the oracle's responsibilities; the modes are far apart in 64-D so the assignment is exact). A row
   of exact ``p_eps`` samples of the same size shows the statistical floor.
 - ``--overhead-only``: the per-step overhead of ten of our configurations and six of
-  k-diffusion's samplers at batch 1 and 2048, every sampler in turn within each round (see
-  :func:`overhead_benchmark`).
+  k-diffusion's samplers at batch 1 and 2048 (``--overhead-batches``), every sampler in turn within
+  each round (see :func:`overhead_benchmark`), and the ratio of each pair of issue 18
+  (``OVERHEAD_PAIRS``; DPM-Solver++ 3M against ``sample_dpmpp_3m_sde`` with ``eta=0``).
 - Time: the run time of each run, the time spent inside the oracle (timed call by call) and the
   overhead ``run - model`` per step and per NFE (at ``--timing-nfe``, the least of
   ``--timing-repeats`` runs). On the CPU these are the process's CPU time with one torch thread
@@ -471,8 +472,18 @@ def noise_benchmark(args) -> List[Dict]:
 # ---- per-step overhead, ours and k-diffusion's side by side ----------------------------------------
 OVERHEAD_OURS = ("ddim", "dpm_solver++_2m", "dpm_solver++_3m", "unipc_3", "edm_heun", "euler_maruyama",
                  "ddim(eta=1)", "sde_dpm_solver++", "pc(rd+langevin)", "edm_heun(churn)")
-OVERHEAD_PEERS = ("k:euler", "k:heun", "k:dpmpp_2m", "k:dpmpp_3m", "k:euler_ancestral", "k:dpmpp_2m_sde")
+# k:dpmpp_3m_sde(eta=0) is k-diffusion's sample_dpmpp_3m_sde with eta=0 (k-diffusion has no
+# deterministic 3M sampler) and a no-op noise sampler, so no Brownian tree is built per run
+OVERHEAD_PEERS = ("k:euler", "k:heun", "k:dpmpp_2m", "k:dpmpp_3m_sde(eta=0)", "k:euler_ancestral",
+                  "k:dpmpp_2m_sde")
 OVERHEAD_BATCHES = (1, 2048)
+# the pairs of issue 18 (ours vs k-diffusion's sampler of the same method)
+OVERHEAD_PAIRS = (("DPM-Solver++ 2M", "dpm_solver++_2m", "k:dpmpp_2m"),
+                  ("DPM-Solver++ 3M", "dpm_solver++_3m", "k:dpmpp_3m_sde(eta=0)"),
+                  ("EDM Heun", "edm_heun", "k:heun"),
+                  ("DDIM (eta 0)", "ddim", "k:euler"),
+                  ("Euler-Maruyama", "euler_maruyama", "k:euler_ancestral"),
+                  ("SDE-DPM-Solver++", "sde_dpm_solver++", "k:dpmpp_2m_sde"))
 
 
 def overhead_benchmark(args) -> List[Dict]:
@@ -561,6 +572,16 @@ def write_overhead_results(rows, args, out_dir: Path) -> List[str]:
         if ours and peer:
             a, b = ours[len(ours) // 2], peer[len(peer) // 2]
             lines.append(f"| {batch} | {a:.4f} | {b:.4f} | {a / b:.2f} |")
+    least = {(r["solver"], r["batch"]): r["overhead_ms_per_step"] for r in rows}
+    batches = sorted({r["batch"] for r in rows})
+    lines += ["", "Pairs, ours / k-diffusion (least ms/step; our stochastic solvers with batch-level "
+              "noise, a torch.Generator, as k-diffusion draws it):", "",
+              "| pair (ours vs k-diffusion) | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|" + "---|" * len(batches)]
+    for label, ours_name, peer_name in OVERHEAD_PAIRS:
+        cells = [f"{least[ours_name, b] / least[peer_name, b]:.2f}"
+                 if (ours_name, b) in least and (peer_name, b) in least else "" for b in batches]
+        lines.append(f"| {label} vs `{peer_name[2:]}` | " + " | ".join(cells) + " |")
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return lines
 
