@@ -49,7 +49,8 @@ def ancestral_levels(rho: float, rho_next: float, eta: float) -> Tuple[float, fl
 
 def _stages(ctx: SolverContext, lams: List[float]):
     """``(time, alpha, rho)`` at each log-SNR of ``lams`` (clamped to the grid's time range; ``rho``
-    is the clamped time's own ``sigma/alpha``)."""
+    is the clamped time's own ``sigma/alpha``), from one vectorised call before the first step; a
+    stage is evaluated with ``model.at_scales`` at these numbers (no time check per call)."""
     t, log_a, log_s = at_lambda(ctx.sde, lams, float(ctx.times[-1]), float(ctx.times[0]))
     return [(ti, math.exp(la), math.exp(ls - la)) for ti, la, ls in zip(t, log_a, log_s)]
 
@@ -83,7 +84,7 @@ def dpm_solver_2_ancestral(ctx: SolverContext, x, eta: float = 1.0):
         t_m, a_m, rho_m = mids[i]
         e0 = ctx.eps(i, x)
         x_mid = combine(x, a_m / a, [(a_m * (rho_m - rho[i]), e0)])
-        e1 = model.eps(x_mid, ctx.vec(t_m))
+        e1 = model.at_scales("eps", x_mid, ctx.vec(t_m), a_m, a_m * rho_m)
         terms = [(a_next * (down - rho[i]), e1)]
         if up > 0.0:
             terms.append((a_next * up, ctx.noise.randn()))
@@ -114,7 +115,7 @@ def dpmpp_2s_ancestral(ctx: SolverContext, x, eta: float = 1.0):
         t_s, a_s, rho_s = mids[i]
         d0 = ctx.x0(i, x)
         x_s = combine(x, a_s * rho_s / (rho[i] * a), [(a_s * (1.0 - rho_s / rho[i]), d0)])
-        d1 = model.x0(x_s, ctx.vec(t_s))
+        d1 = model.at_scales("x0", x_s, ctx.vec(t_s), a_s, a_s * rho_s)
         terms = [(a_next * (1.0 - down / rho[i]), d1)]
         if up > 0.0:
             terms.append((a_next * up, ctx.noise.randn()))
@@ -165,7 +166,7 @@ def dpmpp_sde(ctx: SolverContext, x, eta: float = 1.0, r: float = 0.5, noise: st
         if z1 is not None:
             terms.append((a_s * u1, z1))
         x_s = combine(x, a_s * d1 / (rho[i] * a), terms)
-        ds = model.x0(x_s, ctx.vec(t_s))
+        ds = model.at_scales("x0", x_s, ctx.vec(t_s), a_s, a_s * rho_s)
         w = a_next * (1.0 - d2 / rho[i])
         terms = [(w * (1.0 - fac), d0), (w * fac, ds)]
         if u2 > 0.0:
