@@ -18,7 +18,7 @@ from .samplers import get_solver, sample
 from .sdes import SDE
 
 __all__ = ["SolverSpec", "parse_solver_spec", "parse_solver_list", "named_oracle", "ORACLES",
-           "compare_solvers", "SlicedWBootstrap", "COMPARE_METRICS", "ORACLE_METRICS"]
+           "PAIR_LABELS", "compare_solvers", "SlicedWBootstrap", "COMPARE_METRICS", "ORACLE_METRICS"]
 
 #: the metrics of :func:`compare_solvers`'s rows; the last two need an oracle mixture
 COMPARE_METRICS = ("flow_rmse", "sliced_w", "weight_tv", "var_ratio_err")
@@ -26,25 +26,35 @@ ORACLE_METRICS = ("weight_tv", "var_ratio_err")
 
 
 # ---- named oracle problems --------------------------------------------------------------------
-def _ring8(sde: Optional[SDE]) -> GaussianMixture:
+def _ring8(sde: Optional[SDE], labels=None) -> GaussianMixture:
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
     means = 0.7 * torch.stack([angles.cos(), angles.sin()], 1)
     weights = torch.tensor([3.0, 1, 2, 1, 3, 1, 2, 1])
     stds = torch.tensor([0.05, 0.08, 0.05, 0.1, 0.06, 0.08, 0.05, 0.1])
-    return GaussianMixture(weights, means, stds, sde)
+    return GaussianMixture(weights, means, stds, sde, labels=labels)
 
+
+#: the classes of the labelled oracles' eight components: neighbours in pairs, 4 classes (each
+#: class a two-mode sub-mixture with unequal weights in ``ring8c``)
+PAIR_LABELS = (0, 0, 1, 1, 2, 2, 3, 3)
 
 ORACLES: Dict[str, Callable[[Optional[SDE]], GaussianMixture]] = {
     "ring8": _ring8,
     "gmm2d": lambda sde: random_mixture(2, 8, seed=0, sde=sde),
     "gmm64": lambda sde: random_mixture(64, 8, seed=0, sde=sde),
     "image16": lambda sde: random_mixture((1, 16, 16), 4, seed=0, sde=sde, diagonal=True),
+    # labelled (class-conditional) versions: the same components, classes PAIR_LABELS
+    "ring8c": lambda sde: _ring8(sde, labels=PAIR_LABELS),
+    "gmm64c": lambda sde: random_mixture(64, 8, seed=0, sde=sde, labels=PAIR_LABELS),
 }
 
 
 def named_oracle(name: str, sde: Optional[SDE] = None) -> GaussianMixture:
     """A built-in oracle mixture: ``ring8`` (2-D ring, unequal weights and widths), ``gmm2d``,
-    ``gmm64`` (the sampler benchmark's 64-D, 8-mode mixture) or ``image16`` (1x16x16 images)."""
+    ``gmm64`` (the sampler benchmark's 64-D, 8-mode mixture) or ``image16`` (1x16x16 images); with
+    class labels (for conditional sampling and guidance), ``ring8c`` and ``gmm64c``: ``ring8`` and
+    ``gmm64`` with their components paired into 4 classes (:data:`PAIR_LABELS`, class ``k // 2``
+    of component ``k``)."""
     require(name in ORACLES, f"unknown oracle {name!r}; valid oracles: {', '.join(ORACLES)}")
     return ORACLES[name](sde)
 

@@ -83,3 +83,22 @@ def test_compare_solvers_spends_a_budget_as_sample_does():
     got = {r["solver"]: (r["nfe"], r["steps"]) for r in rows}
     assert got["dpm_solver"] == (10, 4)
     assert got["pc:n_steps=2"] == (9, 3)
+
+
+@pytest.mark.parametrize("labelled, plain", [("ring8c", "ring8"), ("gmm64c", "gmm64")])
+def test_labelled_oracles_are_the_plain_ones_with_classes(labelled, plain):
+    """ring8c / gmm64c: the components of ring8 / gmm64 (same samples without a class), paired
+    into 4 classes; the plain oracles stay unlabelled."""
+    from sde_diffusion.experiments import PAIR_LABELS
+
+    sde = VPSDE()
+    a, b = named_oracle(labelled, sde), named_oracle(plain, sde)
+    assert b.labels is None and a.n_classes == 4 and a.labels.tolist() == list(PAIR_LABELS)
+    for name in ("weights", "means", "stds"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    gen = lambda: torch.Generator().manual_seed(5)          # noqa: E731
+    assert torch.equal(a.sample(64, generator=gen()), b.sample(64, generator=gen()))
+    # class 1 = components 2 and 3, weights renormalised within the class
+    sub = a.conditional(1)
+    assert torch.equal(sub.means, b.means[2:4])
+    assert torch.allclose(sub.weights, b.weights[2:4] / b.weights[2:4].sum())
