@@ -378,6 +378,17 @@ def test_diffusers_unet_equals_k_diffusion_discrete_eps_denoiser(K, unet, quanti
     assert _rel(ours.samples, theirs) < 1e-10
 
 
+def test_edm_sde_likelihood_equals_the_oracle_density():
+    """EDMSDE's drift and diffusion (f = 0, g^2 = 2t) carry the oracle's marginals: the
+    probability-flow log-likelihood equals the mixture's exact log-density at eps."""
+    sde = EDMSDE(0.002, 80.0)
+    mixture = sd.random_mixture(dim=3, n_components=3, sde=sde)
+    x = mixture.sample(8, t=sde.eps, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = sd.log_likelihood(sd.OracleModel(mixture), None, x, divergence="exact", rtol=1e-8, atol=1e-8,
+                               prior_logp=lambda z: mixture.log_prob(z, sde.T))
+    assert float((result.log_likelihood - mixture.log_prob(x, sde.eps)).abs().max()) < 1e-5
+
+
 # ---- EDM preconditioning and errors ------------------------------------------------------------------
 def test_edm_preconditioning_formula():
     """sigma_data: D = c_skip x + c_out F(c_in x, c_noise(sigma)) (Karras et al. 2022, Table 1)."""
