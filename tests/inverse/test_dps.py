@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sde_diffusion import VESDE, VPSDE, SubVPSDE, random_mixture, solve_inverse
-from sde_diffusion.inverse import Dense, Mask, half_mask, observe
+from sde_diffusion.inverse import Colorization, Dense, Mask, half_mask, observe
 from sde_diffusion.inverse.posterior import exact_posterior
 from sde_diffusion.metrics import sliced_wasserstein
 
@@ -79,3 +79,15 @@ def test_bad_options_are_named():
         solve_inverse(prior, op, y, method="dps", nfe=5, zeta=-1.0)
     with pytest.raises(ValueError, match="grid"):
         solve_inverse(prior, op, y, method="dps", nfe=5, grid="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_images_and_dtypes(dtype):
+    """A colorization of (3, 4, 4) images, noisy: shape and dtype kept, finite samples."""
+    shape = (3, 4, 4)
+    op = Colorization(shape)
+    prior = random_mixture(shape, 4, seed=0, sde=SDES["vp"])
+    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.1)[0]
+    x = solve_inverse(prior, op, y, method='dps', n=3, nfe=10, sigma_y=0.1).samples
+    assert x.shape == (3,) + shape and x.dtype == dtype
+    assert bool(torch.isfinite(x).all())

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from sde_diffusion import VESDE, VPSDE, SubVPSDE, GaussianMixture, solve_inverse
-from sde_diffusion.inverse import Dense, observe
+from sde_diffusion import VESDE, VPSDE, SubVPSDE, GaussianMixture, random_mixture, solve_inverse
+from sde_diffusion.inverse import BlockAverage, Colorization, Dense, Mask, box_mask, observe
 from sde_diffusion.inverse.methods.smc import resample_indices
 from sde_diffusion.inverse.posterior import exact_posterior
 from sde_diffusion.metrics import sliced_wasserstein
@@ -115,3 +115,18 @@ def test_resampling_schemes():
         _run(problem, "mcgdiff", 5, 0.05, resampling="stratified")
     with pytest.raises(ValueError, match="particles"):
         _run(problem, "mcgdiff", 5, 0.05, particles=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op_name", ["color", "block", "box"])
+def test_image_operators_noiseless_exact(op_name, dtype):
+    """Colorization (3, 4, 4), a 2x2 block average and a centred box mask of (1, 4, 4) images:
+    shapes and dtype kept, A x = y to the dtype's round-off."""
+    shape = (3, 4, 4) if op_name == "color" else (1, 4, 4)
+    op = {"color": lambda: Colorization(shape), "block": lambda: BlockAverage(2, shape),
+          "box": lambda: Mask(box_mask(shape, 2))}[op_name]()
+    prior = random_mixture(shape, 4, seed=0, sde=SDES["vp"])
+    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.0)[0]
+    x = solve_inverse(prior, op, y, method='mcgdiff', n=3, nfe=10, **{"particles": 4}).samples
+    assert x.shape == (3,) + shape and x.dtype == dtype
+    assert float((op.A(x) - y).abs().max()) < (1e-4 if dtype == torch.float32 else 1e-10)

@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 
-from ..._checks import require
 from ..registry import MethodResult, register_method
 from ._guided import check_eta, noise_for, schedule, spectral
 
