@@ -101,7 +101,7 @@ def test_schedule_equals_diffusers_bit_for_bit_and_alpha_sigma_at_trained_timest
     want = torch.lerp(log_s[k.floor().long()], log_s[k.ceil().long()], k.frac())
     assert torch.allclose(-sde.lambda_(sde.time_of_timestep(k)), want, rtol=0, atol=1e-13)
     tt = torch.linspace(1e-5, 1.0, 301, dtype=torch.float64)
-    assert float((sde.t_of_lambda(sde.lambda_(tt)) - tt).abs().max()) < 1e-12
+    assert float((sde.t_of_lambda(sde.lambda_(tt)) - tt).abs().max()) < 1e-13
     # drift and diffusion: f = d log alpha / dt, g^2 = d sigma^2/dt - 2 f sigma^2 (central differences)
     t0 = torch.tensor([0.3 / sde.N, 0.2003, 0.6517], dtype=torch.float64)
     h = 1e-7
@@ -131,6 +131,7 @@ def test_timestep_passed_as_float_interpolated_or_quantised(unet):
     assert seen[-1].tolist() == [0.0, 0.0]
 
 
+@torch.no_grad()
 def test_class_labels_go_through_bind(unet):
     sched = DDPMScheduler()
     model = from_diffusers(unet, sched)
@@ -160,7 +161,7 @@ def test_ddim_equals_diffusers_ddim_trailing(unet, prediction_type, eta):
     ours = sd.sample(model, x_T=x_T, solver="ddim", grid=grid, eta=eta,
                      generator=torch.Generator().manual_seed(5))
     assert ours.nfe == 10
-    assert _rel(ours.samples, theirs) < 1e-11
+    assert _rel(ours.samples, theirs) < 1e-13
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -178,7 +179,7 @@ def test_ddim_equals_diffusers_ddim_leading_final_alpha_one(unet, eta):
     model = from_diffusers(unet, sched).bind(y=torch.tensor([1, 1, 0]))
     ours = sd.sample(model, x_T=x_T, solver="ddim", grid=model.sde.time_of_timestep(sched.timesteps),
                      eta=eta, denoise=True, generator=torch.Generator().manual_seed(3))
-    assert _rel(ours.samples, theirs) < 1e-11
+    assert _rel(ours.samples, theirs) < 1e-13
 
 
 def test_ddim_as_shipped_float32(unet):
@@ -192,7 +193,7 @@ def test_ddim_as_shipped_float32(unet):
     model = from_diffusers(unet32, sched).bind(y=labels)
     grid = model.sde.time_of_timestep(torch.cat([sched.timesteps, torch.tensor([0])]))
     ours = sd.sample(model, x_T=x_T, solver="ddim", grid=grid)
-    assert _rel(ours.samples, theirs) < 2e-5
+    assert _rel(ours.samples, theirs) < 5e-6
 
 
 def test_ddim_spacing_off_by_one_is_documented_not_hidden(unet):
@@ -230,7 +231,7 @@ def test_ancestral_equals_diffusers_ddpm(unet, variance_type, solver, options):
     model = from_diffusers(unet, sched).bind(y=labels)
     ours = sd.sample(model, x_T=x_T, solver=solver, grid=model.sde.time_of_timestep(sched.timesteps),
                      denoise=True, generator=torch.Generator().manual_seed(7), **options)
-    assert _rel(ours.samples, theirs) < 1e-11
+    assert _rel(ours.samples, theirs) < 1e-13
     other = sd.sample(model, x_T=x_T, solver=solver, grid=model.sde.time_of_timestep(sched.timesteps),
                       denoise=True, generator=torch.Generator().manual_seed(8), **options)
     assert _rel(other.samples, theirs) > 1e-2                      # the noise matters
@@ -249,7 +250,7 @@ def test_ancestral_equals_diffusers_ddpm_on_the_oracle():
         x = sched.step(eps, ts, x, generator=g).prev_sample
     ours = sd.sample(oracle, x_T=x_T, solver="ancestral", grid=sde.time_of_timestep(sched.timesteps),
                      denoise=True, generator=torch.Generator().manual_seed(11))
-    assert _rel(ours.samples, x) < 1e-11
+    assert _rel(ours.samples, x) < 1e-13
 
 
 # ---- diffusers: DPM-Solver++(2M) ---------------------------------------------------------------------
@@ -276,7 +277,7 @@ def test_dpm_solver_pp_2m_equals_diffusers_multistep(final):
     ours = sd.sample(model, x_T=x_T.double(), solver="dpm_solver++_2m", grid=grid,
                      solver_type="midpoint", **opts)
     assert ours.nfe == 10
-    assert _rel(ours.samples, theirs.double()) < 2e-5
+    assert _rel(ours.samples, theirs.double()) < 5e-6
     taylor = sd.sample(model, x_T=x_T.double(), solver="dpm_solver++_2m", grid=grid, **opts)
     assert _rel(taylor.samples, theirs.double()) > 1e-3            # the options matter
 
@@ -295,7 +296,7 @@ def test_dpm_solver_pp_2m_equals_diffusers_karras_sigmas_with_quantised_timestep
     grid = times_of_sigmas(model.sde, sched.sigmas[:-1].double())
     ours = sd.sample(model, x_T=x_T.double(), solver="dpm_solver++_2m", grid=grid, solver_type="midpoint",
                      denoise=True)
-    assert _rel(ours.samples, theirs.double()) < 2e-5
+    assert _rel(ours.samples, theirs.double()) < 5e-6
     interpolated = from_diffusers(unet32, sched).bind(y=labels)
     other = sd.sample(interpolated, x_T=x_T.double(), solver="dpm_solver++_2m", grid=grid,
                       solver_type="midpoint", denoise=True)
@@ -329,7 +330,7 @@ def test_edm_samplers_equal_k_diffusion_on_the_oracle(K, solver, peer):
     opts = dict(solver_type="midpoint") if solver.startswith("dpm") else {}
     ours = sd.sample(model, x_T=x_T, solver=solver, grid=times_of_sigmas(sde, sigmas[:-1]), denoise=True,
                      **opts)
-    assert _rel(ours.samples, theirs) < 1e-12
+    assert _rel(ours.samples, theirs) < 1e-13
     exact = sd.sample(sd.OracleModel(mixture), x_T=x_T, solver=solver, grid=sigmas[:-1], denoise=True, **opts)
     assert _rel(exact.samples, theirs) < 1e-12                      # no adapter: the oracle itself
 
@@ -352,7 +353,7 @@ def test_k_diffusion_denoiser_under_vp(K, solver, peer):
     a0, a1 = (float(vp.alpha(grid[i])) for i in (0, -1))
     opts = dict(solver_type="midpoint") if solver.startswith("dpm") else {}
     ours = sd.sample(from_k_diffusion(D, sde=vp), x_T=x_e * a0, solver=solver, grid=grid, **opts)
-    assert _rel(ours.samples / a1, theirs) < 1e-10
+    assert _rel(ours.samples / a1, theirs) < 1e-13
 
 
 @pytest.mark.parametrize("quantize", [False, True])
@@ -375,7 +376,7 @@ def test_diffusers_unet_equals_k_diffusion_discrete_eps_denoiser(K, unet, quanti
     grid = times_of_sigmas(model.sde, sigmas[:-1])
     a0 = float(model.sde.alpha(grid[0]))
     ours = sd.sample(model, x_T=x_e * a0, solver="edm_heun", grid=grid, denoise=True)
-    assert _rel(ours.samples, theirs) < 1e-10
+    assert _rel(ours.samples, theirs) < 1e-13
 
 
 def test_edm_sde_likelihood_equals_the_oracle_density():
