@@ -388,7 +388,8 @@ def from_k_diffusion(denoiser: Callable, *, sigma_min: float = 0.002, sigma_max:
     :class:`ScoreModel` predicting ``x0``.
 
     - Default SDE: :class:`EDMSDE` ``(sigma_min, sigma_max)`` -- time is sigma, so a k-diffusion
-      sigma schedule (without its final 0) is the grid itself.
+      sigma schedule (without its final 0) is the grid itself. (``sigma_min`` and ``sigma_max``
+      shape only that default; with ``sde=`` the SDE's own range applies.)
     - ``sde=``: any affine SDE (``VPSDE()``, ``VESDE()``, ...): the denoiser is called at
       ``(x / alpha(t), sigma(t) / alpha(t))``, k-diffusion's view of a VP model.
     - ``sigma_data``: ``denoiser`` is the raw network ``F(c_in x, c_noise)`` and EDM's
