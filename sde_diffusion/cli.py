@@ -79,7 +79,8 @@ def _load_model(args) -> Tuple[object, object, Optional[object], Optional[object
 def _add_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint file or a training workdir")
-    src.add_argument("--oracle", help="a built-in exact Gaussian mixture: ring8, gmm2d, gmm64, image16")
+    src.add_argument("--oracle", help="a built-in exact Gaussian mixture: ring8, gmm2d, gmm64, image16; with "
+                          "classes: ring8c, gmm64c")
     p.add_argument("--sde", default="vp", choices=SDE_CHOICES, help="SDE of the oracle (default vp)")
 
 
@@ -298,17 +299,27 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     import numpy as np
     import torch
 
+    from . import guidance_cli
     from ._files import atomic_write
-    from .experiments import parse_solver_spec
+    from .experiments import SolverSpec, parse_solver_spec
     from .samplers import sample
 
     _no_extra(rest)
-    # everything cheap first: the solver, the grid (file), the steps, the output
+    # everything cheap first: the solver, the grid (file), the steps, the output, the guidance
     saved = _read_grid_file(args.grid) if _is_grid_file(args.grid) else None
-    spec = parse_solver_spec(args.solver or (_fit_label(saved) if saved else "euler_maruyama"))
+    if args.nfe is not None:
+        if args.nfe < 1:
+            raise UserError(f"--nfe must be >= 1, got {args.nfe}")
+        if saved is not None:
+            raise UserError(f"--nfe with --grid {args.grid!r}: a grid file sets the steps (leave "
+                            f"--nfe out)")
+    auto = args.nfe is not None and not args.solver and saved is None  # sample(nfe=N)'s choice
+    spec = None if auto else \
+        parse_solver_spec(args.solver or (_fit_label(saved) if saved else "euler_maruyama"))
     if saved is not None:
         _check_grid_matches(args.grid, saved, spec, args.steps)
     _check_grid_name(args.grid)
+    guidance_cli.check_arguments(args)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
     png = out[:-4] + ".png"
     _check_out_file(out, args.overwrite)
@@ -321,20 +332,52 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     if saved is not None:
         grid, steps = _grid_times(args.grid, saved, sde), None
     device = _device(args.device)
+    guided = guidance_cli.guided_model(args, model, sde, mixture, config, args.n, device)
+    for warning in guided.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+    calls = None if args.nfe is None else guidance_cli.solver_calls(args.nfe, guided)
+    extra = dict(spec.options) if spec is not None else {}
+    if auto and mixture is not None and not hasattr(guided.model, "mixture"):
+        # a guided oracle: the automatic grid's sigma_data is the data's scale, which the guided
+        # wrapper does not report (sample() reads it from an OracleModel itself)
+        from .samplers.api import data_scale
+
+        extra["sigma_data"] = data_scale(mixture)
     with torch.no_grad():  # an int seed: sample i's noise depends on (seed, i) only, not on --n
-        result = sample(model, shape=(args.n,) + shape, solver=spec.name, steps=steps,
+        result = sample(guided.model, shape=(args.n,) + shape,
+                        solver="auto" if auto else spec.name, steps=steps, nfe=calls,
                         grid=grid, generator=args.seed, device=device, denoise=args.denoise,
-                        progress=None if not args.quiet else False, **spec.options)
+                        progress=None if not args.quiet else False, **extra)
     x = result.samples.float().cpu()
+    label = SolverSpec(result.config["solver"], dict(result.config["options"])).label if auto \
+        else spec.label
+    counts = guided.counts()
+    labels = None if guided.labels is None else guided.labels.cpu().numpy()
 
     def write(tmp: str) -> None:
+        arrays = {"samples": x.numpy(), "nfe": result.nfe, "solver": label,
+                  "network_calls": counts["network_calls"]}
+        if labels is not None:
+            arrays["y"] = labels
         with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
-            np.savez(fh, samples=x.numpy(), nfe=result.nfe, solver=spec.label)
+            np.savez(fh, **arrays)
 
     atomic_write(out, write)
-    picture = _save_picture(x, png)
-    print(_dumps({"samples": out, "picture": picture, "n": args.n, "nfe": result.nfe,
-                  "solver": spec.label, "grid": args.grid}))
+    if labels is not None and x.ndim == 4 and _has_picture(shape):
+        from .reports import save_image_grid
+
+        rows, per_row = guidance_cli.class_rows(x, guided.labels, guided.classes)
+        picture = save_image_grid(rows.clamp(-1, 1), png, nrow=per_row)
+    else:
+        picture = _save_picture(x, png)
+    report = {"samples": out, "picture": picture, "n": args.n, "nfe": result.nfe, **counts,
+              "solver": label, "grid": result.config["grid"] if auto else args.grid}
+    if auto:
+        report["auto"] = result.config["rule"]
+    if args.nfe is not None:
+        report["nfe_budget"] = args.nfe
+    report.update(guided.info)
+    print(_dumps(report))
     return 0
 
 
@@ -618,6 +661,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import guidance_cli
+
     parser = _Parser(prog=PROG, description="Score-based generative modelling with SDEs: train, "
                      "sample, compute likelihoods and compare samplers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -654,13 +699,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples with any solver")
+    p = sub.add_parser("sample", help="draw samples with any solver, conditional or guided")
     _add_source(p)
     p.add_argument("--solver", default=None,
-                   help="solver[:key=value...], e.g. ddim:eta=1 (default euler_maruyama, or the "
-                        "solver a --grid file was fitted for)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="grid steps (default: the SDE's N, or a --grid file's)")
+                   help="solver[:key=value...], e.g. ddim:eta=1 (default: with --nfe the "
+                        "automatic choice for the budget, as sample(model, nfe=N); else "
+                        "euler_maruyama, or the solver a --grid file was fitted for)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--steps", type=int, default=None,
+                      help="grid steps (default: the SDE's N, or a --grid file's)")
+    size.add_argument("--nfe", type=int, default=None,
+                      help="a budget of network evaluations per sample (a guided call costs 2); "
+                           "without --solver the automatic choice (unipc on the focus grid)")
     p.add_argument("--grid", default=None,
                    help="uniform, logsnr, karras, quadratic or focus (default: the solver's own), "
                         "or a FILE.json written by optimize-grid")
@@ -670,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .npz (a .png picture is written beside it); an existing file is "
                         "not replaced without --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    guidance_cli.add_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_sample)
 
