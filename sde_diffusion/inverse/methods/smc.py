@@ -26,8 +26,8 @@ Algorithm 1, fully adapted):
 3. the optimal proposal ``prop(x_t') ∝ N(x_t'; m, sigma_eta^2) g_t'(x_t')``: observed coordinates
    from the product of the two Gaussians, the others from the kernel.
 
-After the last step (to ``eps``) the particles are equally weighted; the first of each group is
-returned (observed coordinates of a noiseless problem set to ``y_bar``). Cost: ``nfe`` network
+After the last step (to ``eps``) one particle of each group is drawn by its weight (observed
+coordinates of a noiseless problem set to ``y_bar``). Cost: ``nfe`` network
 calls, each on ``batch * particles`` states.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ..._checks import require
 from ..registry import MethodResult, register_method
 from ._guided import noise_for, noise_std, schedule, spectral
 
-__all__ = ["mcgdiff", "resample_indices", "RESAMPLING"]
+__all__ = ["mcgdiff", "resample_indices", "draw_one", "RESAMPLING"]
 
 RESAMPLING = ("systematic", "multinomial")
 _LOG_2PI = math.log(2 * math.pi)
@@ -66,6 +66,14 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, kind: str) -> 
     else:
         u = uniforms.sort(dim=1).values
     return torch.searchsorted(cdf, u.contiguous()).clamp(max=n - 1)
+
+
+def draw_one(log_w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row ``(batch, 1)`` drawn from the weights ``softmax(log_w)`` ``(batch, N)``
+    with one uniform per row ``u`` ``(batch, 1)`` through their CDF."""
+    cdf = torch.softmax(log_w, dim=1).cumsum(1)
+    cdf[:, -1] = 1.0
+    return torch.searchsorted(cdf, u.contiguous()).clamp(max=log_w.shape[1] - 1)
 
 
 @register_method("mcgdiff", needs=("svd",))
@@ -141,9 +149,10 @@ def mcgdiff(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tens
     # p(y) = prod_i N((U^T y)_i; s_i x_bar_i, sigma_y^2): y_bar's density / prod s_i, and the last
     # potential is y_bar's density in units of x_bar_end = alpha_end x_bar_0
     log_z = log_z + float(obs.sum()) * math.log(sched.alphas[-1]) - torch.log(spec.s[obs]).sum()
-    # one particle per posterior sample, drawn by the final weights
+    # one particle per posterior sample, drawn by the final weights (one uniform through their CDF:
+    # a fixed index would not do, systematic resampling orders the particles by ancestor)
     _, u = split(noise.randn())
-    pick = resample_indices(log_w, u, "multinomial")[:, :1]
+    pick = draw_one(log_w, u[:, :1])
     out = torch.gather(spec.Vt(x).reshape(B, N, D), 1, pick[:, :, None].expand(B, 1, D))[:, 0]
     out = out / sched.alphas[-1]
     if sigma_y == 0:
