@@ -756,3 +756,205 @@ def test_a_storage_error_while_writing_is_one_line(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(_files, "atomic_write", full)
     _one_line_error(main(["sample", "--oracle", "ring8", "--solver", "ddim", "--steps", "2",
                           "--n", "4", "--quiet"]), capsys, "No space left", "samples.npz")
+
+
+# ---- classes and guidance (issue 12): sample --class / --guidance / --classifier --------------
+RING = ["sample", "--oracle", "ring8c", "--n", "400", "--quiet"]
+
+
+def _sample(capsys, tmp_path, name, *args):
+    out = tmp_path / f"{name}.npz"
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    info = _strict_json(capsys.readouterr().out)
+    with np.load(out) as archive:
+        return info, {k: archive[k] for k in archive.files}
+
+
+def _classes_of(x):
+    """The class of each sample: its most responsible ring8c component's."""
+    import torch
+
+    from sde_diffusion.experiments import named_oracle
+
+    mix = named_oracle("ring8c")
+    return mix.labels[mix.responsibilities(torch.as_tensor(x, dtype=torch.float64), None).argmax(1)]
+
+
+def test_sample_help_lists_the_guidance_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--class", "--guidance ", "--guidance-interval", "--guidance-rescale",
+                 "--classifier", "--nfe"):
+        assert flag in text, flag
+
+
+def test_sample_class_on_the_labelled_oracle_lands_in_the_class(tmp_path, capsys):
+    """--class all: sample i gets class i mod 4 (stored as y), and lands in that class's modes;
+    scale 1 (--guidance 1) is the conditional model itself: the same samples, one evaluation per
+    call."""
+    args = [*RING, "--solver", "dpm_solver++", "--steps", "20", "--seed", "2"]
+    info, got = _sample(capsys, tmp_path, "all", *args, "--class", "all")
+    assert info["classes"] == [0, 1, 2, 3] and info["nfe"] == 20 and info["network_calls"] == 20
+    assert got["y"].tolist() == [i % 4 for i in range(400)]
+    assert (_classes_of(got["samples"]).numpy() == got["y"]).mean() > 0.99
+    info1, one = _sample(capsys, tmp_path, "one", *args, "--class", "1", "--guidance", "1")
+    assert info1["guidance"] == {"method": "classifier-free", "scale": 1.0, "w": 0.0,
+                                 "interval": None, "rescale": 0.0, "batched": True}
+    assert info1["nfe"] == 20 and info1["network_calls"] == 20
+    _, plain = _sample(capsys, tmp_path, "plain", *args, "--class", "1")
+    np.testing.assert_array_equal(one["samples"], plain["samples"])
+    assert (_classes_of(one["samples"]) == 1).double().mean() > 0.99
+    # the exact classifier at scale 1 is the exact conditional score: the same samples to round-off
+    info_c, exact = _sample(capsys, tmp_path, "exact", *args, "--class", "1", "--classifier",
+                            "exact", "--guidance", "1")
+    assert info_c["guidance"]["method"] == "classifier" and info_c["nfe"] == 40
+    assert info_c["network_calls"] == 40 and info_c["classifier_calls"] == 20
+    np.testing.assert_allclose(exact["samples"], plain["samples"], atol=1e-4)
+
+
+def test_guided_sampling_reports_evaluations_and_network_calls(tmp_path, capsys):
+    """Classifier-free guidance: 2 evaluations per guided call in one batched network call;
+    outside the interval 1; --nfe N is a budget of evaluations (N // 2 guided calls)."""
+    args = [*RING, "--class", "2", "--guidance", "3", "--seed", "1"]
+    info, got = _sample(capsys, tmp_path, "g", *args, "--solver", "ddim", "--steps", "10")
+    assert info["nfe"] == 20 and info["network_calls"] == 10 and info["evaluations_per_call"] == 2
+    assert int(got["nfe"]) == 20 and int(got["network_calls"]) == 10
+    assert (_classes_of(got["samples"]) == 2).double().mean() > 0.99
+    info, _ = _sample(capsys, tmp_path, "i", *args, "--solver", "ddim", "--steps", "10",
+                      "--guidance-interval", "0.3,3", "--guidance-rescale", "0.5")
+    assert 10 < info["nfe"] < 20 and info["network_calls"] == 10
+    assert info["guidance"]["interval"] == [0.3, 3.0] and info["guidance"]["rescale"] == 0.5
+    info, _ = _sample(capsys, tmp_path, "n", *args, "--nfe", "20")
+    assert info["nfe"] == 20 and info["network_calls"] == 10 and info["nfe_budget"] == 20
+    assert "auto" in info and info["grid"] == "focus"
+
+
+def test_sample_nfe_without_solver_is_the_automatic_choice(tmp_path, capsys):
+    """`sample --nfe 10` = sd.sample(model, nfe=10) (solver 'auto'), sample for sample."""
+    from sde_diffusion import sample
+    from sde_diffusion.experiments import named_oracle
+    from sde_diffusion.models import OracleModel
+    from sde_diffusion.sdes import VPSDE
+
+    info, got = _sample(capsys, tmp_path, "auto", "sample", "--oracle", "ring8", "--nfe", "10",
+                        "--n", "64", "--seed", "3", "--quiet")
+    ref = sample(OracleModel(named_oracle("ring8", VPSDE())), shape=(64, 2), nfe=10, generator=3)
+    np.testing.assert_array_equal(got["samples"], ref.samples.float().numpy())
+    assert info["nfe"] == ref.nfe == 10 and info["auto"] == ref.config["rule"]
+    assert info["solver"].startswith(ref.config["solver"]) and info["grid"] == ref.config["grid"]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--oracle", "ring8c", "--class", "4"], ["--class 4", "classes 0..3"]),
+    (["--oracle", "ring8c", "--class", "0,7", "--guidance", "2"], ["--class 7", "0..3"]),
+    (["--oracle", "ring8", "--class", "1"], ["--class", "class-conditional", "ring8"]),
+    (["--oracle", "ring8", "--class", "1", "--guidance", "2"], ["--guidance", "class-conditional"]),
+    (["--oracle", "ring8c", "--guidance", "2"], ["--guidance needs --class"]),
+    (["--oracle", "ring8c", "--classifier", "exact"], ["--classifier needs --class"]),
+    (["--oracle", "ring8c", "--class", "1", "--guidance", "2", "--guidance-interval", "3,1"],
+     ["--guidance-interval '3,1'", "LO < HI"]),
+    (["--oracle", "ring8c", "--class", "1", "--guidance", "2", "--guidance-interval", "1"],
+     ["--guidance-interval"]),
+    (["--oracle", "ring8c", "--class", "1", "--guidance-interval", "0.1,1"], ["--guidance S"]),
+    (["--oracle", "ring8c", "--class", "1", "--guidance", "-1"], ["--guidance", ">= 0"]),
+    (["--oracle", "ring8c", "--class", "1", "--guidance", "2", "--guidance-rescale", "1.5"],
+     ["--guidance-rescale", "[0, 1]"]),
+    (["--oracle", "ring8c", "--class", "1", "--classifier", "exact", "--guidance-rescale", "0.5"],
+     ["--guidance-rescale", "classifier-free"]),
+    (["--oracle", "ring8c", "--class", "-1"], ["--class '-1'"]),
+    (["--oracle", "ring8c", "--class", "two"], ["--class 'two'"]),
+    (["--oracle", "ring8c", "--class", "1", "--classifier", "no/such.pt"], ["no such file"]),
+    (["--oracle", "ring8", "--class", "1", "--classifier", "exact"], ["ring8c", "has none"]),
+    (["--oracle", "ring8c", "--class", "1", "--guidance", "2", "--nfe", "1"], ["--nfe 1", "2"]),
+    (["--oracle", "ring8c", "--nfe", "4", "--steps", "4"], ["--steps", "--nfe"]),
+])
+def test_guidance_user_errors_are_one_line(args, fragments, tmp_path, capsys):
+    code = main(["sample", *args, "--n", "8", "--out", str(tmp_path / "x.npz"), "--quiet"])
+    _one_line_error(code, capsys, *fragments)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_class_rows_put_one_class_per_row():
+    import torch
+
+    from sde_diffusion.guidance_cli import class_rows
+
+    x = torch.arange(10.0)[:, None, None, None].expand(10, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2] * 3 + [0])
+    rows, per_row = class_rows(x, labels, [0, 1, 2])
+    assert per_row == 3 and rows[:, 0, 0, 0].tolist() == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+
+
+# ---- on trained float32 checkpoints: a conditional 8gaussians model and its classifier ---------
+COND_CONFIG = os.path.join(REPO, "configs", "toy", "8gaussians_cond.py")
+CLF_CONFIG = os.path.join(REPO, "configs", "toy", "8gaussians_classifier.py")
+TINY_TOY = ["--config.training.n_iters=20", "--config.training.batch_size=64",
+            "--config.model.hidden=32", "--config.model.depth=2", "--config.optim.warmup=2",
+            "--config.training.snapshot_freq_for_preemption=20", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def conditional_runs(tmp_path_factory):
+    """`sde-diffusion train` of configs/toy/8gaussians_cond.py (num_classes 8, p_uncond 0.1) and
+    of 8gaussians_classifier.py, 20 steps each (float32 networks), and a classifier under VE."""
+    root = tmp_path_factory.mktemp("cond")
+    runs = {"cond": root / "cond", "clf": root / "clf", "clf_ve": root / "clf_ve"}
+    assert main(["train", "--config", COND_CONFIG, "--workdir", str(runs["cond"]), *TINY_TOY]) == 0
+    assert main(["train", "--config", CLF_CONFIG, "--workdir", str(runs["clf"]), *TINY_TOY]) == 0
+    assert main(["train", "--config", CLF_CONFIG, "--workdir", str(runs["clf_ve"]), *TINY_TOY,
+                 "--config.training.n_iters=2", "--config.training.sde=vesde"]) == 0
+    return runs
+
+
+def test_guidance_on_a_trained_conditional_checkpoint(conditional_runs, tmp_path, capsys):
+    cond, clf = str(conditional_runs["cond"]), str(conditional_runs["clf"])
+    base = ["sample", "--checkpoint", cond, "--n", "32", "--quiet", "--solver", "ddim",
+            "--steps", "6"]
+    info, got = _sample(capsys, tmp_path, "cfg", *base, "--class", "3", "--guidance", "2")
+    assert info["nfe"] == 12 and info["network_calls"] == 6 and got["samples"].dtype == np.float32
+    assert np.isfinite(got["samples"]).all() and got["y"].tolist() == [3] * 32
+    info, got = _sample(capsys, tmp_path, "cg", *base, "--class", "0,1", "--classifier", clf,
+                        "--guidance", "2", "--guidance-interval", "0.1,inf")
+    assert info["guidance"]["method"] == "classifier" and info["guidance"]["interval"][1] is None
+    assert np.isfinite(got["samples"]).all() and info["classifier_calls"] <= 6
+    info, _ = _sample(capsys, tmp_path, "nfe", *base[:-4], "--class", "all", "--guidance", "4",
+                      "--nfe", "10")
+    assert info["classes"] == list(range(8)) and info["nfe"] == 10 and info["network_calls"] == 5
+    for args, fragments in [
+            (["--class", "8", "--guidance", "2"], ["--class 8", "classes 0..7"]),
+            (["--class", "1", "--classifier", cond], ["--classifier", "score model"]),
+            (["--class", "1", "--classifier", str(conditional_runs["clf_ve"])],
+             ["--classifier", "SDE"])]:
+        code = main([*base, *args, "--out", str(tmp_path / "e.npz")])
+        _one_line_error(code, capsys, *fragments)
+
+
+def test_guidance_on_an_unconditional_checkpoint_is_refused(trained_run, conditional_runs,
+                                                            tmp_path, capsys):
+    base = ["sample", "--checkpoint", str(trained_run), "--n", "8", "--quiet", "--steps", "4",
+            "--out", str(tmp_path / "u.npz")]
+    _one_line_error(main([*base, "--class", "1", "--guidance", "2"]), capsys,
+                    "--guidance needs a class-conditional model", "num_classes")
+    _one_line_error(main([*base, "--class", "1"]), capsys, "--class needs a class-conditional")
+    # a classifier guides an unconditional model (its classes decide the range)
+    _one_line_error(main([*base, "--class", "9", "--classifier",
+                          str(conditional_runs["clf"])]), capsys, "classifier's classes 0..7")
+
+
+def test_guidance_without_label_dropout_warns(conditional_runs):
+    """A model trained with p_uncond = 0 never learned the null label: guidance says so."""
+    import argparse
+
+    from sde_diffusion.checkpoints import model_from_checkpoint
+    from sde_diffusion.guidance_cli import guided_model
+
+    model, sde, config = model_from_checkpoint(str(conditional_runs["cond"]))
+    args = argparse.Namespace(classes="1", guidance=2.0, guidance_interval=None,
+                              guidance_rescale=None, classifier=None, checkpoint="c", oracle=None)
+    assert guided_model(args, model, sde, None, config, 4, "cpu").warnings == []
+    config.training.p_uncond = 0.0
+    warned = guided_model(args, model, sde, None, config, 4, "cpu").warnings
+    assert len(warned) == 1 and "p_uncond = 0" in warned[0]
+    args.guidance = 1.0
+    assert guided_model(args, model, sde, None, config, 4, "cpu").warnings == []
