@@ -17,7 +17,7 @@ from ..sdes import SDE
 from .base import (CHECK_EVERY, Correction, GeneratorLike, NoiseSource, SampleResult, SolverContext,
                    run_solver)
 from .grids import GRIDS, check_steps, make_grid
-from .registry import get_solver
+from .registry import SOLVERS, get_solver
 
 __all__ = ["sample", "start_state", "custom_grid", "auto_config", "data_scale", "ConfiguredResult",
            "AUTO", "DEFAULT_SOLVER"]
@@ -28,8 +28,10 @@ GridLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 DEFAULT_SOLVER = "euler_maruyama"
 #: the name that asks for the automatic choice (:func:`auto_config`)
 AUTO = "auto"
-#: the budget from which the automatic choice takes UniPC's predictor order 3 instead of 2
-AUTO_ORDER3_FROM_NFE = 10
+#: the budgets (inclusive) where the automatic choice takes iPNDM; UniPC below and above
+AUTO_IPNDM_NFE = (4, 15)
+#: the budget from which the automatic choice takes iPNDM's order 4 instead of 3
+AUTO_IPNDM_ORDER4_FROM_NFE = 8
 #: the ``focus`` grid's ``sigma_data`` when the data's scale is not known (EDM's, images in [-1, 1])
 DEFAULT_SIGMA_DATA = 0.5
 
@@ -67,20 +69,23 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
     r"""The configuration ``sample(model, nfe=nfe)`` uses when no solver is named: a dict with
     ``solver``, ``options``, ``grid``, ``sigma_data``, ``nfe`` and ``rule`` (a sentence).
 
-    The rule (docs/samplers.md, "The default for a budget"; measured on mixtures under VP, sub-VP
-    and VE at NFE 2-15 by ``benchmarks/low_nfe.py --rule``, checked on the 64-D benchmark mixture):
+    The rule (docs/samplers.md, "The default for a budget"), from the sweep of
+    ``benchmarks/low_nfe.py --rule`` over twelve mixtures under VP, sub-VP and VE at NFE 2-15 (not
+    the benchmark's own mixture, on which it is then checked), one NFE per step throughout:
 
-    - ``unipc`` (UniPC's exponential Adams-Bashforth predictor with its Adams-Moulton corrector in
-      log-SNR, Zhao et al. 2023) at one NFE per step, predictor order ``p = 2`` below
-      :data:`AUTO_ORDER3_FROM_NFE` (10) NFE and ``p = 3`` from there (method order ``p + 1``);
-    - ``lower_order_final=True``: the predictor's order at step ``i`` of ``n`` is
-      ``min(p, n - i)`` (Lu et al. 2022b, Sec. 4 / App. D, for < 15 steps): the last steps, the
-      longest in log-SNR near the data, do not extrapolate a polynomial over old points;
-    - the ``focus`` grid (steps concentrated around the noise level ``sigma_data``,
+    - 4-15 NFE (:data:`AUTO_IPNDM_NFE`): ``ipndm`` (iPNDM, Zhang & Chen 2023, App.: equal-step
+      Adams-Bashforth on ``eps`` in EDM's variables), order 3 below 8 NFE and 4 from there. It had
+      the lowest error relative to the best configuration of each mixture at every budget from 4 to
+      15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56);
+    - otherwise ``unipc`` (UniPC's predictor-corrector in log-SNR, Zhao et al. 2023) with
+      ``lower_order_final=True``, predictor order 2 below 4 NFE and 3 from 16 (iPNDM's first-order
+      start and equal-step weights stall it near 1e-2 on VP at 20-100 NFE, where UniPC converges);
+    - always the ``focus`` grid (steps concentrated around the noise level ``sigma_data``,
       :func:`~.grids.focus_grid`) with ``sigma_data`` = the given value, else the data's scale
       where the model knows it (an oracle, :func:`data_scale`), else 0.5.
 
-    ``model`` may be ``None`` (then only ``sigma_data`` or 0.5 decide)."""
+    Where ``ipndm`` is not registered, UniPC (order 2 below 10 NFE, 3 from there) takes its
+    place. ``model`` may be ``None`` (then only ``sigma_data`` or 0.5 decide)."""
     require(isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1,
             f"nfe must be an integer >= 1, got {nfe!r}")
     known = data_scale(model) if model is not None else None
@@ -90,13 +95,20 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
     else:
         source = "given"
     require(sigma_data > 0 and math.isfinite(sigma_data), f"sigma_data must be > 0, got {sigma_data!r}")
-    order = 3 if nfe >= AUTO_ORDER3_FROM_NFE else 2
-    rule = (f"nfe={nfe}: unipc with predictor order {order} (2 below {AUTO_ORDER3_FROM_NFE} NFE, 3 "
-            f"from there), lower order at the final steps, on the focus grid with sigma_data="
-            f"{sigma_data:.4g} ({source})")
-    return {"solver": "unipc", "options": {"order": order, "lower_order_final": True},
-            "grid": "focus", "sigma_data": float(sigma_data), "nfe": nfe, "rule": rule}
-
+    lo, hi = AUTO_IPNDM_NFE
+    if lo <= nfe <= hi and "ipndm" in SOLVERS:
+        solver = "ipndm"
+        options: Dict[str, object] = {"order": 4 if nfe >= AUTO_IPNDM_ORDER4_FROM_NFE else 3}
+        why = (f"ipndm of order {options['order']} ({lo}-{hi} NFE; order 4 from "
+               f"{AUTO_IPNDM_ORDER4_FROM_NFE})")
+    else:
+        solver = "unipc"
+        order = 2 if nfe < (lo if "ipndm" in SOLVERS else 10) else 3
+        options = {"order": order, "lower_order_final": True}
+        why = f"unipc with predictor order {order}, lower order at the final steps"
+    rule = (f"nfe={nfe}: {why}, on the focus grid with sigma_data={sigma_data:.4g} ({source})")
+    return {"solver": solver, "options": options, "grid": "focus", "sigma_data": float(sigma_data),
+            "nfe": nfe, "rule": rule}
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
@@ -119,8 +131,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         shape: ``(batch, ...)`` of the samples, when ``x_T`` is not given (then drawn from the prior).
         x_T: the starting state; its dtype and device are used throughout.
         solver: a registered solver name (see :func:`~sde_diffusion.samplers.available_solvers`),
-            or ``"auto"``: the best configuration for the budget (:func:`auto_config`: UniPC,
-            its order, lower-order final steps, the ``focus`` grid). Not given: ``"auto"`` when
+            or ``"auto"``: the best configuration for the budget (:func:`auto_config`: iPNDM or
+            UniPC, the order, lower-order final steps, the ``focus`` grid). Not given: ``"auto"`` when
             ``nfe`` is given, else ``"euler_maruyama"`` (score_sde's sampler; ``steps=`` calls keep
             it). With ``"auto"`` a given ``grid``, ``sigma_data`` or option replaces the rule's,
             and ``steps`` stands for ``nfe`` (one NFE per step). ``result.config`` says what ran.

@@ -1,0 +1,341 @@
+"""Low-NFE frontier (issue 15): at NFE 4, 6, 8, 10 on the 64-D benchmark mixture against the exact
+flow map, our solvers at their best configurations, the default ``sample(model, nfe=N)``, fitted
+grids (gradient and Nelder-Mead ``optimize_grid``) and the peers at their best.
+
+    python benchmarks/low_nfe.py           # ~5 min on one thread: benchmarks/results/low_nfe.{md,csv,png}
+    python benchmarks/low_nfe.py --quick   # smoke run (batch 256, no Nelder-Mead fit, no rule sweep)
+
+What is measured:
+
+- Data and noise as in benchmarks/samplers.py: ``random_mixture(64, 8, seed=0)`` under the VP SDE,
+  ``T = 1 -> eps = 1e-3``, 2048 starting states shared by every method; the reference is the exact
+  flow map (float64 DOP853, rtol = atol = 1e-10). Error: RMS over samples and coordinates.
+- Wrong-mode fraction: the share of samples whose most likely component of ``p_eps`` (the oracle's
+  responsibilities at ``eps``) differs from that of the exact flow map's end point from the same
+  ``x_T``: a method can be accurate on average and still send samples to the wrong mode.
+- Ours: every configuration in ``OUR_CONFIGS`` (solver x order x lower-order final steps x grid);
+  a row per configuration, the best per budget in the summary. ``default``: ``sample(model,
+  nfe=N)`` with nothing else (the rule of :func:`~sde_diffusion.samplers.api.auto_config`).
+- Fitted grids: ``optimize_grid`` for the default's solver and options from the focus grid, on a
+  pilot of 2048 other states (a quarter held out), with ``method="gradient"`` at every budget and
+  ``method="nelder-mead"`` at 6 and 10 NFE; their network calls (teacher included) are reported
+  and not counted in the NFE.
+- Peers (benchmarks/peers.py's drivers): k-diffusion's deterministic samplers on Karras and
+  log-SNR-uniform schedules, ``sample_dpm_fast``; diffusers' DPMSolverMultistep (2M, 3M) and UniPC
+  (2, 3) with their default timesteps, Karras sigmas and (DPM-Solver++) ``use_lu_lambdas``
+  (log-SNR uniform), DEIS (2, 3). Each peer's best schedule counts.
+- ``--rule``: the sweep behind the default rule, on twelve *other* mixtures (seeds 1-6, 32-D and
+  64-D, VP / sub-VP / VE, 512 states each): for each configuration the geometric mean and the
+  largest ratio of its error to the best configuration's, per budget.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sde_diffusion import VESDE, VPSDE, random_mixture  # noqa: E402
+from sde_diffusion.reports import plot_error_vs_nfe, write_csv  # noqa: E402
+from sde_diffusion.samplers import available_solvers, optimize_grid, sample  # noqa: E402
+from sde_diffusion.samplers.api import data_scale  # noqa: E402
+from sde_diffusion.samplers.reference import exact_flow_map, mixture_at  # noqa: E402
+from sde_diffusion.sdes import SubVPSDE  # noqa: E402
+from sde_diffusion._files import write_text  # noqa: E402
+
+NFES = (4, 6, 8, 10)
+GRIDS = ("focus", "logsnr", "karras", "quadratic")
+# (solver, options): every grid of GRIDS is tried for each
+OUR_CONFIGS = ([("unipc", {"order": p, "lower_order_final": lof}) for p in (1, 2, 3)
+                for lof in (False, True)]
+               + [("dpm_solver++", {"order": 2}), ("dpm_solver++", {"order": 3}),
+                  ("dpm_solver++", {"order": 3, "lower_order_final": True}), ("dpm_solver", {}),
+                  ("ddim", {})])
+# peer-method solvers of ours, tried where registered (another engineer adds them), default options
+EXTRA_SOLVERS = ("ipndm", "deis", "lms")
+RULE_EXTRA = [("ipndm", {}), ("ipndm", {"order": 3}), ("deis", {}), ("deis", {"order": 2}), ("lms", {})]
+
+
+def label(solver: str, options: dict, grid: str) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in options.items())
+    return f"{solver}({opts})/{grid}" if opts else f"{solver}/{grid}"
+
+
+def wrong_mode(samples: torch.Tensor, ref_modes: torch.Tensor, p_eps) -> float:
+    modes = p_eps.responsibilities(samples.to(torch.float64)).argmax(1)
+    return float((modes != ref_modes).double().mean())
+
+
+def diffusers_extra(sde) -> list:
+    """diffusers peers that benchmarks/peers.py does not build: DPMSolverMultistep with
+    ``use_lu_lambdas`` (log-SNR-uniform steps) and DEIS, driven as peers.py drives diffusers."""
+    from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler
+    from peers import Peer, _level, vp_trained_betas
+
+    base = dict(num_train_timesteps=1000, trained_betas=vp_trained_betas(sde, 1000))
+
+    def make(cls, config, lu=True):
+        def run(oracle, x_T, steps, generator):
+            sched = cls(**base, **config)
+            sched.set_timesteps(steps + 1 if lu else steps, device=x_T.device)
+            if lu:   # steps + 1 levels down to sigma(eps) (timestep 0), then the scheduler's extra
+                # step to sigma = 0 dropped (as peers.py does for Karras sigmas): the last step ends at eps
+                sched.timesteps = sched.timesteps[:steps]
+                sched.sigmas = sched.sigmas[:steps + 1]
+                sched.num_inference_steps = steps
+            sig = sched.sigmas
+            x = x_T
+            for i, ts in enumerate(sched.timesteps):
+                t, _ = _level(sde, float(sig[i]))
+                x = sched.step(oracle.x0(x, t), ts, x).prev_sample
+            return x
+        return run
+
+    peers = []
+    for order in (2, 3):
+        cfg = dict(prediction_type="sample", solver_order=order)
+        peers.append(Peer(f"d:DPMSolverMultistep({order}M)/lu", "diffusers", False,
+                          "log-SNR uniform (use_lu_lambdas)", 1,
+                          make(DPMSolverMultistepScheduler, dict(cfg, use_lu_lambdas=True,
+                                                                 final_sigmas_type="sigma_min"))))
+        peers.append(Peer(f"d:DEIS({order})", "diffusers", False, "default (linspace timesteps)", 1,
+                          make(DEISMultistepScheduler, cfg, lu=False)))   # ends at timestep 0
+        peers.append(Peer(f"d:DEIS({order})/karras", "diffusers", False, "karras rho=7", 1,
+                          make(DEISMultistepScheduler, dict(cfg, use_karras_sigmas=True))))
+    return peers
+
+
+def rule_sweep(args, log) -> List[Dict]:
+    """The sweep behind the default rule: configurations x grids on mixtures other than the
+    benchmark's, error against the exact flow map."""
+    registry = available_solvers()
+    configs = [(s, o) for s, o in OUR_CONFIGS if s in ("unipc", "dpm_solver++", "dpm_solver")]
+    configs += [(s, o) for s, o in RULE_EXTRA if s in registry]
+    cases = [(n, sde, d, seed) for seed, (n, sde) in
+             enumerate([("vp", VPSDE()), ("subvp", SubVPSDE()), ("ve", VESDE())] * 2, start=1)
+             for d in (32, 64)]
+    nfes = (2, 3, 4, 5, 6, 8, 10, 12, 15)
+    errors: Dict[tuple, Dict[str, float]] = {}
+    for name, sde, dim, seed in cases:
+        mix = random_mixture(dim, 8, seed=seed, sde=sde)
+        sd = data_scale(mix)
+        g = torch.Generator().manual_seed(seed + 10)
+        x_T = torch.randn(512, dim, generator=g, dtype=torch.float64) * sde.prior_std
+        ref = exact_flow_map(mix, x_T)
+        for nfe in nfes:
+            row = errors.setdefault((name, dim, seed, nfe), {})
+            for (solver, opts), grid in itertools.product(configs, ("focus", "focus0.5", "logsnr",
+                                                                   "quadratic", "karras")):
+                kw = dict(grid="focus", sigma_data=0.5 if grid == "focus0.5" else sd) \
+                    if grid.startswith("focus") else dict(grid=grid)
+                try:
+                    out = sample(mix, sde, x_T=x_T.float(), solver=solver, nfe=nfe, progress=False,
+                                 **kw, **opts).samples
+                    err = float((out.double() - ref).pow(2).mean().sqrt())
+                except ValueError:
+                    err = math.inf
+                row[label(solver, opts, grid)] = err if math.isfinite(err) else math.inf
+        log(f"rule sweep: {name} {dim}-D seed {seed} done")
+    rows = []
+    for nfe in nfes:
+        cases_n = [c for c in errors if c[3] == nfe]
+        for key in errors[cases_n[0]]:
+            ratios = [errors[c][key] / min(errors[c].values()) for c in cases_n]
+            gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) \
+                if all(math.isfinite(r) for r in ratios) else math.inf
+            rows.append(dict(nfe=nfe, config=key, geo_mean_ratio=gm, max_ratio=max(ratios)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rule", action="store_true", help="also run the rule sweep (~1 min)")
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--pilot", type=int, default=2048)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        args.batch, args.pilot = 256, 256
+    start = time.perf_counter()
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    from samplers import TimedMixture
+
+    sde = VPSDE()
+    base = random_mixture(64, 8, seed=0, sde=sde)
+    oracle = TimedMixture(base)
+    sigma_data = data_scale(base)
+    x_T = torch.randn(args.batch, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = exact_flow_map(TimedMixture(base), x_T)
+    p_eps = mixture_at(base, sde.eps)
+    ref_modes = p_eps.responsibilities(ref).argmax(1)
+    x32 = x_T.float()
+    log(f"reference: {time.perf_counter() - start:.0f}s")
+    rows: List[Dict] = []
+
+    def record(name, kind, schedule, nfe, out, extra=None):
+        out = out.detach().to(torch.float64)
+        ok = bool(torch.isfinite(out).all())
+        row = dict(method=name, kind=kind, schedule=schedule, nfe=nfe,
+                   rms_error=float((out - ref).pow(2).mean().sqrt()) if ok else math.nan,
+                   wrong_mode=wrong_mode(out, ref_modes, p_eps) if ok else math.nan, **(extra or {}))
+        rows.append(row)
+        log(f"  {name:52s} NFE {nfe:3d} err {row['rms_error']:.3e} wrong-mode {row['wrong_mode']:.4f}")
+
+    registry = available_solvers()
+    configs = list(OUR_CONFIGS) + [(s, {}) for s in EXTRA_SOLVERS if s in registry]
+    for nfe in NFES:
+        for (solver, opts), grid in itertools.product(configs, GRIDS):
+            kw = dict(grid="focus", sigma_data=sigma_data) if grid == "focus" else dict(grid=grid)
+            try:
+                out = sample(oracle, sde, x_T=x32, solver=solver, nfe=nfe, progress=False, **kw, **opts)
+            except ValueError as err:
+                log(f"  {label(solver, opts, grid)} at {nfe}: {err}")
+                continue
+            record(label(solver, opts, grid), "ours", grid, out.nfe, out.samples)
+        out = sample(oracle, x_T=x32, nfe=nfe, progress=False)
+        record("default: sample(model, nfe=N)", "default", out.config["rule"], out.nfe, out.samples)
+
+    # fitted grids: gradient at every budget, Nelder-Mead at 6 and 10 for the cost comparison
+    fits = []
+    for nfe in NFES:
+        for method in ("gradient", "nelder-mead"):
+            if method == "nelder-mead" and (args.quick or nfe not in (6, 10)):
+                continue
+            from sde_diffusion.samplers.api import auto_config
+            cfg = auto_config(base, nfe)
+            t0 = time.perf_counter()
+            fit = optimize_grid(oracle, sde, cfg["solver"], nfe=nfe, shape=(args.pilot, 64),
+                                generator=101, grid="focus", sigma_data=sigma_data, method=method,
+                                progress=False, **cfg["options"])
+            secs = time.perf_counter() - t0
+            out = sample(oracle, sde, x_T=x32, solver=cfg["solver"], grid=fit.times, progress=False,
+                         **cfg["options"])
+            record(f"default's solver on optimize_grid({method})", f"fitted:{method}",
+                   "fitted from focus", out.nfe, out.samples,
+                   dict(fit_calls=fit.model_calls, fit_runs=fit.evaluations, fit_seconds=secs,
+                        heldout_before=fit.initial_validation_error, heldout_after=fit.validation_error))
+            fits.append(rows[-1])
+
+    from peers import available_peers
+    peers = [p for p in available_peers(sde, log=log) if not p.stochastic]
+    try:
+        peers += diffusers_extra(sde)
+    except Exception as err:  # noqa: BLE001 - a missing scheduler is a note, not a failure
+        log(f"note: no extra diffusers peers ({type(err).__name__}: {err})")
+    for p in peers:
+        for nfe in NFES:
+            steps = p.steps_for_nfe(nfe)
+            calls = oracle.calls
+            try:
+                with torch.no_grad():
+                    out = p.run(oracle, x32, steps, torch.Generator().manual_seed(4))
+            except Exception as err:  # noqa: BLE001 - a failing peer is reported
+                log(f"  {p.name} at {nfe}: failed ({type(err).__name__}: {err})")
+                continue
+            record(p.name, "peer", p.schedule, oracle.calls - calls, out)
+
+    write_results(rows, fits, args, time.perf_counter() - start, sigma_data,
+                  rule_sweep(args, log) if args.rule else None)
+
+
+def _best(rows, kind_prefix, nfe):
+    cand = [r for r in rows if r["kind"].startswith(kind_prefix) and r["nfe"] <= nfe
+            and r["nfe"] > nfe - 2 and math.isfinite(r["rms_error"])]
+    cand = [r for r in cand if r["nfe"] == nfe] or cand
+    return min(cand, key=lambda r: r["rms_error"]) if cand else None
+
+
+def write_results(rows, fits, args, elapsed, sigma_data, rule_rows) -> None:
+    out = Path(args.out)
+    stem = "low_nfe_quick" if args.quick else "low_nfe"
+    write_csv(rows, str(out / f"{stem}.csv"))
+    f = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2e}"  # noqa: E731
+    lines = [f"# Low-NFE frontier (issue 15)", "",
+             f"`python benchmarks/low_nfe.py{' --quick' if args.quick else ''}"
+             f"{' --rule' if rule_rows is not None else ''}`, one CPU thread, {elapsed / 60:.1f} min. "
+             f"`random_mixture(64, 8, seed=0)` under VPSDE, {args.batch} states, float32 samplers, "
+             f"RMS error against the exact flow map; wrong-mode: share of samples in another "
+             f"component of p_eps than the exact map's end point. Data scale sigma_data = "
+             f"{sigma_data:.3f}. Method: the docstring of benchmarks/low_nfe.py.", "",
+             "## Summary: best of each kind per budget", "",
+             "| NFE | ours best (fixed grid) | error | wrong | default | error | wrong | default / ours | "
+             "ours+fitted best | error | peer best | error | wrong | ours / peer | (ours+fitted) / peer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for nfe in NFES:
+        o, d, p = _best(rows, "ours", nfe), _best(rows, "default", nfe), _best(rows, "peer", nfe)
+        fb = min([r for r in (o, _best(rows, "fitted", nfe)) if r is not None],
+                 key=lambda r: r["rms_error"])
+        if not (o and d and p):
+            continue
+        lines.append(f"| {nfe} | {o['method']} | {f(o['rms_error'])} | {o['wrong_mode']:.4f} | "
+                     f"{d['method'].split(':')[0]} | {f(d['rms_error'])} | {d['wrong_mode']:.4f} | "
+                     f"{d['rms_error'] / o['rms_error']:.2f} | {fb['method']} | {f(fb['rms_error'])} | "
+                     f"{p['method']} ({p['schedule']}) | {f(p['rms_error'])} | {p['wrong_mode']:.4f} | "
+                     f"{o['rms_error'] / p['rms_error']:.2f} | {fb['rms_error'] / p['rms_error']:.2f} |")
+    lines += ["", "Targets: ours at most half the best peer's error (ours / peer <= 0.5), the default "
+              "within 1.2x of our best (default / ours <= 1.2).", "",
+              "## Fitted grids: gradient against Nelder-Mead", "",
+              "Network calls are batched calls on the pilot (teacher: 300 of them), held-out = the "
+              "quarter of the pilot kept out of the fit, fresh = the benchmark's states.", "",
+              "| NFE | method | network calls | solver runs | seconds | held-out before | after | "
+              "fresh error | wrong |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in fits:
+        lines.append(f"| {r['nfe']} | {r['kind'].split(':')[1]} | {r['fit_calls']} | {r['fit_runs']} | "
+                     f"{r['fit_seconds']:.0f} | {f(r['heldout_before'])} | {f(r['heldout_after'])} | "
+                     f"{f(r['rms_error'])} | {r['wrong_mode']:.4f} |")
+    lines += ["", "## Every method", "", "| method | kind | schedule | " +
+              " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|---|---|" + "---|" * len(NFES)]
+    names = list(dict.fromkeys((r["method"], r["kind"]) for r in rows))
+    for name, kind in names:
+        cells = []
+        for nfe in NFES:
+            r = [x for x in rows if x["method"] == name and x["kind"] == kind
+                 and nfe - 2 < x["nfe"] <= nfe]
+            cells.append(f"{f(r[-1]['rms_error'])} / {r[-1]['wrong_mode']:.3f}" +
+                         (f" ({r[-1]['nfe']})" if r[-1]["nfe"] != nfe else "") if r else "-")
+        sched = next(x["schedule"] for x in rows if x["method"] == name)
+        lines.append(f"| {name} | {kind} | {sched if kind != 'default' else 'auto'} | " +
+                     " | ".join(cells) + " |")
+    lines += ["", "(cells: RMS error / wrong-mode fraction; the NFE spent in parentheses where it "
+              "differs)"]
+    if rule_rows is not None:
+        lines += ["", "## The rule sweep (`--rule`)", "",
+                  "Twelve other mixtures (seeds 1-6; 32-D and 64-D; VP, sub-VP, VE), 512 states "
+                  "each: per budget the five configurations with the lowest geometric mean of "
+                  "error / best error over the mixtures, and that ratio's maximum. `focus0.5`: "
+                  "the focus grid with sigma_data = 0.5 instead of the data's.", "",
+                  "| NFE | 1st | 2nd | 3rd | 4th | 5th |", "|---|---|---|---|---|---|"]
+        for nfe in sorted({r["nfe"] for r in rule_rows}):
+            top = sorted((r for r in rule_rows if r["nfe"] == nfe),
+                         key=lambda r: r["geo_mean_ratio"])[:5]
+            lines.append(f"| {nfe} | " + " | ".join(
+                f"{r['config']} {r['geo_mean_ratio']:.2f} (max {r['max_ratio']:.2f})" for r in top) + " |")
+        write_csv(rule_rows, str(out / f"{stem}_rule.csv"))
+    write_text(str(out / f"{stem}.md"), "\n".join(lines) + "\n")
+    plot = [dict(solver=r["method"], nfe=r["nfe"], rms_error=r["rms_error"]) for r in rows
+            if r["kind"] in ("default", "fitted:gradient")]
+    for kind in ("ours", "peer"):
+        for nfe in NFES:
+            b = _best(rows, kind, nfe)
+            if b:
+                plot.append(dict(solver=f"best {'of ours (fixed grids)' if kind == 'ours' else 'peer'}",
+                                 nfe=b["nfe"], rms_error=b["rms_error"]))
+    plot_error_vs_nfe(plot, "rms_error", str(out / f"{stem}.png"),
+                      title="64-D mixture: RMS error vs NFE against the exact flow map")
+    print(f"wrote {out / (stem + '.md')}")
+
+
+if __name__ == "__main__":
+    main()
