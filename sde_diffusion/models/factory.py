@@ -21,9 +21,9 @@ from .wrapper import ScoreModel
 
 __all__ = ["NETWORKS", "build_network", "model_from_config", "config_task"]
 
-#: every network by config name: the score networks and the classifiers
-#: (:data:`~sde_diffusion.models.classifier.CLASSIFIER_NETWORKS`).
-NETWORKS = {"mlp": TimeMLP, "unet": UNet, **CLASSIFIER_NETWORKS}
+#: the score networks by config name; the classifiers (``training.task = "classifier"``) are
+#: :data:`~sde_diffusion.models.classifier.CLASSIFIER_NETWORKS`.
+NETWORKS = {"mlp": TimeMLP, "unet": UNet}
 
 
 def _fields(config) -> Mapping:
@@ -46,9 +46,11 @@ def build_network(model_config, data_shape: Sequence[int]) -> nn.Module:
     """
     fields = _fields(model_config)
     name = fields.get("name")
-    require(name in NETWORKS, f"model name must be one of {sorted(NETWORKS)}, got {name!r}")
+    require(name in NETWORKS or name in CLASSIFIER_NETWORKS,
+            f"model name must be one of {sorted(NETWORKS)}, got {name!r} (classifiers, for "
+            f"training.task='classifier': {sorted(CLASSIFIER_NETWORKS)})")
     shape = tuple(int(s) for s in data_shape)
-    cls = NETWORKS[name]
+    cls = NETWORKS[name] if name in NETWORKS else CLASSIFIER_NETWORKS[name]
     if name.startswith("mlp"):
         require(len(shape) == 1, f"the {name} network needs data_shape (dim,), got {shape}")
         sized = {"dim": shape[0]}
