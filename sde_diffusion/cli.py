@@ -710,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="grid steps (default: the SDE's N, or a --grid file's)")
     size.add_argument("--nfe", type=int, default=None,
                       help="a budget of network evaluations per sample (a guided call costs 2); "
-                           "without --solver the automatic choice (unipc on the focus grid)")
+                           "without --solver the automatic choice for the budget, as "
+                           "sample(model, nfe=N)")
     p.add_argument("--grid", default=None,
                    help="uniform, logsnr, karras, quadratic or focus (default: the solver's own), "
                         "or a FILE.json written by optimize-grid")
