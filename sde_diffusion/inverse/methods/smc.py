@@ -22,13 +22,16 @@ Algorithm 1, fully adapted):
 1. weights ``w = Z(x_t) / g_t(x_t)`` with ``Z = prod_i N(m_bar_i; alpha' y_bar_i,
    sigma_eta^2 + sigma'^2 + alpha'^2 sigma_i^2)`` (the first step: ``w = Z``, the particles being
    prior draws);
-2. resampling (systematic or multinomial) within each posterior sample's ``particles``;
+2. resampling (systematic or multinomial) within each posterior sample's ``particles`` when their
+   effective sample size ``1 / sum w^2`` falls below ``ess_threshold * particles`` (weights
+   accumulate until then; ``ess_threshold = 1``: every step, as the paper);
 3. the optimal proposal ``prop(x_t') ∝ N(x_t'; m, sigma_eta^2) g_t'(x_t')``: observed coordinates
    from the product of the two Gaussians, the others from the kernel.
 
 After the last step (to ``eps``) one particle of each group is drawn by its weight (observed
-coordinates of a noiseless problem set to ``y_bar``). Cost: ``nfe`` network
-calls, each on ``batch * particles`` states.
+coordinates of a noiseless problem set to ``y_bar``). ``result.info["log_evidence"]``: per sample
+the SMC estimate of ``log p(y)`` (the product of the mean weights). Cost: ``nfe`` network calls,
+each on ``batch * particles`` states.
 """
 from __future__ import annotations
 
