@@ -299,7 +299,7 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     import numpy as np
     import torch
 
-    from . import guidance_cli
+    from . import guidance_cli, sharded
     from ._files import atomic_write
     from .experiments import SolverSpec, parse_solver_spec
     from .samplers import sample
@@ -323,6 +323,7 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
     png = out[:-4] + ".png"
     _check_out_file(out, args.overwrite)
+    processes = sharded.start(args)   # None unless sharded (--shards/--batch/torchrun)
     model, sde, mixture, config, shape = _load_model(args)
     _check_memory(args.n, shape, "--n")
     if _has_picture(shape):
@@ -343,15 +344,21 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
         from .samplers.api import data_scale
 
         extra["sigma_data"] = data_scale(mixture)
-    with torch.no_grad():  # an int seed: sample i's noise depends on (seed, i) only, not on --n
-        result = sample(guided.model, shape=(args.n,) + shape,
-                        solver="auto" if auto else spec.name, steps=steps, nfe=calls,
-                        grid=grid, generator=args.seed, device=device, denoise=args.denoise,
-                        progress=None if not args.quiet else False, **extra)
+    run_kw = dict(solver="auto" if auto else spec.name, steps=steps, nfe=calls, grid=grid,
+                  denoise=args.denoise, progress=None if not args.quiet else False, **extra)
+    if processes is not None:  # shards, resumable; rank 0 gathers them
+        done = sharded.cli_sample(args, guided, shape, device, processes, run_kw)
+        if done is None:
+            return 0
+        result, counts = done
+    else:
+        with torch.no_grad():  # an int seed: sample i's noise depends on (seed, i) only, not on --n
+            result = sample(guided.model, shape=(args.n,) + shape, generator=args.seed,
+                            device=device, **run_kw)
+        counts = guided.counts()
     x = result.samples.float().cpu()
     label = SolverSpec(result.config["solver"], dict(result.config["options"])).label if auto \
         else spec.label
-    counts = guided.counts()
     labels = None if guided.labels is None else guided.labels.cpu().numpy()
 
     def write(tmp: str) -> None:
@@ -525,6 +532,7 @@ def _load_data(args, mixture, sde, n: int):
 def cmd_likelihood(args, rest: Sequence[str]) -> int:
     import torch
 
+    from . import sharded
     from .likelihood import log_likelihood
 
     _no_extra(rest)
@@ -533,6 +541,7 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--{name} must be a finite number > 0, got {value}")
+    processes = sharded.start(args)   # None unless sharded (--shards/--batch/torchrun)
     model, sde, mixture, _, shape = _load_model(args)
     _check_memory(args.n, shape, "--n")
     device = _device(args.device)
@@ -540,9 +549,15 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
     if hasattr(model, "net") and isinstance(model.net, torch.nn.Module):
         model.net.double()
     divergence = "exact" if args.exact else "hutchinson"
-    result = log_likelihood(model, sde, x, divergence=divergence, n_probes=args.probes or 1,
-                            rtol=args.rtol, atol=args.atol,
-                            generator=torch.Generator(device=device).manual_seed(args.seed))
+    more = {}
+    if processes is not None:  # per-sample error control and probes; rank 0 gathers
+        result, more = sharded.cli_likelihood(args, model, sde, x, divergence, processes)
+        if result is None:
+            return 0
+    else:
+        result = log_likelihood(model, sde, x, divergence=divergence, n_probes=args.probes or 1,
+                                rtol=args.rtol, atol=args.atol,
+                                generator=torch.Generator(device=device).manual_seed(args.seed))
     stats = result.summary(trim=0.1)
     report = {"n": stats["n"], "dim": result.dim, "divergence": divergence,
               "nll_nats": stats["nll_mean"], "bpd": stats["bpd_mean"],
@@ -550,7 +565,7 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
               "nll_trimmed_mean_nats": stats["nll_trimmed_mean"], "bpd_median": stats["bpd_median"],
               "bpd_trimmed_mean": stats["bpd_trimmed_mean"], "trim": stats["trim"],
               "latent_outliers": stats["latent_outliers"], "outlier_tail": stats["outlier_tail"],
-              "nfe": result.nfe}
+              "nfe": result.nfe, **more}
     if mixture is not None and args.data == "oracle":
         exact = mixture.log_prob(x.cpu(), sde.eps)
         report["exact_nll_nats"] = float(-exact.mean())
@@ -661,7 +676,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import guidance_cli
+    from . import guidance_cli, sharded
 
     parser = _Parser(prog=PROG, description="Score-based generative modelling with SDEs: train, "
                      "sample, compute likelihoods and compare samplers.")
@@ -722,6 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "not replaced without --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     guidance_cli.add_arguments(p)
+    sharded.add_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_sample)
 
@@ -735,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--n", type=int, default=256, help="number of data points (default 256)")
+    sharded.add_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_likelihood)
 
