@@ -677,6 +677,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import guidance_cli, sharded
+    from .inverse import cli as inverse_cli
 
     parser = _Parser(prog=PROG, description="Score-based generative modelling with SDEs: train, "
                      "sample, compute likelihoods and compare samplers.")
@@ -807,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the grid is not fitted to the noise it is then evaluated on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_optimize_grid)
+    inverse_cli.add_parser(sub, sys.modules[__name__])  # inpaint; its helpers come from this module
     return parser
 
 
