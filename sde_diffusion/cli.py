@@ -732,7 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform, logsnr, karras, quadratic or focus (default: the solver's own), "
                         "or a FILE.json written by optimize-grid")
     p.add_argument("--denoise", action="store_true", help="finish with a Tweedie denoising step")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--n", "--num-samples", type=int, default=1000,
+                   help="number of samples (default 1000; --num-samples under torchrun, whose own "
+                        "parser takes --n for an abbreviation of its options)")
     p.add_argument("--out", default="samples.npz",
                    help="output .npz (a .png picture is written beside it); an existing file is "
                         "not replaced without --overwrite")
@@ -751,7 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     div.add_argument("--probes", type=int, default=None, help="Hutchinson estimator with K probes")
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--n", type=int, default=256, help="number of data points (default 256)")
+    p.add_argument("--n", "--num-samples", type=int, default=256,
+                   help="number of data points (default 256; --num-samples under torchrun)")
     sharded.add_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_likelihood)
