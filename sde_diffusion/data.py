@@ -34,6 +34,13 @@ no download) mapped by ``x / 16 * 2 - 1`` to [-1, 1]; ``size=16`` (or any size >
 resize of the 8x8 images (``align_corners=False``; values stay in [-1, 1]). The train/test split
 is fixed: a ``numpy.random.RandomState(0)`` permutation, its first 360 images are ``test`` and
 the other 1437 ``train``.
+
+``cifar10``: CIFAR-10 (Krizhevsky 2009) from its standard python files, never downloaded: the
+``cifar-10-batches-py`` folder (``data_batch_1`` .. ``data_batch_5``: 50000 ``train`` images,
+``test_batch``: 10000 ``test``), each a pickled dict with ``data`` (``(N, 3072)`` uint8, the red,
+green and blue 32x32 planes of each image in turn) and ``labels`` (0..9). Images come as
+``(N, 3, 32, 32)`` float32 ``k / 255 * 2 - 1`` in [-1, 1]; :func:`write_cifar10` writes arrays in
+the same format (a small fake set for tests).
 """
 from __future__ import annotations
 
@@ -53,7 +60,8 @@ __all__ = ["two_moons", "swiss_roll", "eight_gaussians", "checkerboard", "rings"
            "digits_labels", "mixture_dataset", "load_npz", "load_image_folder", "scale_to_unit",
            "unscale", "get_dataset", "DATASETS", "infinite_batches", "InfiniteBatches",
            "DIGITS_TEST_SIZE", "check_dataset_dependencies", "DATASET_CLASSES",
-           "image_folder_classes", "check_labels"]
+           "image_folder_classes", "check_labels", "cifar10", "write_cifar10", "CIFAR10_FOLDER",
+           "CIFAR10_CLASSES"]
 
 DIGITS_TEST_SIZE = 360
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -373,6 +381,112 @@ def load_image_folder(path: Union[str, os.PathLike], size: int, channels: int = 
     return (torch.cat(out).clamp(0, 1) * 2 - 1).contiguous()
 
 
+# ---- CIFAR-10 from its python files ----------------------------------------------------------------
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+_CIFAR10_FILES = {"train": tuple(f"data_batch_{k}" for k in range(1, 6)), "test": ("test_batch",)}
+#: the only globals a CIFAR-10 pickle may name (numpy arrays); anything else is refused
+_CIFAR10_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+
+def _cifar10_folder(path: Union[str, os.PathLike]) -> str:
+    """``path`` itself when it holds the batch files, else ``path/cifar-10-batches-py``; a missing
+    folder raises one clear line (the toolkit never downloads)."""
+    path = os.fspath(path)
+    for folder in (path, os.path.join(path, CIFAR10_FOLDER)):
+        if os.path.isfile(os.path.join(folder, "test_batch")) or \
+                os.path.isfile(os.path.join(folder, "data_batch_1")):
+            return folder
+    raise FileNotFoundError(
+        f"CIFAR-10 not found at {path!r}: give the {CIFAR10_FOLDER} folder (data_batch_1..5, "
+        f"test_batch) or its parent; the toolkit never downloads: fetch cifar-10-python.tar.gz from "
+        f"https://www.cs.toronto.edu/~kriz/cifar.html yourself and extract it there")
+
+
+def _read_cifar10_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(data (N, 3072) uint8, labels (N,) int64)`` of one batch file, unpickled with only numpy's
+    array globals allowed (a pickle naming anything else is refused, not run)."""
+    import pickle
+    import warnings
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _CIFAR10_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+            with warnings.catch_warnings():       # numpy 2 warns on the numpy.core spelling
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return super().find_class(module, name)
+
+    require(os.path.isfile(path), f"CIFAR-10 batch file {path!r} is missing")
+    try:
+        with open(path, "rb") as fh:
+            d = _Restricted(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"cannot read CIFAR-10 batch {path!r}: {exc} (not the python version of "
+                         f"CIFAR-10?)") from None
+    require(isinstance(d, dict), f"CIFAR-10 batch {path!r} is not a dict")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    require("data" in d and "labels" in d, f"CIFAR-10 batch {path!r} lacks 'data' or 'labels'")
+    data, labels = np.asarray(d["data"]), np.asarray(d["labels"], dtype=np.int64)
+    require(data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and labels.shape == (data.shape[0],),
+            f"CIFAR-10 batch {path!r}: data must be (N, 3072) uint8 with N labels, got "
+            f"{data.shape} {data.dtype} and {labels.shape[0]} labels")
+    return data, labels
+
+
+def cifar10(path: Union[str, os.PathLike], split: str = "train", return_labels: bool = False):
+    """CIFAR-10 from its local python files (see the module doc): ``(N, 3, 32, 32)`` float32 in
+    [-1, 1] (``k / 255 * 2 - 1``), the batches in order; with ``return_labels=True`` also the int64
+    labels (:data:`CIFAR10_CLASSES`). ``path``: the ``cifar-10-batches-py`` folder or its parent.
+    Never downloads: a missing folder raises ``FileNotFoundError`` in one line."""
+    require(split in _CIFAR10_FILES, f"split must be 'train' or 'test', got {split!r}")
+    folder = _cifar10_folder(path)
+    parts = [_read_cifar10_batch(os.path.join(folder, name)) for name in _CIFAR10_FILES[split]]
+    data = np.concatenate([p[0] for p in parts])
+    x = torch.from_numpy(data).reshape(-1, 3, 32, 32).float().div_(127.5).sub_(1.0)
+    if not return_labels:
+        return x
+    y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    return x, check_labels(y, x.shape[0], len(CIFAR10_CLASSES), what=f"CIFAR-10 labels in {folder!r}")
+
+
+def write_cifar10(folder: Union[str, os.PathLike], train: np.ndarray, train_labels,
+                  test: np.ndarray, test_labels) -> str:
+    """Write uint8 images ``(N, 3, 32, 32)`` (or ``(N, 3072)``) and labels in CIFAR-10's python
+    format: ``data_batch_1`` .. ``data_batch_5`` (``train`` split into five nearly equal parts),
+    ``test_batch`` and ``batches.meta``, each written atomically. Returns ``folder``. For tests and
+    small fake sets; the real data comes from its authors."""
+    import pickle
+
+    from ._files import atomic_write
+
+    def batch(images, labels, name) -> dict:
+        images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
+        require(images.shape[1] == 3072, f"images must be 3x32x32, got {images.shape[1]} values each")
+        return {b"batch_label": name.encode(), b"labels": [int(v) for v in np.asarray(labels)],
+                b"data": images, b"filenames": [f"{name}_{i}.png".encode() for i in range(len(images))]}
+
+    def dump(name: str, obj) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                pickle.dump(obj, fh, protocol=2)
+        atomic_write(os.path.join(os.fspath(folder), name), write)
+
+    train, test = np.asarray(train), np.asarray(test)
+    cuts = np.linspace(0, len(train), 6).astype(int)
+    for k in range(5):
+        dump(f"data_batch_{k + 1}", batch(train[cuts[k]:cuts[k + 1]], np.asarray(train_labels)[cuts[k]:cuts[k + 1]],
+                                          f"training batch {k + 1} of 5"))
+    dump("test_batch", batch(test, test_labels, "testing batch 1 of 1"))
+    dump("batches.meta", {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+                          b"num_cases_per_batch": int(cuts[1] - cuts[0]), b"num_vis": 3072})
+    return os.fspath(folder)
+
+
 # ---- registry --------------------------------------------------------------------------------------
 def _generator(seed: int, generator: Optional[torch.Generator]) -> torch.Generator:
     return generator if generator is not None else torch.Generator().manual_seed(int(seed))
@@ -393,12 +507,13 @@ def _mixture(mixture, n: int = 10_000, seed: int = 0, generator: Optional[torch.
 DATASETS = {
     "moons": _toy(two_moons), "swiss_roll": _toy(swiss_roll), "8gaussians": _toy(eight_gaussians),
     "checkerboard": _toy(checkerboard), "rings": _toy(rings), "digits": digits, "npz": load_npz,
-    "images": load_image_folder, "mixture": _mixture,
+    "images": load_image_folder, "mixture": _mixture, "cifar10": cifar10,
 }
 
 #: the number of classes of the named data sets with fixed classes (``return_labels=True``); the
 #: classes of ``npz``, ``images`` and ``mixture`` come with the data.
-DATASET_CLASSES = {"moons": 2, "8gaussians": 8, "rings": 4, "checkerboard": 8, "digits": 10}
+DATASET_CLASSES = {"moons": 2, "8gaussians": 8, "rings": 4, "checkerboard": 8, "digits": 10,
+                   "cifar10": 10}
 
 
 def _accepted(name: str):
@@ -418,6 +533,7 @@ def get_dataset(name: str, **kwargs) -> torch.Tensor:
     - ``digits``: ``size=8``, ``split="train"``, ``return_labels=False``;
     - ``npz``: ``path``, ``key="x"``, ``low``, ``high`` (a ``.npy`` path works too);
     - ``images``: ``path``, ``size``, ``channels=3``;
+    - ``cifar10``: ``path`` (the ``cifar-10-batches-py`` folder or its parent), ``split="train"``;
     - ``mixture``: ``mixture`` (a GaussianMixture), ``n``, ``seed`` or ``generator``.
 
     Every set but ``swiss_roll`` takes ``return_labels=True`` and then returns ``(x, y)`` (see

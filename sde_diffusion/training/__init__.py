@@ -175,6 +175,8 @@ def load_data(config, generator: Optional[torch.Generator] = None, labels: bool 
         kwargs = {"path": str(d.path), "key": str(d.key)}
     elif name == "images":
         kwargs = {"path": str(d.path), "size": int(d.image_size), "channels": int(d.num_channels)}
+    elif name == "cifar10":   # the local cifar-10-batches-py folder (or its parent), never downloaded
+        kwargs = {"path": str(d.path), "split": str(d.split)}
     else:
         kwargs = {"n": int(d.n_train), "generator": generator}
     if not labels:
