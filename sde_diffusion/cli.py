@@ -676,7 +676,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import guidance_cli, sharded
+    from . import fid_cli, guidance_cli, sharded
     from .inverse import cli as inverse_cli
 
     parser = _Parser(prog=PROG, description="Score-based generative modelling with SDEs: train, "
@@ -812,6 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_optimize_grid)
     inverse_cli.add_parser(sub, sys.modules[__name__])  # inpaint; its helpers come from this module
+    fid_cli.add_parser(sub, sys.modules[__name__])      # fid (FID/KID through torchmetrics)
     return parser
 
 

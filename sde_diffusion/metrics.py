@@ -9,11 +9,16 @@ Pictures of samples are drawn by :mod:`sde_diffusion.reports`.
   layer of a small CNN trained here, deterministically, on sklearn's digits train split.
 - :func:`mode_statistics`: per-component weights, means and variances of samples of an oracle
   :class:`~sde_diffusion.oracles.GaussianMixture`, against the truth.
+- :func:`fid_kid`: FID (Heusel et al. 2017) and KID (Binkowski et al. 2018, the unbiased MMD^2
+  with the kernel ``(x.y / d + 1)^3`` averaged over random subsets) through torchmetrics (the
+  optional ``metrics`` extra), on Inception-v3 pool features from a local weights file (never
+  downloaded) or on any feature network given in its place (``"digits"``: the digits CNN above).
 """
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -25,7 +30,8 @@ from ._checks import as_samples, require
 
 __all__ = ["sliced_wasserstein", "wasserstein_1d", "frechet_distance", "frechet_distance_from_stats",
            "gaussian_stats", "digits_classifier", "digits_features", "digits_accuracy",
-           "digits_fd_baselines", "mode_statistics"]
+           "digits_fd_baselines", "mode_statistics", "fid_kid", "feature_network",
+           "INCEPTION_WEIGHTS_FILE"]
 
 
 # ---- sliced Wasserstein --------------------------------------------------------------------------
@@ -263,3 +269,146 @@ def mode_statistics(samples, mixture) -> dict:
             "weight_tv": float(0.5 * (weights - true_w).abs().sum()),
             "max_mean_error": float(err[counts > 0].max()) if bool((counts > 0).any()) else math.nan,
             "variance_ratio": (variances / true_var).mean(1)}
+
+
+# ---- FID and KID through torchmetrics --------------------------------------------------------------
+#: torch-fidelity's port of the TensorFlow FID Inception-v3 weights (what torchmetrics loads)
+INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+_INCEPTION_HINT = (f"FID/KID on Inception features need its weights on disk ({INCEPTION_WEIGHTS_FILE}, "
+                   f"torch-fidelity's port of the TF-FID network), which the toolkit never downloads: "
+                   f"copy the file here and pass its path, or use another feature network")
+
+
+def _torchmetrics(what: str):
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+    except ImportError as exc:
+        raise ImportError(f"{what} needs torchmetrics: pip install torchmetrics (the 'metrics' extra: "
+                          f"pip install -e '.[metrics]')") from exc
+    return FrechetInceptionDistance, KernelInceptionDistance
+
+
+class _Features(nn.Module):
+    """``fn(images) -> (N, d)`` float features as a module with ``num_features = d`` (what
+    torchmetrics' FID/KID take in place of Inception); never trains."""
+
+    def __init__(self, fn: Callable, num_features: int, name: str, net: Optional[nn.Module] = None):
+        super().__init__()
+        self.fn, self.num_features, self.name = fn, int(num_features), name
+        self.net = net                         # registered, so .to(device) moves it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.fn(x).flatten(1).double()
+
+    def train(self, mode: bool = True) -> "_Features":
+        return super().train(False)
+
+
+def _to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] ``(N, C, H, W)`` as uint8 RGB (grey repeated), what Inception takes."""
+    require(x.ndim == 4 and x.shape[1] in (1, 3),
+            f"images must have shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _inception(weights) -> nn.Module:
+    import os
+
+    require(weights is not None and str(weights) != "", f"features='inception': {_INCEPTION_HINT}")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"Inception weights not found: {os.fspath(weights)!r}; {_INCEPTION_HINT}")
+    _torchmetrics("FID/KID")
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                 feature_extractor_weights_path=os.fspath(weights))
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise ImportError("FID/KID on Inception features need torch-fidelity (and torchvision): "
+                          "pip install torch-fidelity (the 'metrics' extra)") from exc
+    return _Features(lambda x: net(_to_uint8_rgb(x)), 2048, "inception", net)
+
+
+def feature_network(features: Union[str, nn.Module, Callable] = "inception", weights=None,
+                    example: Optional[torch.Tensor] = None) -> nn.Module:
+    """The feature network of :func:`fid_kid` as a module with ``num_features``:
+
+    - ``"inception"``: Inception-v3's 2048-d pool features (torchmetrics / torch-fidelity) from the
+      local file ``weights`` (:data:`INCEPTION_WEIGHTS_FILE`); images in [-1, 1] become uint8 RGB
+      and are resized to 299x299 inside. A missing file raises ``FileNotFoundError`` in one line.
+    - ``"digits"``: the digits classifier's 64-d penultimate features (:func:`digits_features`),
+      the offline default for 1-channel images.
+    - ``"identity"``: the flattened images.
+    - a module or callable ``images -> (N, d)``; ``d`` is read from ``num_features`` or from one
+      call on ``example`` (the first image of the samples).
+    """
+    if isinstance(features, str):
+        require(features in FEATURES + ("inception",),
+                f"features must be one of {FEATURES + ('inception',)}, a module or a callable, got "
+                f"{features!r}")
+        if features == "inception":
+            return _inception(weights)
+        fn = digits_features if features == "digits" else (lambda z: z.flatten(1))
+    else:
+        require(callable(features), f"features must be a name, a module or a callable, got "
+                                    f"{type(features).__name__}")
+        fn = features
+    d = getattr(features, "num_features", None)
+    if d is None:
+        require(example is not None, "a feature callable without num_features needs an example image")
+        with torch.no_grad():
+            d = fn(example[:1]).flatten(1).shape[1]
+    name = features if isinstance(features, str) else type(features).__name__
+    return _Features(fn, int(d), name, features if isinstance(features, nn.Module) else None)
+
+
+def fid_kid(samples, reference, features: Union[str, nn.Module, Callable] = "inception",
+            weights=None, kid: bool = True, kid_subsets: int = 100,
+            kid_subset_size: Optional[int] = 1000, batch_size: int = 256, seed: int = 0,
+            device=None) -> dict:
+    r"""FID and KID between ``samples`` and ``reference`` images (``(N, C, H, W)`` in [-1, 1])
+    through torchmetrics' ``FrechetInceptionDistance`` and ``KernelInceptionDistance``.
+
+    FID ([Heusel et al. 2017] eq. 6): ``||m_r - m_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^{1/2})`` of the
+    feature means and covariances. KID ([Binkowski et al. 2018] eq. 4 with the cubic polynomial
+    kernel ``k(x, y) = (x.y / d + 1)^3``): the unbiased MMD^2, mean and standard deviation over
+    ``kid_subsets`` random subsets of ``kid_subset_size`` (capped at the smaller set; drawn with
+    ``seed``). ``features``/``weights``: see :func:`feature_network`; features are computed in
+    batches of ``batch_size``. Both are biased for small N (FID upwards): compare numbers of equal
+    sample sizes and feature networks.
+
+    Returns ``{"fid", "kid_mean", "kid_std" (None without ``kid``), "n_samples", "n_reference",
+    "features", "num_features", "kid_subset_size"}``.
+    """
+    FID, KID = _torchmetrics("FID/KID")
+    x, ref = as_samples(samples, "samples").float(), as_samples(reference, "reference").float()
+    require(x.shape[1:] == ref.shape[1:], f"samples {tuple(x.shape[1:])} and reference "
+                                          f"{tuple(ref.shape[1:])} must have the same image shape")
+    require(x.shape[0] >= 2 and ref.shape[0] >= 2,
+            f"FID needs at least 2 samples and 2 reference images, got {x.shape[0]} and {ref.shape[0]}")
+    require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be >= 1, got {batch_size!r}")
+    net = feature_network(features, weights, example=x)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    net = net.to(device)
+    size = min(int(kid_subset_size or x.shape[0]), x.shape[0], ref.shape[0])
+    fid = FID(feature=net, reset_real_features=True).to(device)
+    with warnings.catch_warnings():   # KID keeps every feature vector: the point, not a surprise
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kd = KID(feature=net, subsets=int(kid_subsets), subset_size=size).to(device) if kid else None
+    for data, real in ((ref, True), (x, False)):
+        for i in range(0, data.shape[0], batch_size):
+            batch = data[i:i + batch_size].to(device)
+            fid.update(batch, real=real)
+            if kd is not None:
+                kd.update(batch, real=real)
+    out = {"fid": float(fid.compute()), "kid_mean": None, "kid_std": None,
+           "n_samples": int(x.shape[0]), "n_reference": int(ref.shape[0]), "features": net.name,
+           "num_features": net.num_features, "kid_subset_size": size if kid else None}
+    if kd is not None:
+        with torch.random.fork_rng(devices=[]):     # KID's subsets come from the global RNG
+            torch.manual_seed(seed)
+            mean, std = kd.compute()
+        out["kid_mean"], out["kid_std"] = float(mean), float(std)
+    return out
