@@ -292,6 +292,12 @@ def sample_shards(model, folder: str, n: int, event_shape, *, seed: int, key: Di
             f"seed must be an integer (one seed per sample), got {seed!r}")
     event_shape = tuple(int(s) for s in event_shape)
     key = {"job": "sample", "seed": seed, "shape": list(event_shape), **key}
+    from .oracles import GaussianMixture
+
+    if isinstance(model, GaussianMixture):     # as sample() takes it: its exact model
+        from .models import OracleModel
+
+        model = OracleModel(model)
 
     def one_batch(a: int, b: int) -> Dict[str, Any]:
         m = model if labels is None else model.bind(y=labels[a:b])
