@@ -200,6 +200,153 @@ def diffusers_repaint(problem: Problem, jump_length: int = 5, resample: int = 2)
     return run
 
 
+#: modules deepinv imports at load time that its DPS and DDRM never use, and that cannot be
+#: installed here: torchvision's PyPI wheels need another torch build than ours (2.13 CPU)
+DEEPINV_STUBBED = ("torchvision", "natsort", "h5py")
+
+
+def import_deepinv():
+    """``deepinv`` (``pip install --no-deps deepinv``), with empty stand-ins for the modules of
+    :data:`DEEPINV_STUBBED` when they are missing (any attribute of a stand-in is an inert dummy).
+    None when deepinv is not installed."""
+    import importlib.abc
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("deepinv") is None:
+        return None
+    missing = {m for m in DEEPINV_STUBBED if importlib.util.find_spec(m) is None}
+    if missing and not any(getattr(f, "_inverse_bench_stub", False) for f in sys.meta_path):
+        class Dummy:
+            def __init__(self, *a, **k):
+                pass
+
+            def __call__(self, *a, **k):
+                return Dummy()
+
+            def __getattr__(self, name):
+                return Dummy()
+
+            def __mro_entries__(self, bases):
+                return (object,)
+
+        class Stub(types.ModuleType):
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return Dummy()
+
+        class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            _inverse_bench_stub = True
+
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in missing:
+                    return importlib.machinery.ModuleSpec(name, self, is_package=True)
+                return None
+
+            def create_module(self, spec):
+                m = Stub(spec.name)
+                m.__path__, m.__version__ = [], "0.0.0"
+                return m
+
+            def exec_module(self, module):
+                pass
+
+        sys.meta_path.insert(0, Finder())
+    import deepinv
+    return deepinv
+
+
+def _exact_denoiser(dinv, prior: GaussianMixture, noise_factor: float = 1.0):
+    """deepinv's ``Denoiser`` interface ``D(x, sigma)`` (``x = x0 + noise``, VE units) answered by
+    the oracle: ``E[x0 | x]`` for noise of standard deviation ``noise_factor * sigma``, computed at
+    the VP time whose ``sigma_t / alpha_t`` equals it."""
+    sde = prior.sde
+
+    class Exact(dinv.models.Denoiser):
+        calls = 0                                      # the peers' NFE
+
+        def forward(self, x, sigma, *args, **kwargs):
+            self.calls += 1
+            x = x.double()
+            level = noise_factor * torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+            tau = sde.t_of_lambda(-torch.log(level)).double().expand(x.shape[0])
+            a = sde.alpha(tau).reshape(-1, *([1] * (x.ndim - 1)))
+            return prior.x0(a * x, tau)
+
+    return Exact()
+
+
+def deepinv_peers(problem: Problem) -> Dict[str, Callable]:
+    """deepinv's DPS (``DPS``: VP, DDPM solver, ``num_steps = nfe``, ``weight`` = our ``zeta``,
+    no [-1, 1] <-> [0, 1] wrapping) and DDRM (``DDRM`` with the operator's SVD as a
+    ``DecomposablePhysics`` and the noise levels ``sigma_t / alpha_t`` of our uniform VP grid), the
+    exact denoiser handed to both. deepinv's DDRM adds noise of standard deviation
+    ``sigma / sqrt(2)`` at level ``sigma`` (its ``randn / sqrt(2)``), so its denoiser is the exact
+    one for that noise, and its levels are ours times ``sqrt(2)``."""
+    dinv = import_deepinv()
+    if dinv is None:
+        return {}
+    prior, op, sde = problem.prior, problem.op, problem.prior.sde
+    M = op.matrix().double()
+    sigma_y = problem.sigma_y
+    y1 = problem.y.double()
+    noise = dinv.physics.GaussianNoise(sigma=sigma_y)
+    linear = dinv.physics.LinearPhysics(A=lambda x: x.double() @ M.T, A_adjoint=lambda y: y.double() @ M,
+                                        noise_model=noise)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=True)
+    k = S.shape[0]
+    d = M.shape[1]
+    mask = torch.zeros(1, d, dtype=torch.float64)
+    mask[0, :k] = S
+
+    def u_adj(y):
+        return y.double() @ U
+
+    def u_fwd(z):
+        return z.double() @ U.T
+
+    def v_fwd(z):
+        return z.double() @ Vh
+
+    def v_adj(x):
+        return x.double() @ Vh.T
+
+    # y = U diag(S) V^T x: DecomposablePhysics's A(x) = U(mask * V^T(x)), with V^T x in R^d and
+    # U acting on the first d_y spectral coordinates (padded)
+    def U_pad(z):
+        return u_fwd(z[:, :k])
+
+    def Ut_pad(y):
+        out = torch.zeros(y.shape[0], d, dtype=torch.float64)
+        out[:, :k] = u_adj(y)
+        return out
+
+    decomposable = dinv.physics.DecomposablePhysics(U=U_pad, U_adjoint=Ut_pad, V=v_fwd, V_adjoint=v_adj,
+                                                    mask=mask, noise_model=noise)
+
+    def dps(nfe, n, seed, zeta=0.1):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        den = _exact_denoiser(dinv, prior)
+        sampler = dinv.sampling.DPS(den, num_steps=nfe, weight=zeta, minus_one_one=False,
+                                    dtype=torch.float64, rng=g)
+        x = sampler(y1[None].expand(n, -1).float(), linear, x_init=(n, d), seed=seed)
+        return x.double(), den.calls
+
+    def ddrm(nfe, n, seed):
+        torch.manual_seed(seed)
+        t = torch.linspace(sde.T, sde.eps, nfe, dtype=torch.float64)
+        levels = (sde.sigma(t) / sde.alpha(t)).double() * math.sqrt(2.0)
+        den = _exact_denoiser(dinv, prior, 1 / math.sqrt(2.0))
+        sampler = dinv.sampling.DDRM(den, sigmas=levels.numpy())
+        x = sampler(y1[None].expand(n, -1).double(), decomposable, seed=seed)
+        return x.double(), den.calls
+
+    return {"peer: deepinv dps": dps, "peer: deepinv ddrm": ddrm}
+
+
 def _repaint_steps(sched, nfe: int, jump_length: int, resample: int) -> Optional[int]:
     """The largest number of inference steps whose RePaint schedule makes at most ``nfe`` calls."""
     best = None
@@ -223,6 +370,7 @@ def run_problem(problem: Problem, nfes, n: int, particles, rows: List[dict], see
         rp = diffusers_repaint(problem)
         if rp is not None:
             entries.append(("peer: diffusers repaint", rp))
+        entries += list(deepinv_peers(problem).items())
     base = {"problem": problem.name, "floor": problem.floor, "prior": problem.prior_dist,
             "sigma_y": problem.sigma_y}
     for nfe in nfes:
