@@ -414,9 +414,9 @@ def add_arguments(p) -> None:
     """``--shards``, ``--shard-size`` and ``--batch`` of ``sample`` and ``likelihood``."""
     p.add_argument("--shards", default=None,
                    help="shard folder: compute in shards of --shard-size, each written when done, "
-                        "and skip the finished ones on a rerun (resume); default under torchrun "
-                        "or with --batch: OUT.shards beside --out (sample), likelihood.shards "
-                        "(likelihood)")
+                        "and skip the finished ones on a rerun (resume); default, whenever "
+                        "sharded (--shard-size, --batch or torchrun): OUT.shards beside --out "
+                        "(sample), likelihood.shards (likelihood)")
     p.add_argument("--shard-size", type=int, default=None,
                    help=f"samples or points per shard file (default {SHARD_SIZE})")
     p.add_argument("--batch", type=int, default=None,
