@@ -134,16 +134,17 @@ def _key_hash(key: Dict[str, Any]) -> str:
     return hashlib.sha256(_key_text(key).encode()).hexdigest()[:16]
 
 
-def _read_shard(path: str, shard: Shard, key_hash: str) -> Optional[Dict[str, Any]]:
-    """A finished shard's arrays, or None when the file is missing or is not this shard."""
+def _read_shard(path: str, shard: Shard, key_hash: str, arrays: bool = True
+                ) -> Optional[Dict[str, Any]]:
+    """A finished shard's arrays (only its facts with ``arrays=False``), or None when the file is
+    missing or is not this shard."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError):
+        with np.load(path, allow_pickle=False) as f:    # members are read on access
+            meta = json.loads(str(f[_META]))
+            data = {k: f[k] for k in f.files if k != _META} if arrays else {}
+    except (OSError, ValueError, EOFError, KeyError):
         return None
-    try:
-        meta = json.loads(str(data.pop(_META)))
-    except (KeyError, ValueError):
+    if not isinstance(meta, dict):
         return None
     if meta.get("key") != key_hash or meta.get("start") != shard.start or meta.get("stop") != shard.stop:
         return None
@@ -172,7 +173,7 @@ def _claim_folder(folder: str, key: Dict[str, Any], overwrite: bool, processes) 
                 differ = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
                 error = (f"shard folder {folder!r} holds shards of another run (it differs in "
                          f"{', '.join(differ)}): give another folder, or --overwrite to discard them")
-        if error is None and old != key:
+        if error is None and (old is None or _key_text(old) != _key_text(key)):
             write_json(path, {"key": key, "key_hash": _key_hash(key)})
     error = processes.broadcast(error)
     if error is not None:
@@ -195,7 +196,8 @@ def run_shards(folder: str, n: int, compute: Callable[[int, int], Dict[str, Any]
     _claim_folder(folder, key, overwrite, processes)
     key_hash = _key_hash(key)
     shards = plan_shards(n, shard_size)
-    missing = [s for s in shards if _read_shard(os.path.join(folder, s.name), s, key_hash) is None]
+    missing = [s for s in shards
+               if _read_shard(os.path.join(folder, s.name), s, key_hash, arrays=False) is None]
     missing = processes.broadcast(missing)      # one view of the folder for every rank
     mine = missing[processes.rank::processes.world_size]
     for k, shard in enumerate(mine):
