@@ -327,7 +327,7 @@ def _inception(weights) -> nn.Module:
                                  feature_extractor_weights_path=os.fspath(weights))
     except (ImportError, ModuleNotFoundError) as exc:
         raise ImportError("FID/KID on Inception features need torch-fidelity (and torchvision): "
-                          "pip install torch-fidelity (the 'metrics' extra)") from exc
+                          "pip install torch-fidelity, with a torchvision built for your torch") from exc
     return _Features(lambda x: net(_to_uint8_rgb(x)), 2048, "inception", net)
 
 
