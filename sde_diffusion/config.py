@@ -29,7 +29,7 @@ import ml_collections
 from ._checks import require
 from .sdes import SDE, canonical_sde_name, make_sde
 
-__all__ = ["default_config", "toy_config", "digits_config", "classifier_config", "TASKS",
+__all__ = ["default_config", "toy_config", "digits_config", "cifar10_config", "classifier_config", "TASKS",
            "check_p_uncond", "TOY_DATASETS", "load_config",
            "apply_overrides", "parse_overrides", "build_sde", "flatten", "config_to_json",
            "config_from_json", "network_config", "MODEL_KEYS", "NULLABLE_FIELDS"]
