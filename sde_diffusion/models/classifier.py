@@ -32,8 +32,8 @@ from torch import nn
 from .._checks import TimeLike, require
 from ..sdes import SDE
 from .embeddings import Conditioning, get_activation
-from .mlp import _Block
-from .unet import AttnBlock, ResBlock, _Downsample, _int_tuple, _norm, _Step
+from .mlp import _Trunk
+from .unet import AttnBlock, ResBlock, _check_layout, _Downsample, _norm, _Step
 
 __all__ = ["MLPClassifier", "UNetClassifier", "NoisyClassifier", "CLASSIFIER_NETWORKS"]
 
@@ -44,7 +44,7 @@ def _check_classes(num_classes) -> int:
     return num_classes
 
 
-class MLPClassifier(nn.Module):
+class MLPClassifier(_Trunk):
     """``x (B, dim), t (B,) -> logits (B, num_classes)``: ``h = Linear(dim, hidden)(x)``, ``depth``
     time-conditioned residual blocks (those of :class:`~sde_diffusion.models.TimeMLP`), then
     ``Linear(hidden, num_classes)(act(h))``. The head starts at zero, so an untrained classifier
@@ -60,29 +60,15 @@ class MLPClassifier(nn.Module):
                  time_embedding: str = "fourier", embed_dim: int = 64, fourier_scale: float = 16.0,
                  activation: str = "silu", time_transform: str = "identity",
                  time_scale: Optional[float] = None):
-        super().__init__()
-        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                    f"{name} must be an integer >= 1, got {value!r}")
-        self.dim, self.num_classes = dim, _check_classes(num_classes)
-        self.act = get_activation(activation)
-        self.cond = Conditioning(hidden, time_embedding, embed_dim, fourier_scale, None, activation,
-                                 time_transform, time_scale)
-        self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(_Block(hidden, activation) for _ in range(depth))
+        super().__init__(dim, hidden, depth, time_embedding, embed_dim, fourier_scale, None, activation,
+                         time_transform, time_scale)          # unconditional trunk: no label input
+        self.num_classes = _check_classes(num_classes)
         self.head = nn.Linear(hidden, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        require(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
-                f"x must have shape (batch, {self.dim}), got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        e = self.cond(x, t)
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h, e)
-        return self.head(self.act(h))
+        return self.head(self.features(x, t))
 
 
 class UNetClassifier(nn.Module):
@@ -106,21 +92,8 @@ class UNetClassifier(nn.Module):
                  skip_rescale: bool = True, activation: str = "silu",
                  time_transform: str = "identity", time_scale: Optional[float] = None):
         super().__init__()
-        for name, value in (("image_size", image_size), ("in_channels", in_channels),
-                            ("base_channels", base_channels), ("num_res_blocks", num_res_blocks)):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                    f"{name} must be an integer >= 1, got {value!r}")
-        mults = _int_tuple("channel_mults", channel_mults, allow_empty=False)
-        attn_res = _int_tuple("attn_resolutions", attn_resolutions, allow_empty=True)
-        factor = 2 ** (len(mults) - 1)
-        require(image_size % factor == 0,
-                f"image_size={image_size} must be divisible by 2**(len(channel_mults)-1) = {factor} "
-                f"(channel_mults={mults})")
-        resolutions = [image_size // 2 ** i for i in range(len(mults))]
-        unknown = [r for r in attn_res if r not in resolutions]
-        require(not unknown, f"attn_resolutions {unknown} do not occur in this classifier; its "
-                             f"resolutions are {resolutions}")
-        require(0.0 <= float(dropout) < 1.0, f"dropout must lie in [0, 1), got {dropout!r}")
+        mults, attn_res = _check_layout(image_size, in_channels, base_channels, num_res_blocks,
+                                        channel_mults, attn_resolutions, dropout, "classifier")
         self.image_size, self.in_channels = image_size, in_channels
         self.num_classes = _check_classes(num_classes)
         nf, temb_dim = base_channels, 4 * base_channels

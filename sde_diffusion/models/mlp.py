@@ -26,7 +26,38 @@ class _Block(nn.Module):
         return h + self.outer(self.act(self.inner(self.act(h)) + self.cond_proj(e)))
 
 
-class TimeMLP(nn.Module):
+class _Trunk(nn.Module):
+    """What :class:`TimeMLP` and :class:`~sde_diffusion.models.classifier.MLPClassifier` share:
+    the conditioning ``e`` (``cond``), ``h = Linear(dim, hidden)(x)`` (``inp``) and ``depth``
+    residual blocks (``blocks``); :meth:`features` returns ``act(h)`` for the subclass's head."""
+
+    def __init__(self, dim: int, hidden: int, depth: int, time_embedding: str, embed_dim: int,
+                 fourier_scale: float, num_classes: Optional[int], activation: str,
+                 time_transform: str, time_scale: Optional[float]):
+        super().__init__()
+        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"{name} must be an integer >= 1, got {value!r}")
+        self.dim, self.num_classes = dim, num_classes
+        self.act = get_activation(activation)
+        self.cond = Conditioning(hidden, time_embedding, embed_dim, fourier_scale, num_classes, activation,
+                                 time_transform, time_scale)
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(_Block(hidden, activation) for _ in range(depth))
+
+    def features(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``act(h)`` after the residual blocks, ``(batch, hidden)``; ``x`` must be ``(batch, dim)``."""
+        require(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+                f"x must have shape (batch, {self.dim}), got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        e = self.cond(x, t, y)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, e)
+        return self.act(h)
+
+
+class TimeMLP(_Trunk):
     """``x (B, dim), t (B,) [, y (B,)] -> (B, dim)``.
 
     Layout: ``h = Linear(dim, hidden)(x)``, then ``depth`` residual blocks
@@ -54,26 +85,11 @@ class TimeMLP(nn.Module):
                  embed_dim: int = 64, fourier_scale: float = 16.0, num_classes: Optional[int] = None,
                  activation: str = "silu", time_transform: str = "identity",
                  time_scale: Optional[float] = None):
-        super().__init__()
-        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                    f"{name} must be an integer >= 1, got {value!r}")
-        self.dim, self.num_classes = dim, num_classes
-        self.act = get_activation(activation)
-        self.cond = Conditioning(hidden, time_embedding, embed_dim, fourier_scale, num_classes, activation,
-                                 time_transform, time_scale)
-        self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(_Block(hidden, activation) for _ in range(depth))
+        super().__init__(dim, hidden, depth, time_embedding, embed_dim, fourier_scale, num_classes,
+                         activation, time_transform, time_scale)
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        require(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
-                f"x must have shape (batch, {self.dim}), got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        e = self.cond(x, t, y)
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h, e)
-        return self.out(self.act(h))
+        return self.out(self.features(x, t, y))

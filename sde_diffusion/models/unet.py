@@ -14,7 +14,7 @@ the attention output projection and the output conv start at zero, as in DDPM/sc
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +143,31 @@ def _int_tuple(name: str, value, allow_empty: bool) -> tuple:
     return out
 
 
+def _check_layout(image_size: int, in_channels: int, base_channels: int, num_res_blocks: int,
+                  channel_mults: Sequence[int], attn_resolutions: Sequence[int], dropout: float,
+                  network: str) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Checks the sizes of a U-Net-shaped ``network`` (:class:`UNet`, ``UNetClassifier``):
+    positive integer sizes, ``image_size`` divisible by ``2 ** (len(channel_mults) - 1)``, every
+    attention resolution one of the levels' sides, dropout in ``[0, 1)``. Returns
+    ``(channel_mults, attn_resolutions)`` as integer tuples."""
+    for name, value in (("image_size", image_size), ("in_channels", in_channels),
+                        ("base_channels", base_channels), ("num_res_blocks", num_res_blocks)):
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be an integer >= 1, got {value!r}")
+    mults = _int_tuple("channel_mults", channel_mults, allow_empty=False)
+    attn_res = _int_tuple("attn_resolutions", attn_resolutions, allow_empty=True)
+    factor = 2 ** (len(mults) - 1)
+    require(image_size % factor == 0,
+            f"image_size={image_size} must be divisible by 2**(len(channel_mults)-1) = {factor} "
+            f"(channel_mults={mults}); use fewer levels or another image size")
+    resolutions = [image_size // 2 ** i for i in range(len(mults))]
+    unknown = [r for r in attn_res if r not in resolutions]
+    require(not unknown, f"attn_resolutions {unknown} do not occur in this {network}; its resolutions "
+                         f"are {resolutions}")
+    require(0.0 <= float(dropout) < 1.0, f"dropout must lie in [0, 1), got {dropout!r}")
+    return mults, attn_res
+
+
 class UNet(nn.Module):
     """``x (B, C, H, W), t (B,) [, y (B,)] -> (B, C, H, W)`` with ``H = W = image_size``.
 
@@ -173,21 +198,8 @@ class UNet(nn.Module):
                  activation: str = "silu", time_transform: str = "identity",
                  time_scale: Optional[float] = None):
         super().__init__()
-        for name, value in (("image_size", image_size), ("in_channels", in_channels),
-                            ("base_channels", base_channels), ("num_res_blocks", num_res_blocks)):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                    f"{name} must be an integer >= 1, got {value!r}")
-        mults = _int_tuple("channel_mults", channel_mults, allow_empty=False)
-        attn_res = _int_tuple("attn_resolutions", attn_resolutions, allow_empty=True)
-        factor = 2 ** (len(mults) - 1)
-        require(image_size % factor == 0,
-                f"image_size={image_size} must be divisible by 2**(len(channel_mults)-1) = {factor} "
-                f"(channel_mults={mults}); use fewer levels or another image size")
-        resolutions = [image_size // 2 ** i for i in range(len(mults))]
-        unknown = [r for r in attn_res if r not in resolutions]
-        require(not unknown, f"attn_resolutions {unknown} do not occur in this U-Net; its resolutions "
-                             f"are {resolutions}")
-        require(0.0 <= float(dropout) < 1.0, f"dropout must lie in [0, 1), got {dropout!r}")
+        mults, attn_res = _check_layout(image_size, in_channels, base_channels, num_res_blocks,
+                                        channel_mults, attn_resolutions, dropout, "U-Net")
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.channel_mults, self.attn_resolutions = mults, attn_res
 
