@@ -550,6 +550,19 @@ DIGIT_METHODS = {"ddnm": {}, "ddnm_plus": {}, "ddrm": {}, "repaint": {"jump_leng
                  "mcgdiff": {"particles": 8}}
 
 
+class _NullLabel(torch.nn.Module):
+    """A class-conditional network called with the null label for every sample of any batch
+    (MCGdiff's particles change the batch size, so the label cannot be bound once)."""
+
+    def __init__(self, net: torch.nn.Module, null: int):
+        super().__init__()
+        self.inner, self.null = net, null
+
+    def forward(self, x, t, **kwargs):
+        return self.inner(x, t, y=torch.full((x.shape[0],), self.null, dtype=torch.long,
+                                             device=x.device), **kwargs)
+
+
 def run_digits(args) -> int:
     """Inpaint the lower half and a centred 4x4 box of the first ``--digits-n`` test digits with
     every method (one sample each, ``--digits-nfe`` evaluations) and score the results with the
@@ -573,8 +586,8 @@ def run_digits(args) -> int:
     model, sde, config = model_from_checkpoint(path, use_ema=True)
     step, n_iters = int(ckpt["step"]), int(config.training.n_iters)
     K = getattr(model.net, "num_classes", None)
-    if K:
-        model = model.bind(y=K)                       # the null label: the unconditional model
+    if K:                                             # the null label K: the unconditional model
+        model.net = _NullLabel(model.net, K)
     size = int(config.data.image_size)
     x, labels = digits(size, "test", return_labels=True)
     n = min(args.digits_n, x.shape[0])
@@ -594,9 +607,16 @@ def run_digits(args) -> int:
                      "agreement": agree(observed), "unmasked": clean, "cpu_s": 0.0})
         for m in methods:
             start = time.process_time()
-            with torch.no_grad():
-                r = solve_inverse(model, op, y, method=m, nfe=args.digits_nfe, generator=0,
-                                  **DIGIT_METHODS.get(m, {}))
+            try:
+                with torch.no_grad():
+                    r = solve_inverse(model, op, y, method=m, nfe=args.digits_nfe, generator=0,
+                                      **DIGIT_METHODS.get(m, {}))
+            except Exception as err:  # noqa: BLE001  (e.g. NonFiniteError: recorded, the run goes on)
+                rows.append({"mask": mask_name, "method": m, "nfe": 0, "agreement": float("nan"),
+                             "unmasked": clean, "cpu_s": time.process_time() - start,
+                             "failed": str(err).split("\n")[0][:120]})
+                print(f"digits {mask_name:10s} {m:10s} FAILED: {rows[-1]['failed']}", flush=True)
+                continue
             cpu = time.process_time() - start
             res = r.samples.detach().float()
             rows.append({"mask": mask_name, "method": m, "nfe": r.nfe, "agreement": agree(res),
