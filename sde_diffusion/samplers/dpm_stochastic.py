@@ -59,6 +59,24 @@ def _rho(ctx: SolverContext) -> List[float]:
     return torch.exp(-ctx.lambdas).tolist()
 
 
+def _ancestral_plan(ctx: SolverContext, eta: float):
+    """Shared set-up of the two-stage ancestral solvers: ``rho_i = e^{-lambda_i}``, the alphas,
+    the per-step ``(rho_down, rho_up)`` of :func:`ancestral_levels` and the midpoint stage
+    ``(t, alpha, rho)`` at ``rho_mid = sqrt(rho_i rho_down)`` (half way in ``lambda``)."""
+    eta = _check_eta(eta)
+    rho, alphas = _rho(ctx), ctx.alphas.tolist()
+    levels = [ancestral_levels(rho[i], rho[i + 1], eta) for i in range(ctx.steps)]
+    mids = _stages(ctx, [-0.5 * (math.log(rho[i]) + math.log(d)) for i, (d, _) in enumerate(levels)])
+    return rho, alphas, levels, mids
+
+
+def _add_noise(ctx: SolverContext, terms: list, rho_up: float, alpha: float) -> None:
+    """Appends the ancestral noise ``alpha rho_up z`` (a fresh draw of ``ctx.noise``) to ``terms``
+    when ``rho_up > 0``."""
+    if rho_up > 0.0:
+        terms.append((alpha * rho_up, ctx.noise.randn()))
+
+
 @register("dpm_solver_2_ancestral", grid="karras", two_way=True, order=2, nfe=lambda steps: 2 * steps,
           deterministic=lambda eta, **_: float(eta) == 0.0,
           summary="DPM-Solver-2 steps with ancestral noise, eta (k-diffusion's dpm_2_ancestral; "
@@ -73,10 +91,7 @@ def dpm_solver_2_ancestral(ctx: SolverContext, x, eta: float = 1.0):
 
     ``eta = 0`` is ``dpm_solver_2`` (second order, deterministic); ``eta = 1`` (default) samples
     ``p_{t_end}`` with second-order drift steps. 2 NFE per step."""
-    eta = _check_eta(eta)
-    rho, alphas = _rho(ctx), ctx.alphas.tolist()
-    levels = [ancestral_levels(rho[i], rho[i + 1], eta) for i in range(ctx.steps)]
-    mids = _stages(ctx, [-0.5 * (math.log(rho[i]) + math.log(d)) for i, (d, _) in enumerate(levels)])
+    rho, alphas, levels, mids = _ancestral_plan(ctx, eta)
     model = ctx.model
     for i in range(ctx.steps):
         a, a_next = alphas[i], alphas[i + 1]
@@ -86,8 +101,7 @@ def dpm_solver_2_ancestral(ctx: SolverContext, x, eta: float = 1.0):
         x_mid = combine(x, a_m / a, [(a_m * (rho_m - rho[i]), e0)])
         e1 = model.at_scales("eps", x_mid, ctx.vec(t_m), a_m, a_m * rho_m)
         terms = [(a_next * (down - rho[i]), e1)]
-        if up > 0.0:
-            terms.append((a_next * up, ctx.noise.randn()))
+        _add_noise(ctx, terms, up, a_next)
         x = yield combine(x, a_next / a, terms)
 
 
@@ -104,10 +118,7 @@ def dpmpp_2s_ancestral(ctx: SolverContext, x, eta: float = 1.0):
               y_{i+1} = \tfrac{\rho_{down}}{\rho_i}y_i + (1 - e^{-h})D(y_s) + \rho_{up} z .
 
     ``eta = 0``: DPM-Solver++(2S), deterministic, second order. 2 NFE per step."""
-    eta = _check_eta(eta)
-    rho, alphas = _rho(ctx), ctx.alphas.tolist()
-    levels = [ancestral_levels(rho[i], rho[i + 1], eta) for i in range(ctx.steps)]
-    mids = _stages(ctx, [-0.5 * (math.log(rho[i]) + math.log(d)) for i, (d, _) in enumerate(levels)])
+    rho, alphas, levels, mids = _ancestral_plan(ctx, eta)
     model = ctx.model
     for i in range(ctx.steps):
         a, a_next = alphas[i], alphas[i + 1]
@@ -117,8 +128,7 @@ def dpmpp_2s_ancestral(ctx: SolverContext, x, eta: float = 1.0):
         x_s = combine(x, a_s * rho_s / (rho[i] * a), [(a_s * (1.0 - rho_s / rho[i]), d0)])
         d1 = model.at_scales("x0", x_s, ctx.vec(t_s), a_s, a_s * rho_s)
         terms = [(a_next * (1.0 - down / rho[i]), d1)]
-        if up > 0.0:
-            terms.append((a_next * up, ctx.noise.randn()))
+        _add_noise(ctx, terms, up, a_next)
         x = yield combine(x, a_next * down / (rho[i] * a), terms)
 
 
