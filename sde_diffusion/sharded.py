@@ -240,6 +240,20 @@ def gather_shards(folder: str, n: int, *, key: Dict[str, Any], shard_size: int =
     return {name: np.concatenate(v) for name, v in parts.items()}, metas
 
 
+def _run_batched(folder: str, n: int, one_batch: Callable[[int, int], Dict[str, Any]],
+                 batch_size: Optional[int], *, key: Dict[str, Any], shard_size: int, processes,
+                 overwrite: bool, log: Optional[Callable[[str], None]]):
+    """:func:`run_shards` with each shard computed by ``one_batch`` in batches of ``batch_size``
+    (:func:`_in_batches`), then on the main rank :func:`gather_shards`'s ``(arrays, metas)``;
+    ``None`` on the other ranks."""
+    processes = processes or _Single()
+    run_shards(folder, n, lambda a, b: _in_batches(a, b, batch_size, one_batch), key=key,
+               shard_size=shard_size, processes=processes, overwrite=overwrite, log=log)
+    if not processes.is_main:
+        return None
+    return gather_shards(folder, n, key=key, shard_size=shard_size)
+
+
 def _in_batches(start: int, stop: int, batch_size: Optional[int],
                 fn: Callable[[int, int], Dict[str, Any]]) -> Dict[str, Any]:
     """``fn`` on the batches ``[a, min(a + batch_size, stop))`` of ``[start, stop)``; per-index
@@ -312,12 +326,11 @@ def sample_shards(model, folder: str, n: int, event_shape, *, seed: int, key: Di
                 **{f"sum_{k}": after[k] - before[k] for k in after}}
         return {"samples": result.samples.cpu().numpy(), "meta": meta}
 
-    processes = processes or _Single()
-    run_shards(folder, n, lambda a, b: _in_batches(a, b, batch_size, one_batch), key=key,
-               shard_size=shard_size, processes=processes, overwrite=overwrite, log=log)
-    if not processes.is_main:
+    gathered = _run_batched(folder, n, one_batch, batch_size, key=key, shard_size=shard_size,
+                            processes=processes, overwrite=overwrite, log=log)
+    if gathered is None:
         return None
-    arrays, metas = gather_shards(folder, n, key=key, shard_size=shard_size)
+    arrays, metas = gathered
     out = {"samples": arrays["samples"], "nfe": max(m["max_nfe"] for m in metas),
            "network_calls": sum(m["sum_network_calls"] for m in metas), "config": metas[0]["config"],
            "shards": len(metas)}
@@ -381,12 +394,11 @@ def likelihood_shards(model, sde, x: torch.Tensor, folder: str, *, seed: int, ke
                 "meta": {"sum_nfe": int(r.nfe), "sum_wall_time": time.perf_counter() - began,
                          "dim": r.dim, "divergence": r.divergence, "outlier_tail": r.outlier_tail}}
 
-    processes = processes or _Single()
-    run_shards(folder, n, lambda a, b: _in_batches(a, b, batch_size, one_batch), key=key,
-               shard_size=shard_size, processes=processes, overwrite=overwrite, log=log)
-    if not processes.is_main:
+    gathered = _run_batched(folder, n, one_batch, batch_size, key=key, shard_size=shard_size,
+                            processes=processes, overwrite=overwrite, log=log)
+    if gathered is None:
         return None
-    arrays, metas = gather_shards(folder, n, key=key, shard_size=shard_size)
+    arrays, metas = gathered
     ll = torch.from_numpy(arrays["log_likelihood"])
     dim = metas[0]["dim"]
     nll = -ll
