@@ -6,43 +6,18 @@ import math
 import pytest
 import torch
 
-from sde_diffusion import SubVPSDE, VESDE, VPSDE, GaussianMixture, random_mixture, sample
+from sde_diffusion import VPSDE, GaussianMixture, random_mixture, sample
 from sde_diffusion.metrics import mode_statistics
 from sde_diffusion.samplers import available_solvers, make_grid
 from sde_diffusion.samplers.grids import focus_grid
 from sde_diffusion.samplers.reference import exact_flow_map
 from sde_diffusion.samplers._exp_integrator import exp_weights
 
-SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
-
-
-def _problem(kind="vp", dim=8, batch=12, seed=1):
-    sde = SDES[kind]()
-    mix = random_mixture(dim, 4, seed=seed, sde=sde)
-    x_T = torch.randn(batch, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return sde, mix, x_T * sde.prior_std
-
-
-_REF = {}
-
-
-def _reference(kind):
-    if kind not in _REF:
-        sde, mix, x_T = _problem(kind)
-        _REF[kind] = (sde, mix, x_T, exact_flow_map(mix, x_T))
-    return _REF[kind]
-
-
-def _rms(a, b):
-    return float(((a - b) ** 2).mean().sqrt())
-
-
-def _slope(errors, steps):
-    """Least-squares slope of log(error) against log(NFE) (NFE proportional to steps)."""
-    x = torch.log(torch.tensor(steps, dtype=torch.float64))
-    y = torch.log(torch.tensor(errors, dtype=torch.float64))
-    x = x - x.mean()
-    return float(-(x * (y - y.mean())).sum() / (x * x).sum())
+from helpers import SDE_CLASSES as SDES  # noqa: E402
+from helpers import convergence_slope as _slope  # noqa: E402
+from helpers import flow_reference as _reference  # noqa: E402
+from helpers import mixture_problem as _problem  # noqa: E402
+from helpers import rms as _rms  # noqa: E402
 
 
 # ---- equivalences -----------------------------------------------------------------------------------

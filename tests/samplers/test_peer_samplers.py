@@ -16,46 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from sde_diffusion import SubVPSDE, VESDE, VPSDE, GaussianMixture, random_mixture, sample
+from sde_diffusion import VPSDE, GaussianMixture, sample
 from sde_diffusion.metrics import mode_statistics
 from sde_diffusion.samplers import available_solvers, make_grid
-from sde_diffusion.samplers.reference import exact_flow_map, mixture_at
+from sde_diffusion.samplers.reference import mixture_at
 
-SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+from helpers import SDE_CLASSES as SDES  # noqa: E402
+from helpers import convergence_slope as _slope  # noqa: E402
+from helpers import flow_reference as _reference  # noqa: E402
+from helpers import mixture_problem as _problem  # noqa: E402
+from helpers import rms as _rms  # noqa: E402
+
 KINDS = list(SDES)
 #: VP in the fast run, sub-VP and VE with --runslow (the equality tests cover all three fast)
 KINDS_VP_FAST = ["vp"] + [pytest.param(k, marks=pytest.mark.slow) for k in ("subvp", "ve")]
 NEW = ["ipndm", "deis", "lms", "dpm_solver_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
        "dpmpp_3m_sde", "sa_solver", "dpm_adaptive"]
 PEERS = Path(__file__).resolve().parents[2] / "benchmarks" / "peers.py"
-
-
-def _problem(kind="vp", dim=8, batch=12, seed=1):
-    sde = SDES[kind]()
-    mix = random_mixture(dim, 4, seed=seed, sde=sde)
-    x_T = torch.randn(batch, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return sde, mix, x_T * sde.prior_std
-
-
-_REF = {}
-
-
-def _reference(kind):
-    if kind not in _REF:
-        sde, mix, x_T = _problem(kind)
-        _REF[kind] = (sde, mix, x_T, exact_flow_map(mix, x_T))
-    return _REF[kind]
-
-
-def _rms(a, b):
-    return float(((a - b) ** 2).mean().sqrt())
-
-
-def _slope(errors, steps):
-    x = torch.log(torch.tensor(steps, dtype=torch.float64))
-    y = torch.log(torch.tensor(errors, dtype=torch.float64))
-    x = x - x.mean()
-    return float(-(x * (y - y.mean())).sum() / (x * x).sum())
 
 
 def _max_diff(a, b):
