@@ -47,3 +47,64 @@ def convergence_slope(errors, steps):
     y = torch.log(torch.tensor(errors, dtype=torch.float64))
     x = x - x.mean()
     return float(-(x * (y - y.mean())).sum() / (x * x).sum())
+
+
+# ---- inverse-problem tests (tests/inverse/test_ddrm.py, test_dps.py, test_smc.py, test_pigdm.py) ---
+def posterior_problem(sde, kind: str, sigma_y: float, n: int):
+    """``(prior, operator, y, exact posterior samples, distance of prior samples to them)`` on
+    8-d data, ``n`` samples each: ``kind`` ``"mask"`` (full covariances, the lower half of the
+    coordinates missing), ``"gauss"`` (one isotropic Gaussian, 3 random projections) or
+    ``"dense"`` (isotropic components, 2 random projections)."""
+    from sde_diffusion import GaussianMixture
+    from sde_diffusion.inverse import Dense, Mask, half_mask, observe
+    from sde_diffusion.inverse.posterior import exact_posterior
+    from sde_diffusion.metrics import sliced_wasserstein
+
+    g = torch.Generator().manual_seed(3)
+    if kind == "mask":
+        prior = random_mixture(8, 6, seed=3, sde=sde, full=True, std_range=(0.1, 0.5))
+        op = Mask(half_mask((8,)))
+    elif kind == "gauss":
+        prior = GaussianMixture([1.0], torch.rand(1, 8, generator=g, dtype=torch.float64) - 0.5, [0.3], sde)
+        op = Dense(torch.randn(3, 8, generator=g, dtype=torch.float64))
+    else:
+        prior = random_mixture(8, 6, seed=3, sde=sde, std_range=(0.05, 0.2))
+        op = Dense(torch.randn(2, 8, generator=g, dtype=torch.float64))
+    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                sigma_y, 5)[0]
+    post = exact_posterior(prior, op, y, sigma_y)
+    ref = post.sample(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pri = prior.sample(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return prior, op, y, ref, sliced_wasserstein(pri, ref)
+
+
+def check_image_operator_noiseless_exact(method: str, op_name: str, dtype, **options):
+    """Colorization (3, 4, 4), a 2x2 block average (``"block"``) or a centred box mask (``"box"``)
+    of (1, 4, 4) images, noiseless: ``method`` keeps shapes and dtype and meets A x = y to the
+    dtype's round-off."""
+    from sde_diffusion import solve_inverse
+    from sde_diffusion.inverse import BlockAverage, Colorization, Mask, box_mask, observe
+
+    shape = (3, 4, 4) if op_name == "color" else (1, 4, 4)
+    op = {"color": lambda: Colorization(shape), "block": lambda: BlockAverage(2, shape),
+          "box": lambda: Mask(box_mask(shape, 2))}[op_name]()
+    prior = random_mixture(shape, 4, seed=0, sde=VPSDE())
+    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.0)[0]
+    x = solve_inverse(prior, op, y, method=method, n=3, nfe=10, **options).samples
+    assert x.shape == (3,) + shape and x.dtype == dtype
+    assert float((op.A(x) - y).abs().max()) < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def check_noisy_colorization(method: str, dtype):
+    """A colorization of (3, 4, 4) images with sigma_y = 0.1: ``method`` keeps shape and dtype and
+    returns finite samples."""
+    from sde_diffusion import solve_inverse
+    from sde_diffusion.inverse import Colorization, observe
+
+    shape = (3, 4, 4)
+    op = Colorization(shape)
+    prior = random_mixture(shape, 4, seed=0, sde=VPSDE())
+    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.1)[0]
+    x = solve_inverse(prior, op, y, method=method, n=3, nfe=10, sigma_y=0.1).samples
+    assert x.shape == (3,) + shape and x.dtype == dtype
+    assert bool(torch.isfinite(x).all())

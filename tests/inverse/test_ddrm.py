@@ -7,10 +7,10 @@ import functools
 import pytest
 import torch
 
-from sde_diffusion import VESDE, VPSDE, SubVPSDE, GaussianMixture, random_mixture, solve_inverse
-from sde_diffusion.inverse import BlockAverage, Colorization, Dense, Mask, box_mask, half_mask, observe
-from sde_diffusion.inverse.posterior import exact_posterior
+from sde_diffusion import VESDE, VPSDE, SubVPSDE, solve_inverse
 from sde_diffusion.metrics import sliced_wasserstein
+
+from helpers import check_image_operator_noiseless_exact, posterior_problem  # noqa: E402
 
 SDES = {"vp": VPSDE(), "ve": VESDE(), "subvp": SubVPSDE()}
 N = 300
@@ -19,23 +19,7 @@ N = 300
 @functools.lru_cache(maxsize=None)
 def _problem(sde: str, kind: str, sigma_y: float):
     """(prior, operator, y, exact posterior samples, distance of prior samples to them)."""
-    g = torch.Generator().manual_seed(3)
-    if kind == "mask":            # full covariances, the lower half of 8 coordinates missing
-        prior = random_mixture(8, 6, seed=3, sde=SDES[sde], full=True, std_range=(0.1, 0.5))
-        op = Mask(half_mask((8,)))
-    elif kind == "gauss":         # one isotropic Gaussian, 3 random projections
-        prior = GaussianMixture([1.0], torch.rand(1, 8, generator=g, dtype=torch.float64) - 0.5, [0.3],
-                                SDES[sde])
-        op = Dense(torch.randn(3, 8, generator=g, dtype=torch.float64))
-    else:                         # isotropic components, 2 random projections
-        prior = random_mixture(8, 6, seed=3, sde=SDES[sde], std_range=(0.05, 0.2))
-        op = Dense(torch.randn(2, 8, generator=g, dtype=torch.float64))
-    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
-                sigma_y, 5)[0]
-    post = exact_posterior(prior, op, y, sigma_y)
-    ref = post.sample(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    pri = prior.sample(N, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    return prior, op, y, ref, sliced_wasserstein(pri, ref)
+    return posterior_problem(SDES[sde], kind, sigma_y, N)
 
 
 def _run(problem, nfe, sigma_y, **options):
@@ -94,11 +78,4 @@ def test_bad_options_are_named():
 def test_image_operators_noiseless_exact(op_name, dtype):
     """Colorization (3, 4, 4), a 2x2 block average and a centred box mask of (1, 4, 4) images:
     shapes and dtype kept, A x = y to the dtype's round-off."""
-    shape = (3, 4, 4) if op_name == "color" else (1, 4, 4)
-    op = {"color": lambda: Colorization(shape), "block": lambda: BlockAverage(2, shape),
-          "box": lambda: Mask(box_mask(shape, 2))}[op_name]()
-    prior = random_mixture(shape, 4, seed=0, sde=SDES["vp"])
-    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.0)[0]
-    x = solve_inverse(prior, op, y, method='ddrm', n=3, nfe=10, **{}).samples
-    assert x.shape == (3,) + shape and x.dtype == dtype
-    assert float((op.A(x) - y).abs().max()) < (1e-4 if dtype == torch.float32 else 1e-10)
+    check_image_operator_noiseless_exact("ddrm", op_name, dtype)

@@ -8,10 +8,11 @@ import functools
 import pytest
 import torch
 
-from sde_diffusion import VESDE, VPSDE, SubVPSDE, random_mixture, solve_inverse
-from sde_diffusion.inverse import Colorization, Dense, Mask, half_mask, observe
-from sde_diffusion.inverse.posterior import exact_posterior
+from sde_diffusion import VESDE, VPSDE, SubVPSDE, solve_inverse
+from sde_diffusion.inverse import observe
 from sde_diffusion.metrics import sliced_wasserstein
+
+from helpers import check_noisy_colorization, posterior_problem  # noqa: E402
 
 SDES = {"vp": VPSDE(), "ve": VESDE(), "subvp": SubVPSDE()}
 N = 300
@@ -20,18 +21,7 @@ N = 300
 @functools.lru_cache(maxsize=None)
 def _problem(sde: str, op_name: str, sigma_y: float):
     """(prior, operator, y, exact posterior samples, distance of prior samples to them)."""
-    if op_name == "mask":         # full covariances, the lower half of 8 coordinates missing
-        prior = random_mixture(8, 6, seed=3, sde=SDES[sde], full=True, std_range=(0.1, 0.5))
-        op = Mask(half_mask((8,)))
-    else:                         # isotropic components, 2 random projections
-        prior = random_mixture(8, 6, seed=3, sde=SDES[sde], std_range=(0.05, 0.2))
-        op = Dense(torch.randn(2, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
-    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
-                sigma_y, 5)[0]
-    post = exact_posterior(prior, op, y, sigma_y)
-    ref = post.sample(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    pri = prior.sample(N, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    return prior, op, y, ref, sliced_wasserstein(pri, ref)
+    return posterior_problem(SDES[sde], op_name, sigma_y, N)
 
 
 def _distance(problem, nfe, sigma_y, **options):
@@ -84,10 +74,4 @@ def test_bad_options_are_named():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_images_and_dtypes(dtype):
     """A colorization of (3, 4, 4) images, noisy: shape and dtype kept, finite samples."""
-    shape = (3, 4, 4)
-    op = Colorization(shape)
-    prior = random_mixture(shape, 4, seed=0, sde=SDES["vp"])
-    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.1)[0]
-    x = solve_inverse(prior, op, y, method='dps', n=3, nfe=10, sigma_y=0.1).samples
-    assert x.shape == (3,) + shape and x.dtype == dtype
-    assert bool(torch.isfinite(x).all())
+    check_noisy_colorization("dps", dtype)

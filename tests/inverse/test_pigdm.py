@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from sde_diffusion import VESDE, VPSDE, SubVPSDE, GaussianMixture, random_mixture, solve_inverse
-from sde_diffusion.inverse import Colorization, Dense, Mask, half_mask, observe
+from sde_diffusion.inverse import Dense, Mask, half_mask, observe
 from sde_diffusion.inverse.posterior import exact_posterior
 from sde_diffusion.metrics import sliced_wasserstein
+
+from helpers import check_noisy_colorization  # noqa: E402
 
 SDES = {"vp": VPSDE(), "ve": VESDE(), "subvp": SubVPSDE()}
 N = 400
@@ -90,10 +92,4 @@ def test_bad_options_are_named():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_images_and_dtypes(dtype):
     """A colorization of (3, 4, 4) images, noisy: shape and dtype kept, finite samples."""
-    shape = (3, 4, 4)
-    op = Colorization(shape)
-    prior = random_mixture(shape, 4, seed=0, sde=SDES["vp"])
-    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.1)[0]
-    x = solve_inverse(prior, op, y, method='pigdm', n=3, nfe=10, sigma_y=0.1).samples
-    assert x.shape == (3,) + shape and x.dtype == dtype
-    assert bool(torch.isfinite(x).all())
+    check_noisy_colorization("pigdm", dtype)

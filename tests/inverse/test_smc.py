@@ -10,11 +10,13 @@ import math
 import pytest
 import torch
 
-from sde_diffusion import VESDE, VPSDE, SubVPSDE, GaussianMixture, random_mixture, solve_inverse
-from sde_diffusion.inverse import BlockAverage, Colorization, Dense, Mask, box_mask, observe
+from sde_diffusion import VESDE, VPSDE, SubVPSDE, GaussianMixture, solve_inverse
+from sde_diffusion.inverse import Dense, observe
 from sde_diffusion.inverse.methods.smc import draw_one, resample_indices
 from sde_diffusion.inverse.posterior import exact_posterior
 from sde_diffusion.metrics import sliced_wasserstein
+
+from helpers import check_image_operator_noiseless_exact  # noqa: E402
 
 SDES = {"vp": VPSDE(), "ve": VESDE(), "subvp": SubVPSDE()}
 N = 100
@@ -126,11 +128,4 @@ def test_resampling_schemes():
 def test_image_operators_noiseless_exact(op_name, dtype):
     """Colorization (3, 4, 4), a 2x2 block average and a centred box mask of (1, 4, 4) images:
     shapes and dtype kept, A x = y to the dtype's round-off."""
-    shape = (3, 4, 4) if op_name == "color" else (1, 4, 4)
-    op = {"color": lambda: Colorization(shape), "block": lambda: BlockAverage(2, shape),
-          "box": lambda: Mask(box_mask(shape, 2))}[op_name]()
-    prior = random_mixture(shape, 4, seed=0, sde=SDES["vp"])
-    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(0), dtype=dtype), 0.0)[0]
-    x = solve_inverse(prior, op, y, method='mcgdiff', n=3, nfe=10, **{"particles": 4}).samples
-    assert x.shape == (3,) + shape and x.dtype == dtype
-    assert float((op.A(x) - y).abs().max()) < (1e-4 if dtype == torch.float32 else 1e-10)
+    check_image_operator_noiseless_exact("mcgdiff", op_name, dtype, particles=4)
