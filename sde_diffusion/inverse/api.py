@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from .._checks import require
-from ..models.wrapper import OracleModel, ScoreModel, as_model
+from ..models.wrapper import NonFiniteError, OracleModel, ScoreModel, as_model
 from ..oracles import GaussianMixture
 from ..samplers.api import start_state
 from ..samplers.base import GeneratorLike
@@ -106,4 +106,10 @@ def solve_inverse(model: Union[ScoreModel, GaussianMixture], operator: LinearOpe
             f"method {method!r} returned {type(result).__name__}, not a MethodResult")
     result.nfe = model.nfe - before
     result.method = method
+    bad = ~torch.isfinite(result.samples.reshape(result.samples.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        raise NonFiniteError(f"method {method!r} produced NaN/Inf in {int(bad.sum())} of "
+                             f"{bad.numel()} samples (first: index {int(bad.nonzero()[0, 0])}); a "
+                             f"smaller guidance weight or step size, more NFE, or another method "
+                             f"may be stable on this model")
     return result

@@ -71,6 +71,22 @@ def test_registry_refuses_duplicates_and_bad_signatures():
     assert "_bad" not in METHODS
 
 
+def test_non_finite_samples_stop_with_an_error_naming_the_method():
+    """A method whose loop diverges (PiGDM with a noiseless mask on a trained network did) raises
+    instead of handing NaN samples back."""
+    @register_method("_diverges")
+    def _diverges(model, operator, y, *, sigma_y, x_T, nfe, solver, generator):
+        x = x_T.clone()
+        x[1] = float("nan")
+        return MethodResult(samples=x, nfe=0)
+    try:
+        with pytest.raises(sde_diffusion.models.NonFiniteError,
+                           match=r"'_diverges' produced NaN/Inf in 1 of 3 samples \(first: index 1\)"):
+            solve_inverse(PRIOR, OP, Y, method="_diverges", n=3, nfe=4)
+    finally:
+        METHODS.pop("_diverges", None)
+
+
 @pytest.mark.parametrize("method", MINE)
 def test_nfe_counted_batches_and_seeds(method):
     """The NFE is the wrapper's count (within the budget); with an int seed the first samples of a
