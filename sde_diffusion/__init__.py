@@ -19,10 +19,8 @@ from .sdes import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
 __version__ = "0.1.0"
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture", "random_mixture",
-           "ScoreModel", "OracleModel", "sample", "available_solvers", "make_grid", "optimize_grid",
-           "log_likelihood",
-           "image_log_likelihood", "train", "evaluate_model"]
-__all__ += ["solve_inverse", "LinearOperator", "Mask", "Colorization", "BlockAverage", "Dense",
-            "observe", "exact_posterior"]
-__all__ += ["from_diffusers", "from_k_diffusion"]
-__all__ += ["ClassifierFreeGuidance", "ClassifierGuidance"]
+           "ScoreModel", "OracleModel", "ClassifierFreeGuidance", "ClassifierGuidance",
+           "from_diffusers", "from_k_diffusion", "sample", "available_solvers", "make_grid",
+           "optimize_grid", "log_likelihood", "image_log_likelihood", "train", "evaluate_model",
+           "solve_inverse", "LinearOperator", "Mask", "Colorization", "BlockAverage", "Dense",
+           "observe", "exact_posterior"]

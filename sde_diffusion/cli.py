@@ -1,7 +1,8 @@
 """The ``sde-diffusion`` command (also ``python -m sde_diffusion``).
 
 Subcommands: ``demo``, ``train``, ``sample``, ``likelihood``, ``compare``, ``optimize-grid``
-(writes a grid file that ``sample --grid FILE.json`` reads). ``python -m sde_diffusion.training
+(writes a grid file that ``sample --grid FILE.json`` reads), ``inpaint``
+(:mod:`sde_diffusion.inverse.cli`) and ``fid`` (:mod:`sde_diffusion.fid_cli`). ``python -m sde_diffusion.training
 ARGS`` (the spelling ``torchrun -m`` needs) is ``sde-diffusion train ARGS``: it calls :func:`main`
 with ``["train", *ARGS]``.
 
@@ -249,6 +250,9 @@ def cmd_train(args, rest: Sequence[str]) -> int:
         config.device = args.device
     if args.seed is not None:
         config.seed = args.seed
+    if args.eval and config.training.get("task", "score") == "classifier":
+        raise UserError("--eval scores a score model's samples; this config trains a classifier "
+                        "(training.task='classifier'): drop --eval")
     try:  # a missing package is the user's one-line error: the data's (train() checks them too)
         check_dependencies(config)  # and matplotlib for the preview pictures (sample_freq > 0)
         preview = previews(config, args.workdir)

@@ -270,6 +270,8 @@ def test_demo_rerun_reuses_the_finished_training(tmp_path, capsys):
     (["train", "--config", "/no/such/config.py", "--workdir", "w"], ["no such file"]),
     (["train", "--config", TOY_CONFIG, "--workdir", "w", "--config.optim.nope=1"], ["nope"]),
     (["train", "--config", TOY_CONFIG, "--workdir", "w", "--config.optim.lr=fast"], ["optim.lr"]),
+    (["train", "--config", TOY_CONFIG.replace("moons_vp", "8gaussians_classifier"), "--workdir", "w",
+      "--eval"], ["--eval", "classifier", "drop --eval"]),
     (["likelihood", "--oracle", "gmm2d", "--data", "/no/such.npz"], ["no such file"]),
     (["likelihood", "--oracle", "gmm2d", "--data", "digits"], ["shape"]),
     (["compare", "--oracle", "gmm2d", "--nfe", "ten"], ["--nfe must be"]),
