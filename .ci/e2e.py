@@ -160,7 +160,7 @@ def promised(args, cwd: Path, proc: subprocess.CompletedProcess) -> List[str]:
             raise CheckFailed(f"{path}: EMA weights of dtype {sorted(dtypes)}, expected float32")
         if args.eval:
             seen.append(check_file(cwd / args.workdir / "eval.json"))
-    elif args.command == "sample":
+    elif args.command in ("sample", "inpaint"):  # both print the samples file and the picture
         printed = last_json_line(proc.stdout)
         samples = cwd / printed.get("samples", "")
         seen.append(check_file(samples))
