@@ -36,7 +36,7 @@ from .registry import register
 __all__ = ["dpm_solver", "dpm_solver_pp", "sde_dpm_solver_pp", "dpm_steps", "fast_orders"]
 
 # Stochastic high-order solver: sde_dpm_solver++ below. Singlestep DPM-Solver in data prediction
-# (DPM-Solver++(2S)) is not provided: the multistep form costs one NFE per step and is as accurate.
+# (DPM-Solver++(2S)) is `dpmpp_2s_ancestral` at eta=0 (samplers/dpm_stochastic.py).
 
 
 def _grid(ctx: SolverContext):
