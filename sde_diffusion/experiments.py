@@ -7,7 +7,7 @@ import ast
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,22 +91,30 @@ def parse_solver_spec(spec: str) -> SolverSpec:
     options, and each value of the kind of the option's default (a number for ``eta=0.0``, ``True``
     or ``False`` for a flag, text for a name), so that a typo fails here, not after a model is
     loaded."""
-    parts = [p for p in spec.strip().split(":")]
-    require(parts[0] != "", f"empty solver name in {spec!r}")
-    info = get_solver(parts[0])
+    name, options = parse_spec(spec, get_solver, "solver", f"empty solver name in {spec!r}")
+    return SolverSpec(name, options)
+
+
+def parse_spec(spec: str, lookup: Callable, what: str, empty: str) -> Tuple[str, dict]:
+    """``name[:key=value...]`` -> ``(name, options)`` for a registry entry ``lookup(name)`` (a
+    solver or an inverse-problem method: anything with ``check_options`` and ``defaults``);
+    ``what`` names it in the errors, ``empty`` is the error for an empty name."""
+    parts = spec.strip().split(":")
+    require(parts[0] != "", empty)
+    info = lookup(parts[0])
     options = {}
     for part in parts[1:]:
-        require("=" in part, f"solver option {part!r} in {spec!r} must be written key=value")
+        require("=" in part, f"{what} option {part!r} in {spec!r} must be written key=value")
         key, value = part.split("=", 1)
         options[key.strip()] = _value(value.strip())
     info.check_options(options)
     defaults = info.defaults()
     for key, value in options.items():
-        _check_option_kind(spec, key, value, defaults.get(key))
-    return SolverSpec(parts[0], options)
+        _check_option_kind(spec, key, value, defaults.get(key), what)
+    return parts[0], options
 
 
-def _check_option_kind(spec: str, key: str, value, default) -> None:
+def _check_option_kind(spec: str, key: str, value, default, what: str = "solver") -> None:
     """``value`` is of the kind of ``default``: a flag, a number or text (no check without a
     default)."""
     if isinstance(default, bool):
@@ -119,7 +127,7 @@ def _check_option_kind(spec: str, key: str, value, default) -> None:
         ok, kind = isinstance(value, str), "a name"
     else:
         return
-    require(ok, f"solver option {key}={value!r} in {spec!r} must be {kind} (default {default!r})")
+    require(ok, f"{what} option {key}={value!r} in {spec!r} must be {kind} (default {default!r})")
 
 
 def parse_solver_list(text: str) -> List[SolverSpec]:

@@ -78,24 +78,9 @@ def parse_method_spec(spec: str) -> Tuple[str, Dict[str, object]]:
     """``name[:key=value...]`` -> ``(name, options)``: the method must be registered, each key one
     of its options, each value of the kind of the option's default (the solver spelling's rules,
     :func:`sde_diffusion.experiments.parse_solver_spec`)."""
-    from ..experiments import _check_option_kind, _value
+    from ..experiments import parse_spec
 
-    parts = spec.strip().split(":")
-    require(parts[0] != "", f"--method {spec!r}: empty method name")
-    info = get_method(parts[0])
-    options: Dict[str, object] = {}
-    for part in parts[1:]:
-        require("=" in part, f"method option {part!r} in {spec!r} must be written key=value")
-        key, value = part.split("=", 1)
-        options[key.strip()] = _value(value.strip())
-    info.check_options(options)
-    defaults = info.defaults()
-    for key, value in options.items():
-        try:
-            _check_option_kind(spec, key, value, defaults.get(key))
-        except ValueError as err:
-            raise ValueError(str(err).replace("solver option", "method option", 1)) from None
-    return parts[0], options
+    return parse_spec(spec, get_method, "method", f"--method {spec!r}: empty method name")
 
 
 def build_operator(mask: Optional[str], operator: Optional[str],
