@@ -28,6 +28,7 @@ larger ``n`` reuses the whole shards of a smaller one.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -93,6 +94,9 @@ class Processes:
         self._dist = _Distributed(device)
         self.rank, self.world_size = self._dist.rank, self._dist.world_size
         self.device = self._dist.device
+        # a rank that leaves with its gloo group alive can abort at exit ("terminate called
+        # without an active exception"): close on every way out, errors included
+        atexit.register(self.close)
 
     @property
     def is_main(self) -> bool:
@@ -112,6 +116,8 @@ class Processes:
         return box[0]
 
     def close(self) -> None:
+        """Leave the process group (once; later calls do nothing). Call it after the last
+        collective: from here on each rank works alone."""
         self._dist.close()
 
 
@@ -517,6 +523,7 @@ def cli_likelihood(args, model, sde, x, divergence: str, processes):
         divergence=divergence, n_probes=args.probes or 1, batch_size=args.batch,
         shard_size=args.shard_size or SHARD_SIZE, processes=processes,
         overwrite=getattr(args, "overwrite", False), log=_stderr_log(args.quiet), rtol=args.rtol, atol=args.atol)
+    processes.close()   # after the last barrier: rank 0 only reads files from here on
     if result is None:
         return None, {}
     bpd = result.bpd.double()

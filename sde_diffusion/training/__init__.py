@@ -262,6 +262,7 @@ class _Distributed:
     def close(self):
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        self.owns_group, self.enabled = False, False
 
 
 def _ema_rate(rate) -> float:
