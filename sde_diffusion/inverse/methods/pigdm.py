@@ -19,11 +19,20 @@ variance the default makes the guidance too weak at high noise. The inverse is e
 operator's SVD,
 ``A^T (r^2 AA^T + sigma_y^2)^{-1} = V diag(s / (r^2 s^2 + sigma_y^2)) U^T``.
 
-The guided score ``score + w g`` enters a DDIM step (eta as in DDIM) through the predictions
-``x0 = x0_hat + (sigma^2 / alpha) w g`` and ``eps = eps_hat - sigma w g`` (score =
-``-eps / sigma``), the update written with alpha and sigma for every SDE. The paper's Algorithm 1
-instead adds ``sqrt(alpha_bar_t) g`` to a VP DDIM step (a heuristic weight); ``w`` (default 1) is
-the guidance weight on the principled score.
+Two ways for ``g`` to enter the step (option ``guidance``):
+
+* ``"paper"`` (default): the paper's Algorithm 1, ``x_t' = DDIM(x0_hat, eps_hat) + w sqrt(alpha_bar_t)
+  r_t^2 g`` with the adaptive weight ``r_t^2`` of the authors' practice (for ``sigma_y = 0`` the
+  step is ``sqrt(alpha_bar_t) J^T A^+ (y - A x0_hat)``: no ``r_t^{-2}``). Written for every SDE in the
+  variance-preserving scale ``x / sqrt(alpha^2 + sigma^2)``: ``x_t' += w sqrt(alpha'^2 + sigma'^2)
+  alpha_t r_t^2 g`` (``alpha_t = sqrt(alpha_bar_t)`` for VP).
+* ``"score"``: the guided score ``score + w g`` inside the DDIM step, through the predictions
+  ``x0 = x0_hat + (sigma^2 / alpha) w g`` and ``eps = eps_hat - sigma w g``: exact for Gaussian
+  data, but the step multiplies the Jacobian ``J = (I - sigma d eps/dx) / alpha`` by
+  ``sigma^2 / alpha`` again, so a network's Jacobian error is amplified by ``~ 1/alpha_t^2``
+  (``2e4`` at ``t = T`` of the default VP SDE, where the exact ``J`` is ``~ alpha_t sigma_data^2``):
+  a trained float32 digits U-Net diverged within four steps (NaN at ``t = 0.88``) with a noiseless
+  mask. Algorithm 1's weight ``sqrt(alpha_bar_t)`` cancels the ``1/alpha_t``.
 """
 from __future__ import annotations
 
@@ -36,17 +45,23 @@ from ..._checks import require
 from ..registry import MethodResult, register_method
 from ._guided import check_eta, ddim_update, noise_for, schedule, spectral
 
-__all__ = ["pigdm"]
+__all__ = ["pigdm", "GUIDANCE"]
+
+#: How the likelihood score ``g`` enters the step (see the module docstring).
+GUIDANCE = ("paper", "score")
 
 
 @register_method("pigdm", needs=("svd",))
 def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, nfe: int,
           solver: Optional[str] = None, generator=None, eta: float = 1.0, weight: float = 1.0,
-          sigma_data: float = 1.0, grid: str = "uniform") -> MethodResult:
+          sigma_data: float = 1.0, guidance: str = "paper", grid: str = "uniform") -> MethodResult:
     """PiGDM with ``nfe`` network evaluations (one per step plus its vector-Jacobian product).
     ``eta``: DDIM noise (the paper uses 1 for noisy problems, ``eta = 0`` is deterministic);
     ``weight``: guidance weight ``w``; ``sigma_data``: the data's standard deviation in ``r_t``;
-    ``grid``: a time grid of :mod:`~sde_diffusion.samplers.grids`."""
+    ``guidance``: ``"paper"`` (Algorithm 1's update, stable on trained networks) or ``"score"``
+    (the guided score inside the DDIM step: exact for Gaussian data, unstable where a network's
+    Jacobian is inexact); ``grid``: a time grid of :mod:`~sde_diffusion.samplers.grids`."""
+    require(guidance in GUIDANCE, f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE)}")
     eta = check_eta(eta)
     weight = float(weight)
     require(math.isfinite(weight) and weight >= 0, f"weight must be a finite number >= 0, got {weight!r}")
@@ -66,14 +81,20 @@ def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor
             xg = x.detach().requires_grad_(True)
             x0 = model.at_scales("x0", xg, sched.t(i, x), a, s)
             residual = (y - operator.A(x0.detach()))
-            # A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0): zero on directions with s_i = 0
+            # A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0), times r^2 for "paper": zero on s_i = 0
             denom = r2 * s_k * s_k + sigma_y * sigma_y
             coef = torch.where(s_k > 0, s_k / torch.where(denom > 0, denom, 1.0), 0.0)
+            if guidance == "paper":
+                coef = torch.where(denom > 0, r2 * coef, torch.where(s_k > 0, 1 / s_k, 0.0))
             z = torch.zeros(x.shape[0], spec.d_x, dtype=x.dtype, device=x.device)
             z[:, :spec.k] = coef * spec.Ut(residual)
             v = spec.V(z)
             (g,) = torch.autograd.grad(x0, xg, grad_outputs=v)
         x0 = x0.detach()
         eps = (x - a * x0) / s
-        x = ddim_update(sched, i, x0 + (weight * s * s / a) * g, eps - (weight * s) * g, eta, noise)
+        if guidance == "score":
+            x = ddim_update(sched, i, x0 + (weight * s * s / a) * g, eps - (weight * s) * g, eta, noise)
+        else:   # Algorithm 1: x_t' = DDIM step + sqrt(alpha_bar_t) r_t^2 g, in VP scale (kappa)
+            a1, s1 = sched.alphas[i + 1], sched.sigmas[i + 1]
+            x = ddim_update(sched, i, x0, eps, eta, noise) + (weight * math.hypot(a1, s1) * a) * g
     return MethodResult(samples=x.detach(), nfe=model.nfe - start)
