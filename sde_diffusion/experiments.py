@@ -80,6 +80,10 @@ class SolverSpec:
 
 
 def _value(text: str):
+    """A spec's value: a Python literal (``0.5``, ``True``), ``true``/``false`` in any case as a
+    flag (the command line's spelling), otherwise the text itself (a name)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -159,7 +159,9 @@ def test_sigma_hat_spec_and_its_errors():
     from sde_diffusion.experiments import parse_solver_spec
     from sde_diffusion.samplers import get_solver
 
-    assert parse_solver_spec("ddim:sigma_hat=True").options == {"sigma_hat": True}
+    for text in ("True", "true"):            # the study's spelling is ddim:sigma_hat=true
+        assert parse_solver_spec(f"ddim:sigma_hat={text}").options == {"sigma_hat": True}
+    assert parse_solver_spec("ddim:sigma_hat=false").options == {"sigma_hat": False}
     with pytest.raises(ValueError, match="sigma_hat=1.*must be True or False"):
         parse_solver_spec("ddim:sigma_hat=1")
     info = get_solver("ddim")
