@@ -492,6 +492,19 @@ SDE_NAMES: Dict[str, Tuple[type, Dict[str, object]]] = {
 }
 #: score_sde's spellings (``config.training.sde = "vpsde"``), read as the names above.
 _ALIASES = {"vpsde": "vp", "vpsde_cosine": "vp_cosine", "subvpsde": "subvp", "vesde": "ve"}
+#: SDE classes of ``models.adapters`` that have no name on purpose (docs/models.md, "Why the
+#: adapters' SDEs have no name"): spelling (lower case, no ``_``, no ``sde`` suffix) -> (class, why).
+_NOT_NAMED = {
+    "discretevp": ("DiscreteVPSDE", "its schedule is an array of N alphas_cumprod, which a name, a "
+                   "config field or a flag cannot carry; it comes with the model "
+                   "from_diffusers(unet, scheduler) builds (use model.sde, or "
+                   "DiscreteVPSDE(alphas_cumprod)); grid files record it by its repr, which holds "
+                   "a digest of the schedule"),
+    "edm": ("EDMSDE", "it serves denoisers trained elsewhere and enters with the model "
+            "from_k_diffusion(D) builds (use model.sde, or EDMSDE(sigma_min, sigma_max)); nothing "
+            "that reads names uses it (the training configs lack EDM's noise distribution, the "
+            "command line has no such models); grid files record it by its repr"),
+}
 
 
 def canonical_sde_name(name: str) -> str:
@@ -499,8 +512,10 @@ def canonical_sde_name(name: str) -> str:
     :data:`SDE_NAMES`; an unknown name raises a ``ValueError`` listing the valid ones."""
     key = str(name).lower()
     key = _ALIASES.get(key, key)
+    unnamed = _NOT_NAMED.get(key.replace("_", "").removesuffix("sde"))
+    why = f"; {name!r} is {unnamed[0]}, which has no name on purpose: {unnamed[1]}" if unnamed else ""
     require(key in SDE_NAMES, f"unknown SDE {name!r}; valid: {', '.join(SDE_NAMES)} "
-                              f"(or score_sde's {', '.join(_ALIASES)})")
+                              f"(or score_sde's {', '.join(_ALIASES)}){why}")
     return key
 
 
@@ -518,7 +533,9 @@ def sde_name(sde: SDE) -> str:
     for name, (cls, kind) in SDE_NAMES.items():
         if type(sde) is cls and all(getattr(sde, k) == v for k, v in kind.items()):
             return name
-    raise ValueError(f"{type(sde).__name__} has no name in SDE_NAMES ({', '.join(SDE_NAMES)})")
+    why = [w for cls_name, w in _NOT_NAMED.values() if cls_name == type(sde).__name__]
+    raise ValueError(f"{type(sde).__name__} has no name in SDE_NAMES ({', '.join(SDE_NAMES)})"
+                     + (f", on purpose: {why[0]}" if why else ""))
 
 
 def sde_from_dict(d: dict) -> SDE:
