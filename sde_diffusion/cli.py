@@ -680,7 +680,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import fid_cli, guidance_cli, sharded
+    from . import fid_cli, guidance_cli, sharded, study_cli
     from .inverse import cli as inverse_cli
 
     parser = _Parser(prog=PROG, description="Score-based generative modelling with SDEs: train, "
@@ -817,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_optimize_grid)
     inverse_cli.add_parser(sub, sys.modules[__name__])  # inpaint; its helpers come from this module
     fid_cli.add_parser(sub, sys.modules[__name__])      # fid (FID/KID through torchmetrics)
+    study_cli.add_parser(sub, sys.modules[__name__])    # study (the papers' sampler tables)
     return parser
 
 

@@ -1,0 +1,134 @@
+"""``sde-diffusion study ddim-table|pc-table``: the papers' sampler tables on a digits checkpoint
+(:mod:`sde_diffusion.studies`), written as ``table.md``, ``table.csv``, ``fd_vs_steps.png`` and
+``run.json`` into ``--out``, with the estimated run time printed before the work starts."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+__all__ = ["add_parser"]
+
+
+def add_parser(subparsers, host) -> argparse.ArgumentParser:
+    """Add ``study`` to ``subparsers``; ``host`` is the command module (its ``UserError``,
+    checkpoint loading and file checks)."""
+    from .studies import DEFAULTS, SCORE_SDE_SNR, STUDIES
+
+    p = subparsers.add_parser(
+        "study", help="the DDIM / score_sde sampler tables on a digits checkpoint (FD with CIs)",
+        description="Run one of the papers' sampler comparisons on a digits checkpoint: "
+                    "ddim-table (DDIM Table 1: eta = 0, 0.2, 0.5, 1 and sigma-hat at 10-1000 "
+                    "steps) or pc-table (score_sde Table 1: P1000, P2000, C2000, PC1000). Each "
+                    "cell: the digits classifier's Frechet distance to the test split, mean and "
+                    "95% Student-t interval over --seeds seeds of --n samples; the data-vs-data "
+                    "floor at the same n. Defaults: " + "; ".join(
+                        f"{k} --n {n} --seeds {s}" for k, (n, s) in DEFAULTS.items()) + ".")
+    p.add_argument("study", choices=tuple(STUDIES), help="which table")
+    p.add_argument("--checkpoint", required=True, help="a digits checkpoint file or training workdir")
+    p.add_argument("--n", type=int, default=None, help="samples per seed and cell (default: the study's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell, >= 2 (default: the study's)")
+    p.add_argument("--steps", dest="study_steps", default=None,
+                   help="ddim-table: comma-separated step counts (default 10,20,50,100,1000); "
+                        "pc-table: one N for the columns PN, P2N, C2N, PCN (default 1000)")
+    p.add_argument("--snr", type=float, default=SCORE_SDE_SNR,
+                   help=f"pc-table: the Langevin corrector's signal-to-noise ratio (default "
+                        f"{SCORE_SDE_SNR}, score_sde's)")
+    p.add_argument("--batch", type=int, default=500, help="samples per network call (default 500)")
+    p.add_argument("--out", default=None, help="report folder (default ./STUDY)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress or messages")
+    p.set_defaults(func=lambda args, rest: run(args, rest, host))
+    return p
+
+
+def _check_arguments(args, host):
+    from .studies import DEFAULTS, REPORT_FILES, make_study
+
+    n, seeds = DEFAULTS[args.study]
+    args.n = n if args.n is None else args.n
+    args.seeds = seeds if args.seeds is None else args.seeds
+    if args.n < 2:
+        raise host.UserError(f"--n must be >= 2 (a Fréchet distance needs a covariance), got {args.n}")
+    if args.seeds < 2:
+        raise host.UserError(f"--seeds must be >= 2 (a confidence interval needs two values), "
+                             f"got {args.seeds}")
+    if args.batch < 1:
+        raise host.UserError(f"--batch must be >= 1, got {args.batch}")
+    if not (args.snr > 0 and args.snr < float("inf")):
+        raise host.UserError(f"--snr must be a finite number > 0, got {args.snr}")
+    steps = None if args.study_steps is None else host._ints(args.study_steps, "--steps")
+    if steps is not None:
+        if args.study == "pc-table" and len(steps) != 1:
+            raise host.UserError(f"--steps {args.study_steps}: pc-table takes one N (its columns "
+                                 f"are PN, P2N, C2N, PCN)")
+        for k in steps:
+            host._check_steps(2 * k if args.study == "pc-table" else k, "--steps")
+    study = make_study(args.study, steps, snr=args.snr)
+    args.out = args.out or args.study
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise host.UserError(f"--out {args.out!r} is a file; give a folder")
+    for name in REPORT_FILES:
+        host._check_out_file(os.path.join(args.out, name), args.overwrite)
+    return study
+
+
+def _load(args, host):
+    """The checkpoint's EMA model and data shape; a checkpoint of anything but digits images is
+    refused (the Fréchet distance here is the digits classifier's)."""
+    ns = argparse.Namespace(checkpoint=args.checkpoint, oracle=None, device=args.device)
+    model, sde, _, config, shape = host._load_model(ns)
+    dataset = str(config.data.dataset) if config is not None else "?"
+    if dataset != "digits":
+        raise host.UserError(f"--checkpoint {args.checkpoint!r} was trained on {dataset!r}: the "
+                             f"studies score samples with the digits classifier's Fréchet "
+                             f"distance, so they need a digits checkpoint (configs/digits/*.py)")
+    if len(shape) != 3 or shape[0] != 1:
+        raise host.UserError(f"--checkpoint {args.checkpoint!r}: samples of shape {tuple(shape)}, "
+                             f"not 1-channel images (the digits classifier's input)")
+    if int(config.model.get("num_classes", 0) or 0) > 0:
+        raise host.UserError(f"--checkpoint {args.checkpoint!r} is class-conditional: the studies "
+                             f"compare unconditional samplers (train configs/digits/vp.py or ve.py)")
+    if args.n > 1437:
+        raise host.UserError(f"--n {args.n}: the floor draws n of the 1437 digits training images; "
+                             f"use --n <= 1437")
+    return model, shape
+
+
+def run(args, rest, host) -> int:
+    import torch
+
+    from .reports import provenance
+    from .studies import estimate_seconds, run_study, study_nfe, write_report
+
+    host._no_extra(rest)
+    host._require_modules("study", ("matplotlib", "sklearn"), " for the digits data and plots")
+    study = _check_arguments(args, host)
+    device = host._device(args.device)
+    model, shape = _load(args, host)
+    say = (lambda *m: None) if args.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
+    est = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
+    say(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
+        f"{study_nfe(study)} NFE per sample and seed; one network call on {est['batch']} samples "
+        f"takes {est['call_s']:.3f} s ({torch.get_num_threads()} threads), {est['calls']} calls: "
+        f"estimated {est['seconds'] / 60:.1f} min")
+    for row, why in study.unavailable.items():
+        say(f"{args.study}: row {row} is not run: {why}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = run_study(study, model, n=args.n, seeds=args.seeds, shape=shape,
+                           batch=args.batch, seed=args.seed, device=device,
+                           bar=False if args.quiet else None, progress=None if args.quiet else say)
+    wall = time.perf_counter() - start
+    info = provenance(seed=args.seed, command=host._command_line(args),
+                      checkpoint=os.path.abspath(args.checkpoint), batch=args.batch,
+                      snr=args.snr if args.study == "pc-table" else None,
+                      estimate_s=est["seconds"], call_s=est["call_s"], wall_s=wall)
+    paths = write_report(result, args.out, info)
+    with open(paths[0], encoding="utf-8") as fh:
+        print(fh.read(), end="")
+    say(f"wrote {', '.join(paths)} in {wall / 60:.1f} min (estimated {est['seconds'] / 60:.1f})")
+    return 0
