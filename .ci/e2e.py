@@ -99,6 +99,8 @@ def as_run(page: str, argv: List[str]) -> Tuple[List[str], List[str]]:
             argv[k + 1] = CHECKPOINTS[page][argv[k + 1]]
     args = cli_args(argv)
     extra = SHRINK.get(args[0], []) if args else []
+    if argv[0] == "torchrun":   # torchrun's own parser reads --n as an ambiguous abbreviation
+        extra = ["--num-samples" if word == "--n" else word for word in extra]
     if extra:
         changed.append("+ " + " ".join(extra))
     return argv + extra, changed
