@@ -19,20 +19,25 @@ observation noise ``sigma_y`` is ignored.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from ..._checks import require
 from ...samplers.grids import GRIDS, MAX_STEPS, make_grid
 from ..registry import MethodResult, register_method
 from ._common import forward_jump, method_noise, posterior_step, replace_row_space, scales
 
-__all__ = ["repaint", "repaint_schedule"]
+__all__ = ["repaint", "repaint_schedule", "schedule_cost", "steps_within"]
 
 
-def repaint_schedule(steps: int, jump_length: int, resample: int) -> List[int]:
+def repaint_schedule(steps: int, jump_length: int, resample: int,
+                     interval: Optional[int] = None) -> List[int]:
     """The grid indices RePaint visits, from 0 (``t = T``) to ``steps`` (``t = eps``): one more
-    index is a reverse step, one less a forward jump (Lugmayr et al. 2022, Sec. 4.2)."""
-    jumps = {steps - m: resample - 1 for m in range(0, steps - jump_length, jump_length)}
+    index is a reverse step, one less a forward jump (Lugmayr et al. 2022, Sec. 4.2). Jumps of
+    ``jump_length`` steps, ``resample - 1`` of them, start at grid indices ``steps - m * interval``
+    (``m = 0, 1, ...``) above ``jump_length``; ``interval`` defaults to ``jump_length`` (RePaint's
+    schedule; DDNM's time travel, Wang et al. 2023, Sec. 3.3, lets it differ)."""
+    interval = jump_length if interval is None else interval
+    jumps = {steps - m: resample - 1 for m in range(0, steps - jump_length, interval)}
     i, path = 0, [0]
     while i < steps:
         i += 1
@@ -45,9 +50,23 @@ def repaint_schedule(steps: int, jump_length: int, resample: int) -> List[int]:
     return path
 
 
-def _cost(steps: int, jump_length: int, resample: int) -> int:
-    n_points = len(range(0, steps - jump_length, jump_length))
+def schedule_cost(steps: int, jump_length: int, resample: int, interval: Optional[int] = None) -> int:
+    """Network calls of :func:`repaint_schedule` (its reverse steps)."""
+    interval = jump_length if interval is None else interval
+    n_points = len(range(0, steps - jump_length, interval))
     return steps + (resample - 1) * jump_length * n_points
+
+
+def steps_within(nfe: int, jump_length: int, resample: int, interval: Optional[int] = None) -> int:
+    """The largest grid (number of steps, at least 1) whose schedule costs at most ``nfe`` calls."""
+    lo, hi = 1, min(nfe, MAX_STEPS)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if schedule_cost(mid, jump_length, resample, interval) <= nfe:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @register_method("repaint", needs=("pinv",))
@@ -60,14 +79,7 @@ def repaint(model, operator, y, *, sigma_y, x_T, nfe, solver, generator,
                 f"{name} must be an integer >= 1, got {v!r}")
     require(grid in GRIDS, f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
     require(nfe >= 1, f"nfe must be >= 1, got {nfe}")
-    lo, hi = 1, min(nfe, MAX_STEPS)             # the largest grid whose schedule fits the budget
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _cost(mid, jump_length, resample) <= nfe:
-            lo = mid
-        else:
-            hi = mid - 1
-    steps = lo
+    steps = steps_within(nfe, jump_length, resample)
     path = repaint_schedule(steps, jump_length, resample)
     times = make_grid(model.sde, steps, grid)
     alphas, sigmas = scales(model.sde, times)
