@@ -1,0 +1,225 @@
+"""The study tables (sde_diffusion.studies, `sde-diffusion study`): the Student-t interval covers
+the truth at its level (and a normal-quantile interval would not), the studies' cells and NFE, the
+common random numbers across rows, the Langevin hook, and the command end to end on a freshly
+trained tiny digits U-Net: its files, the table's shape, quiet progress, one-line errors."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sde_diffusion.cli import main
+from sde_diffusion.studies import (Cell, Study, ddim_table, make_study, pc_table, run_study,
+                                   student_t_interval)
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+# ---- the interval -----------------------------------------------------------------------------------
+def test_student_t_interval_closed_form():
+    mean, hw = student_t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert hw == pytest.approx(4.3026527297 / math.sqrt(3), rel=1e-9)   # t_{0.975, 2} s/sqrt(3)
+
+
+@pytest.mark.parametrize("seeds", [2, 4])
+def test_interval_covers_the_true_mean_95_percent_of_the_time(seeds):
+    """4000 seeded repetitions of S draws from N(3, 2^2): the interval holds 3 in 95% of them
+    (binomial sd 0.0034); the normal quantile 1.96 in place of t would cover 70% (S = 2) or 86%
+    (S = 4), outside the band."""
+    rng = np.random.default_rng(17)
+    draws = rng.normal(3.0, 2.0, size=(4000, seeds))
+    hits = 0
+    for row in draws:
+        mean, hw = student_t_interval(row)
+        hits += abs(mean - 3.0) <= hw
+    assert 0.935 <= hits / len(draws) <= 0.965, hits / len(draws)
+    z = np.abs(draws.mean(1) - 3.0) <= 1.96 * draws.std(1, ddof=1) / math.sqrt(seeds)
+    assert z.mean() < 0.9                                            # the test tells them apart
+
+
+def test_interval_errors():
+    with pytest.raises(ValueError, match="at least 2 values, got 1"):
+        student_t_interval([1.0])
+    with pytest.raises(ValueError, match="level must lie in"):
+        student_t_interval([1.0, 2.0], level=1.5)
+
+
+# ---- the studies as data ------------------------------------------------------------------------------
+def test_ddim_table_cells_and_nfe():
+    st = ddim_table()
+    assert st.columns == ("10", "20", "50", "100", "1000")
+    assert st.rows[:4] == ("ddim:eta=0", "ddim:eta=0.2", "ddim:eta=0.5", "ddim:eta=1")
+    cell = st.cells[("ddim:eta=0.5", "50")]
+    assert (cell.solver, cell.steps, cell.options) == ("ddim", 50, {"eta": 0.5})
+    assert cell.nfe() == 51 and cell.nfe(denoise=False) == 50
+    assert make_study("ddim-table", [7]).columns == ("7",)
+
+
+def test_pc_table_layout_and_equal_costs():
+    st = pc_table(1000, snr=0.16)
+    assert st.columns == ("P1000", "P2000", "C2000", "PC1000")
+    nfe = {k: c.nfe(denoise=False) for k, c in st.cells.items()}
+    for row in ("reverse diffusion", "ancestral sampling", "probability flow"):
+        assert nfe[(row, "P1000")] == 1000
+        assert nfe[(row, "P2000")] == nfe[(row, "PC1000")] == 2000    # equal total cost
+        assert (row, "C2000") not in st.cells                          # "-", as in the paper
+    assert [k for k in st.cells if k[0] == "corrector only"] == [("corrector only", "C2000")]
+    assert nfe[("corrector only", "C2000")] == 2000
+    assert st.cells[("probability flow", "PC1000")].langevin_snr == 0.16
+    with pytest.raises(ValueError, match="one step count N"):
+        make_study("pc-table", [10, 20])
+    with pytest.raises(ValueError, match="unknown study 'ddpm-table'"):
+        make_study("ddpm-table")
+
+
+# ---- runs on a small untrained U-Net (the API) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_model():
+    from sde_diffusion.config import digits_config
+    from sde_diffusion.models import model_from_config
+
+    config = digits_config("vpsde")
+    config.model.base_channels, config.model.channel_mults = 8, (1,)
+    config.model.attn_resolutions = ()
+    torch.manual_seed(0)
+    net, model = model_from_config(config, data_shape=(1, 8, 8))
+    net.eval()
+    return model
+
+
+def test_common_noise_across_rows_and_fresh_noise_across_seeds(small_model):
+    """pc with corrector='none' is its predictor exactly, so two rows spelled differently give the
+    same per-seed distances only if every row starts from the same x_T with the same step noise;
+    the seeds differ."""
+    rows = ("reverse_diffusion", "pc:predictor=reverse_diffusion")
+    cells = {(rows[0], "3"): Cell("reverse_diffusion", 3),
+             (rows[1], "3"): Cell("pc", 3, {"predictor": "reverse_diffusion", "corrector": "none"})}
+    st = Study("t", "t", rows, ("3",), {"3": 3}, cells)
+    with torch.no_grad():
+        res = run_study(st, small_model, n=12, seeds=3, shape=(1, 8, 8), batch=5)
+    a, b = res.fd[(rows[0], "3")], res.fd[(rows[1], "3")]
+    assert a == b and len(set(a)) == 3 and len(res.floor) == 3
+    assert res.nfe[(rows[0], "3")] == 4
+
+
+def test_langevin_hook_adds_one_network_call_per_step(small_model):
+    cells = {("pf", "4"): Cell("ode_euler", 4, langevin_snr=0.16),
+             ("pf", "8"): Cell("ode_euler", 8)}
+    st = Study("t", "t", ("pf",), ("4", "8"), {"4": 4, "8": 8}, cells)
+    with torch.no_grad():
+        res = run_study(st, small_model, n=6, seeds=2, shape=(1, 8, 8), denoise=False)
+    assert res.nfe[("pf", "4")] == res.nfe[("pf", "8")] == 8
+    assert res.fd[("pf", "4")] != res.fd[("pf", "8")]
+
+
+def test_ancestral_cells_are_skipped_under_sub_vp(small_model):
+    from sde_diffusion.models import ScoreModel
+    from sde_diffusion.sdes import SubVPSDE
+
+    model = ScoreModel(small_model.net, SubVPSDE(), parameterization="eps",
+                       time_input=small_model.time_input)
+    st = pc_table(2)
+    st = Study(st.name, st.title, ("ancestral sampling",), ("P2",), {"P2": 2},
+               {("ancestral sampling", "P2"): st.cells[("ancestral sampling", "P2")]})
+    with torch.no_grad():
+        res = run_study(st, model, n=4, seeds=2, shape=(1, 8, 8))
+    assert not res.fd and "ancestral sampling is defined" in res.skipped[("ancestral sampling", "P2")]
+
+
+# ---- the command on a freshly trained tiny digits U-Net ------------------------------------------------
+TINY_UNET = ["--config.training.batch_size=8", "--config.training.sample_freq=0",
+             "--config.model.base_channels=8", "--config.model.channel_mults=(1,)",
+             "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=()",
+             "--config.optim.warmup=1", "--config.training.n_iters=2", "--config.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits") / "run"
+    config = os.path.join(REPO, "configs", "digits", "vp.py")
+    assert main(["train", "--config", config, "--workdir", str(workdir), *TINY_UNET, "--quiet"]) == 0
+    return workdir
+
+
+def _table_rows(text):
+    return [ln for ln in text.splitlines() if ln.startswith("| ")]
+
+
+def test_ddim_table_command(digits_run, tmp_path, capsys):
+    out = tmp_path / "ddim"
+    assert main(["study", "ddim-table", "--checkpoint", str(digits_run), "--n", "20", "--seeds",
+                 "2", "--steps", "2,3", "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""                                         # --quiet: nothing
+    text = (out / "table.md").read_text()
+    assert captured.out == text
+    rows = _table_rows(text)
+    assert rows[0] == "| sampler | 2 | 3 |"
+    body = rows[1:]
+    assert [r.split(" | ")[0][2:] for r in body] == [
+        "ddim:eta=0", "ddim:eta=0.2", "ddim:eta=0.5", "ddim:eta=1", "ddim:sigma_hat=True",
+        "data vs data (floor)", "NFE per sample"]
+    assert all(r.count("|") == 4 for r in body)
+    assert body[-1] == "| NFE per sample | 3 | 4 |"
+    with open(out / "table.csv") as fh:
+        long = list(csv.DictReader(fh))
+    assert len(long) == 5 * 2 * 3 + 3                                 # cells x (2 seeds + mean) + floor
+    assert all(math.isfinite(float(r["fd"])) and float(r["fd"]) > 0 for r in long)
+    info = json.loads((out / "run.json").read_text())
+    assert info["n"] == 20 and info["seeds"] == [0, 1] and info["study"] == "ddim-table"
+    assert info["wall_s"] > 0 and info["estimate_s"] > 0 and "torch" in info
+    assert (out / "fd_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an existing report is not replaced without --overwrite
+    _one_line_error(capsys, ["ddim-table", "--checkpoint", str(digits_run), "--out", str(out)],
+                    "table.md", "exists; pass --overwrite")
+
+
+def test_pc_table_command_progress_and_costs(digits_run, tmp_path, capsys):
+    out = tmp_path / "pc"
+    assert main(["study", "pc-table", "--checkpoint", str(digits_run), "--n", "20", "--seeds", "2",
+                 "--steps", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "estimated" in captured.err.splitlines()[0] and "[20/20]" in captured.err
+    rows = _table_rows((out / "table.md").read_text())
+    assert rows[0] == "| sampler | P2 | P4 | C4 | PC2 |"
+    assert rows[-1] == "| NFE per sample | 3 | 5 | 5 | 5 |"
+    corrector = [r for r in rows if r.startswith("| corrector only")][0].split(" | ")
+    assert corrector[1:3] == ["-", "-"] and corrector[4].strip(" |") == "-"
+
+
+def _one_line_error(capsys, args, *fragments):
+    code = main(["study", *args, "--quiet"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_errors(digits_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ck = ["--checkpoint", str(digits_run)]
+    _one_line_error(capsys, ["ddim-table", *ck, "--seeds", "1"], "--seeds must be >= 2")
+    _one_line_error(capsys, ["ddim-table", *ck, "--n", "1"], "--n must be >= 2")
+    _one_line_error(capsys, ["pc-table", *ck, "--steps", "10,20"], "pc-table takes one N")
+    _one_line_error(capsys, ["ddim-table", *ck, "--steps", "10,x"], "--steps must be comma-separated")
+    _one_line_error(capsys, ["ddim-table", *ck, "--n", "2000"], "--n 2000", "1437")
+    _one_line_error(capsys, ["ddpm-table", *ck], "invalid choice: 'ddpm-table'")
+    _one_line_error(capsys, ["ddim-table", "--checkpoint", "nowhere"], "'nowhere': no such file")
+
+
+def test_a_moons_checkpoint_is_refused(tmp_path, capsys):
+    workdir = tmp_path / "moons"
+    config = os.path.join(REPO, "configs", "toy", "moons_vp.py")
+    assert main(["train", "--config", config, "--workdir", str(workdir),
+                 "--config.training.n_iters=2", "--quiet"]) == 0
+    _one_line_error(capsys, ["ddim-table", "--checkpoint", str(workdir), "--out", str(tmp_path / "o")],
+                    "trained on 'moons'", "digits classifier", "digits checkpoint")
