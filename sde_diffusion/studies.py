@@ -46,7 +46,7 @@ from .samplers import NoiseSource, SolverContext, get_solver, make_grid, sample
 from .samplers.correctors import langevin_step
 
 __all__ = ["Cell", "Study", "StudyResult", "ddim_table", "pc_table", "make_study", "STUDIES",
-           "DEFAULTS", "student_t_interval", "run_study", "estimate_seconds", "study_nfe",
+           "DEFAULTS", "student_t_interval", "paired_differences", "run_study", "estimate_seconds", "study_nfe",
            "data_floor", "write_report", "SCORE_SDE_SNR"]
 
 #: score_sde's corrector signal-to-noise ratio: ``sampling.snr = 0.16`` in its
@@ -398,6 +398,7 @@ def markdown_table(result: StudyResult) -> str:
     if halves:
         lines.append(f"- typical half-width: {float(np.median(halves)):.3g} (median over cells; "
                      f"{min(halves):.3g} to {max(halves):.3g})")
+    lines += _paired_table(result)
     lines.append(f"- final Tweedie denoising step: {'yes' if result.denoise else 'no'} (counted in the NFE)")
     for note in st.notes:
         lines.append(f"- {note}")
@@ -406,6 +407,47 @@ def markdown_table(result: StudyResult) -> str:
     for key, why in result.skipped.items():
         lines.append(f"- {key[0]} @ {key[1]}: not run ({why})")
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(result: StudyResult) -> Dict[Tuple[str, str], Tuple[float, float]]:
+    """For every cell, ``(mean, half-width)`` of its per-seed difference to the best row of its
+    column (lowest mean), a paired 95% Student-t interval: the rows of a seed share ``x_T`` and
+    the step noise, so the seed-to-seed spread they share cancels (common random numbers) and the
+    difference is usually known far better than either value. The best row itself is left out."""
+    out = {}
+    for col in result.study.columns:
+        keys = [(r, col) for r in result.study.rows if (r, col) in result.fd]
+        if len(keys) < 2:
+            continue
+        best = min(keys, key=lambda k: float(np.mean(result.fd[k])))
+        for key in keys:
+            if key != best:
+                diff = np.asarray(result.fd[key]) - np.asarray(result.fd[best])
+                out[key] = student_t_interval(diff)
+    return out
+
+
+def _paired_table(result: StudyResult) -> List[str]:
+    diffs = paired_differences(result)
+    if not diffs:
+        return []
+    st = result.study
+    lines = ["", "Paired differences to the best row of each column (same seeds, same x_T and "
+                 "noise; mean ± 95% half-width; * where the interval excludes 0, i.e. the row is "
+                 "worse beyond the seeds' noise; = marks the best row):", "",
+             "| sampler | " + " | ".join(st.columns) + " |", "|" + "---|" * (len(st.columns) + 1)]
+    for row in st.rows:
+        cells = []
+        for col in st.columns:
+            key = (row, col)
+            if key in diffs:
+                mean, hw = diffs[key]
+                cells.append(_pm(mean, hw) + (" *" if abs(mean) > hw else ""))
+            else:
+                cells.append("=" if key in result.fd and any(k[1] == col for k in diffs) else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def csv_rows(result: StudyResult) -> List[dict]:
@@ -511,6 +553,8 @@ def write_report(result: StudyResult, folder: str, run_info: Optional[dict] = No
     write_json(paths[3], {**(run_info or {}), "study": result.study.name, "n": result.n,
                           "seeds": result.seeds, "denoise": result.denoise,
                           "floor": {"fd": result.floor, "mean": fm, "ci95": fh}, "cells": cells,
+                          "paired_to_best": {f"{r} @ {c}": {"mean": m, "ci95": h} for (r, c), (m, h)
+                                             in paired_differences(result).items()},
                           "unavailable": result.study.unavailable,
                           "skipped": {f"{r} @ {c}": v for (r, c), v in result.skipped.items()},
                           "interval": "95% Student t across seeds, S - 1 degrees of freedom"})

@@ -41,6 +41,8 @@ def add_parser(subparsers, host) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the estimated run time (one timed network call) and stop")
     p.set_defaults(func=lambda args, rest: run(args, rest, host))
     return p
 
@@ -71,7 +73,7 @@ def _check_arguments(args, host):
     args.out = args.out or args.study
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise host.UserError(f"--out {args.out!r} is a file; give a folder")
-    for name in REPORT_FILES:
+    for name in REPORT_FILES if not args.estimate else ():   # --estimate writes nothing
         host._check_out_file(os.path.join(args.out, name), args.overwrite)
     return study
 
@@ -111,12 +113,14 @@ def run(args, rest, host) -> int:
     model, shape = _load(args, host)
     say = (lambda *m: None) if args.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
     est = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
-    say(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
+    (print if args.estimate else say)(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
         f"{study_nfe(study)} NFE per sample and seed; one network call on {est['batch']} samples "
         f"takes {est['call_s']:.3f} s ({torch.get_num_threads()} threads), {est['calls']} calls: "
         f"estimated {est['seconds'] / 60:.1f} min")
     for row, why in study.unavailable.items():
         say(f"{args.study}: row {row} is not run: {why}")
+    if args.estimate:
+        return 0
     start = time.perf_counter()
     with torch.no_grad():
         result = run_study(study, model, n=args.n, seeds=args.seeds, shape=shape,

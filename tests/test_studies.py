@@ -148,8 +148,16 @@ def digits_run(tmp_path_factory):
     return workdir
 
 
-def _table_rows(text):
-    return [ln for ln in text.splitlines() if ln.startswith("| ")]
+def _table_rows(text, which=0):
+    """The rows of the ``which``-th Markdown table of ``text`` (0: the main one, 1: the paired)."""
+    tables, current = [], []
+    for ln in text.splitlines() + [""]:
+        if ln.startswith("|"):
+            current.append(ln)
+        elif current:
+            tables.append(current)
+            current = []
+    return [ln for ln in tables[which] if not ln.startswith("|---")]
 
 
 def test_ddim_table_command(digits_run, tmp_path, capsys):
@@ -168,6 +176,10 @@ def test_ddim_table_command(digits_run, tmp_path, capsys):
         "data vs data (floor)", "NFE per sample"]
     assert all(r.count("|") == 4 for r in body)
     assert body[-1] == "| NFE per sample | 3 | 4 |"
+    paired = _table_rows(text, 1)
+    assert paired[0] == rows[0] and len(paired) == 6
+    cells = [[c.strip() for c in r.strip("|").split("|")[1:]] for r in paired[1:]]
+    assert [sum(row[j] == "=" for row in cells) for j in range(2)] == [1, 1]   # one best per column
     with open(out / "table.csv") as fh:
         long = list(csv.DictReader(fh))
     assert len(long) == 5 * 2 * 3 + 3                                 # cells x (2 seeds + mean) + floor
@@ -223,3 +235,26 @@ def test_a_moons_checkpoint_is_refused(tmp_path, capsys):
                  "--config.training.n_iters=2", "--quiet"]) == 0
     _one_line_error(capsys, ["ddim-table", "--checkpoint", str(workdir), "--out", str(tmp_path / "o")],
                     "trained on 'moons'", "digits classifier", "digits checkpoint")
+
+
+def test_paired_differences_to_the_best_row():
+    from sde_diffusion.studies import StudyResult, markdown_table, paired_differences
+
+    st = ddim_table([10])
+    res = StudyResult(st, 50, [0, 1, 2])
+    res.fd = {("ddim:eta=0", "10"): [10.0, 20.0, 30.0], ("ddim:eta=1", "10"): [11.0, 22.0, 30.0]}
+    res.nfe = {k: 11 for k in res.fd}
+    res.floor = [5.0, 6.0, 7.0]
+    diffs = paired_differences(res)
+    assert list(diffs) == [("ddim:eta=1", "10")]                      # the best row is left out
+    assert diffs[("ddim:eta=1", "10")] == pytest.approx(student_t_interval([1.0, 2.0, 0.0]))
+    text = markdown_table(res)
+    assert "| ddim:eta=0 | = |" in text and "| ddim:eta=1 | 1.0 ± 2.5 |" in text
+
+
+def test_estimate_only(digits_run, tmp_path, capsys):
+    assert main(["study", "pc-table", "--checkpoint", str(digits_run), "--estimate", "--quiet",
+                 "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "estimated" in out and "17010 NFE per sample and seed" in out
+    assert not (tmp_path / "e").exists()
