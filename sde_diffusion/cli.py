@@ -595,6 +595,9 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
     _check_nfe_budgets(specs, nfes)
     if args.n < 2:
         raise UserError(f"--n must be >= 2 (a sample set to compare), got {args.n}")
+    if args.metric == "fd":  # digits FD over seeds with intervals: sde_diffusion.study_cli
+        from .study_cli import compare_fd
+        return compare_fd(args, specs, nfes, sys.modules[__name__])
     if args.bootstrap == 1 or args.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 (none) or a number of resamples >= 2, got "
                         f"{args.bootstrap}")
@@ -769,7 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated solver[:key=value...] specs")
     p.add_argument("--nfe", default="10,20,50,100", help="NFE budgets (default 10,20,50,100)")
     p.add_argument("--metric", default="sliced_w",
-                   help="metric to plot: sliced_w, flow_rmse, weight_tv or var_ratio_err")
+                   help="metric to plot: sliced_w, flow_rmse, weight_tv, var_ratio_err, or fd "
+                        "(a digits checkpoint: Frechet distance over --seeds seeds, 95%% intervals)")
+    p.add_argument("--seeds", type=int, default=3, help="--metric fd: seeds per cell (default 3)")
     p.add_argument("--grid", default=None, help="one time grid for every solver (default: each its own)")
     p.add_argument("--n", type=int, default=2000, help="samples per run (default 2000)")
     p.add_argument("--bootstrap", type=int, default=30,

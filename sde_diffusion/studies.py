@@ -96,7 +96,8 @@ class Study:
     cells: Dict[Tuple[str, str], Cell]
     unavailable: Dict[str, str] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
-    numeric_columns: bool = True
+    numeric_columns: bool = True      # columns are numbers (plotted on a log axis)
+    column_label: str = "steps"
 
 
 def ddim_table(steps: Optional[Sequence[int]] = None) -> Study:
@@ -399,7 +400,7 @@ def markdown_table(result: StudyResult) -> str:
         lines.append(f"- typical half-width: {float(np.median(halves)):.3g} (median over cells; "
                      f"{min(halves):.3g} to {max(halves):.3g})")
     lines += _paired_table(result)
-    lines.append(f"- final Tweedie denoising step: {'yes' if result.denoise else 'no'} (counted in the NFE)")
+    lines.append("- final Tweedie denoising step: " + ("yes (counted in the NFE)" if result.denoise else "no"))
     for note in st.notes:
         lines.append(f"- {note}")
     for row, why in st.unavailable.items():
@@ -505,7 +506,7 @@ def plot(result: StudyResult, path: str) -> str:
         if not pts:
             continue
         if st.numeric_columns:
-            xs = [st.steps[c] for _, c in pts]
+            xs = [float(c) for _, c in pts]
         else:
             xs = [j + 0.12 * (k - (nrows - 1) / 2) for j, _ in pts]
         ms, hs = zip(*(result.summary((row, c)) for _, c in pts))
@@ -517,7 +518,7 @@ def plot(result: StudyResult, path: str) -> str:
     ax.axhspan(max(fm - fh, 0.1 * fm), fm + fh, color="k", alpha=0.08, lw=0)
     if st.numeric_columns:
         ax.set_xscale("log")
-        ax.set_xlabel("steps")
+        ax.set_xlabel(st.column_label)
     else:
         ax.set_xticks(range(len(st.columns)))
         ax.set_xticklabels(st.columns)
@@ -534,13 +535,14 @@ def plot(result: StudyResult, path: str) -> str:
 REPORT_FILES = ("table.md", "table.csv", "fd_vs_steps.png", "run.json")
 
 
-def write_report(result: StudyResult, folder: str, run_info: Optional[dict] = None) -> List[str]:
-    """Write :data:`REPORT_FILES` into ``folder`` (atomically): the table, the long-form CSV, the
-    plot and ``run.json`` (``run_info`` plus the summaries)."""
+def write_report(result: StudyResult, folder: str, run_info: Optional[dict] = None,
+                 names: Sequence[str] = REPORT_FILES) -> List[str]:
+    """Write ``names`` (default :data:`REPORT_FILES`) into ``folder`` (atomically): the table,
+    the long-form CSV, the plot and the JSON record (``run_info`` plus the summaries)."""
     import os
 
     os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, name) for name in REPORT_FILES]
+    paths = [os.path.join(folder, name) for name in names]
     write_text(paths[0], markdown_table(result))
     _write_csv(csv_rows(result), paths[1])
     plot(result, paths[2])

@@ -136,3 +136,70 @@ def run(args, rest, host) -> int:
         print(fh.read(), end="")
     say(f"wrote {', '.join(paths)} in {wall / 60:.1f} min (estimated {est['seconds'] / 60:.1f})")
     return 0
+
+
+# ---- compare --metric fd ----------------------------------------------------------------------------
+COMPARE_FILES = ("compare.md", "compare.csv", "fd_vs_nfe.png", "compare.json")
+
+
+def compare_fd(args, specs, nfes, host) -> int:
+    """``compare --checkpoint DIGITS --metric fd``: every solver at every NFE budget (as
+    ``compare`` spends it, :meth:`~sde_diffusion.samplers.registry.SolverInfo.for_nfe`), scored by
+    the digits Fréchet distance over ``--seeds`` seeds with 95% intervals, the paired differences
+    and the data floor (:func:`sde_diffusion.studies.run_study`; no final denoising step, so the
+    NFE is the budget). Writes :data:`COMPARE_FILES` into ``--out``."""
+    import torch
+
+    from .reports import provenance
+    from .samplers import get_solver
+    from .studies import Cell, Study, run_study, write_report
+
+    if not args.checkpoint:
+        raise host.UserError("--metric fd scores images with the digits classifier: it needs a "
+                             "digits --checkpoint (use sliced_w or flow_rmse with --oracle)")
+    if args.seeds < 2:
+        raise host.UserError(f"--seeds must be >= 2 (a confidence interval needs two values), "
+                             f"got {args.seeds}")
+    adaptive = [s.label for s in specs if get_solver(s.name).adaptive]
+    if adaptive:
+        raise host.UserError(f"--metric fd compares fixed budgets; {', '.join(adaptive)} "
+                             f"choose(s) their own steps (leave them out)")
+    if host._is_grid_file(args.grid):
+        raise host.UserError(f"--grid {args.grid!r}: compare takes a grid name")
+    host._check_grid_name(args.grid)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise host.UserError(f"--out {args.out!r} is a file; give a folder")
+    for name in COMPARE_FILES:
+        host._check_out_file(os.path.join(args.out, name), args.overwrite)
+    host._require_modules("compare", ("sklearn",), " for the digits data set")
+    args.estimate = False
+    model, shape = _load(args, host)
+    columns = tuple(str(b) for b in nfes)
+    cells, skipped = {}, []
+    for spec in specs:
+        info = get_solver(spec.name)
+        for col, budget in zip(columns, nfes):
+            try:
+                steps, options = info.for_nfe(int(budget), **spec.options)
+            except ValueError as err:       # a budget below the solver's minimum: "-"
+                skipped.append(f"{spec.label} @ {budget} NFE: {err}")
+                continue
+            cells[(spec.label, col)] = Cell(spec.name, steps, options)
+    study = Study("compare", "Solvers at equal NFE", tuple(s.label for s in specs), columns,
+                  {c: int(c) for c in columns}, cells, {}, tuple(skipped) + (
+                      f"grid: {args.grid or 'each solver its own'}; no final denoising step",),
+                  column_label="network evaluations (NFE)")
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = run_study(study, model, n=args.n, seeds=args.seeds, shape=shape,
+                           seed=args.seed, grid=args.grid, denoise=False, device=host._device(args.device),
+                           bar=False if args.quiet else None,
+                           progress=lambda m: host._say(args, f"  {m}"))
+    info = provenance(seed=args.seed, command=host._command_line(args),
+                      checkpoint=os.path.abspath(args.checkpoint),
+                      wall_s=time.perf_counter() - start)
+    paths = write_report(result, args.out, info, names=COMPARE_FILES)
+    with open(paths[0], encoding="utf-8") as fh:
+        print(fh.read(), end="")
+    host._say(args, f"wrote {', '.join(paths)}")
+    return 0

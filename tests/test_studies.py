@@ -258,3 +258,22 @@ def test_estimate_only(digits_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "estimated" in out and "17010 NFE per sample and seed" in out
     assert not (tmp_path / "e").exists()
+
+
+def test_compare_metric_fd(digits_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--checkpoint", str(digits_run), "--metric", "fd", "--solvers",
+                 "ddim:eta=0,dpm_solver_2", "--nfe", "1,4", "--n", "10", "--seeds", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    rows = _table_rows((out / "compare.md").read_text())
+    assert rows[0] == "| sampler | 1 | 4 |"
+    assert rows[2].startswith("| dpm_solver_2 | - | ")              # 1 NFE is below its minimum
+    assert rows[-1] == "| NFE per sample | 1 | 4 |"                 # no denoising step: the budget
+    for name in ("compare.csv", "fd_vs_nfe.png", "compare.json"):
+        assert (out / name).stat().st_size > 100
+    code = main(["compare", "--oracle", "image16", "--metric", "fd", "--out", str(tmp_path / "o"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--metric fd" in err and "digits --checkpoint" in err
