@@ -500,24 +500,45 @@ TOY_DATA = ("moons", "swiss_roll", "8gaussians", "checkerboard", "rings")
 
 
 def _check_data_arg(args) -> None:
-    """``--data``: a toy name, ``digits``, an existing .npz/.npy file, or ``oracle`` with
-    ``--oracle``; checked before the model is loaded."""
+    """``--data``: a toy name, ``digits``, ``cifar10``, a CIFAR-10 folder, an existing .npz/.npy
+    file, or ``oracle`` with ``--oracle``; checked before the model is loaded."""
     if args.data == "oracle":
         if not getattr(args, "oracle", None):
             raise UserError("--data oracle needs --oracle")
     elif args.data.endswith((".npz", ".npy")):
         if not os.path.isfile(args.data):
             raise UserError(f"--data {args.data!r}: no such file")
-    elif args.data not in TOY_DATA + ("digits",):
+    elif args.data not in TOY_DATA + ("digits", "cifar10") and not os.path.isdir(args.data):
         raise UserError(f"--data {args.data!r} is not a data set: give one of "
-                        f"{', '.join(TOY_DATA + ('digits',))}, an .npz/.npy file or 'oracle'")
+                        f"{', '.join(TOY_DATA + ('digits', 'cifar10'))}, a cifar-10-batches-py "
+                        f"folder (or its parent), an .npz/.npy file or 'oracle'")
 
 
-def _load_data(args, mixture, sde, n: int):
+def _cifar10_folder(args, config) -> Optional[str]:
+    """The CIFAR-10 folder ``--data`` names: a folder given as is, or for ``cifar10`` the training
+    config's ``data.path``; None when ``--data`` is not CIFAR-10."""
+    if args.data != "cifar10":
+        named = args.data in TOY_DATA + ("digits", "oracle") or args.data.endswith((".npz", ".npy"))
+        return args.data if not named and os.path.isdir(args.data) else None
+    path = config.data.get("path") if config is not None and config.data.get("dataset") == "cifar10" else None
+    if not path:
+        raise UserError("--data cifar10 reads the folder of a CIFAR-10 checkpoint's config "
+                        "(data.path); give the folder instead: --data DIR (cifar-10-batches-py or "
+                        "its parent)")
+    return str(path)
+
+
+def _load_data(args, mixture, sde, n: int, config=None):
     import torch
 
     from . import data as data_module
 
+    folder = _cifar10_folder(args, config)
+    if folder is not None:   # the test split, in [-1, 1]
+        try:
+            return data_module.get_dataset("cifar10", path=folder, split="test")[:n].double()
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"--data {args.data!r}: {err}") from None
     if args.data == "oracle":
         if mixture is None:
             raise UserError("--data oracle needs --oracle")
@@ -546,10 +567,16 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--{name} must be a finite number > 0, got {value}")
     processes = sharded.start(args)   # None unless sharded (--shards/--batch/torchrun)
-    model, sde, mixture, _, shape = _load_model(args)
+    model, sde, mixture, config, shape = _load_model(args)
     _check_memory(args.n, shape, "--n")
     device = _device(args.device)
-    x = _load_data(args, mixture, sde, args.n).to(device)
+    x = _load_data(args, mixture, sde, args.n, config).to(device)
+    offset = None
+    if _cifar10_folder(args, config) is not None:  # 8-bit images: uniform dequantization (seeded)
+        from .likelihood import bits_per_dim_offset, dequantize
+        offset = bits_per_dim_offset(8, True)
+        x = dequantize(((x + 1) * 127.5).round(), 8, True, dtype=torch.float64,
+                       generator=torch.Generator(device=device).manual_seed(args.seed + 2))
     if hasattr(model, "net") and isinstance(model.net, torch.nn.Module):
         model.net.double()
     divergence = "exact" if args.exact else "hutchinson"
@@ -570,6 +597,12 @@ def cmd_likelihood(args, rest: Sequence[str]) -> int:
               "bpd_trimmed_mean": stats["bpd_trimmed_mean"], "trim": stats["trim"],
               "latent_outliers": stats["latent_outliers"], "outlier_tail": stats["outlier_tail"],
               "nfe": result.nfe, **more}
+    if offset is not None:   # the discrete bits/dim of the 8-bit images (docs/likelihood.md)
+        for key in ("bpd", "bpd_median", "bpd_trimmed_mean"):
+            report[key] += offset
+        for key in ("nll_nats", "nll_median_nats", "nll_trimmed_mean_nats"):
+            report[key] += result.dim * offset * math.log(2)
+        report.update(dequantized="uniform, 8 bits", bpd_offset_bits=offset)
     if mixture is not None and args.data == "oracle":
         exact = mixture.log_prob(x.cpu(), sde.eps)
         report["exact_nll_nats"] = float(-exact.mean())
@@ -754,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("likelihood", help="log-likelihood in bits/dim through the probability-flow ODE")
     _add_source(p)
     p.add_argument("--data", required=True,
-                   help="a data set name (moons, digits, ...), an .npz file, or 'oracle' (samples of --oracle)")
+                   help="a data set name (moons, digits, cifar10: its test split, ...), a "
+                        "cifar-10-batches-py folder, an .npz file, or 'oracle' (samples of --oracle)")
     div = p.add_mutually_exclusive_group()
     div.add_argument("--exact", action="store_true", help="exact divergence (default for --probes unset)")
     div.add_argument("--probes", type=int, default=None, help="Hutchinson estimator with K probes")

@@ -21,15 +21,19 @@ SHRINK = {"training.batch_size": 4, "training.n_iters": 3, "training.log_freq": 
           "model.attn_resolutions": (16,), "optim.warmup": 2, "device": "cpu"}
 
 
+def _write_fake(root):
+    r = np.random.RandomState(0)
+    train_x = r.randint(0, 256, (12, 3, 32, 32)).astype(np.uint8)
+    test_x = r.randint(0, 256, (4, 3, 32, 32)).astype(np.uint8)
+    write_cifar10(root / CIFAR10_FOLDER, train_x, r.randint(0, 10, 12), test_x, [0, 1, 2, 9])
+    return root, train_x, test_x
+
+
 @pytest.fixture
 def fake(tmp_path):
     """A fake CIFAR-10: 12 train and 4 test images of 3x32x32 uint8 with labels, in the
     cifar-10-batches-py format."""
-    r = np.random.RandomState(0)
-    train_x = r.randint(0, 256, (12, 3, 32, 32)).astype(np.uint8)
-    test_x = r.randint(0, 256, (4, 3, 32, 32)).astype(np.uint8)
-    write_cifar10(tmp_path / CIFAR10_FOLDER, train_x, r.randint(0, 10, 12), test_x, [0, 1, 2, 9])
-    return tmp_path, train_x, test_x
+    return _write_fake(tmp_path)
 
 
 def test_reads_the_standard_format(fake):
@@ -84,3 +88,81 @@ def test_a_recipe_without_the_data_fails_in_one_line(tmp_path):
     apply_overrides(config, {**SHRINK, "data.path": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
         train(config, tmp_path / "work", quiet=True)
+
+
+def _cli_overrides(fake_root) -> list:
+    over = {**SHRINK, "data.path": str(fake_root), "eval.n_samples": 4, "eval.batch_size": 4,
+            "sampling.steps": 3}
+    return [f"--config.{k}={v}" if not isinstance(v, tuple) else f"--config.{k}={list(v)}"
+            for k, v in over.items()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``sde-diffusion train --eval`` of the VP recipe, shrunk, on a fake set: (fake, workdir,
+    the printed scores)."""
+    import contextlib
+    import io
+    import json
+
+    from sde_diffusion.cli import main
+    root = tmp_path_factory.mktemp("cifar")
+    fake = _write_fake(root)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "--config", RECIPES[0], "--workdir", str(root / "work"), "--eval",
+                     "--quiet", *_cli_overrides(root)]) == 0
+    return fake, root / "work", json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def test_train_eval_scores_cifar10_samples_against_the_test_split(trained):
+    """Pixel Fréchet distance of the samples to the test split, with its two baselines at the same
+    sample size (no Inception offline)."""
+    import json
+    _, work, scores = trained
+    assert scores == json.load(open(work / "eval.json"))
+    assert scores["n"] == 4 and scores["n_reference"] == 4 and scores["n_train_baseline"] == 4
+    for key in ("fd_pool8", "fd_pool8_real_vs_real", "fd_pool8_real_vs_noise"):
+        assert np.isfinite(scores[key]) and scores[key] > 0, key
+    # uniform 8-bit fakes: other fakes are closer to the test split than clamped N(0, 1) noise
+    assert scores["fd_pool8_real_vs_real"] < scores["fd_pool8_real_vs_noise"]
+
+
+def test_likelihood_of_cifar10_test_images_in_bits_per_dim(trained, capsys):
+    """``likelihood --data cifar10`` reads the test split from the checkpoint's data.path (or a
+    folder given as --data), dequantizes the 8-bit images (seed + 2) and reports the discrete
+    bits/dim: the continuous bits/dim of the dequantized images plus log2(128) = 7 (bin width
+    2/256 in [-1, 1])."""
+    import json
+    import math
+
+    from sde_diffusion.checkpoints import model_from_checkpoint
+    from sde_diffusion.cli import main
+    from sde_diffusion.likelihood import dequantize, log_likelihood
+
+    fake, work, _ = trained
+    common = ["--checkpoint", str(work), "--n", "2", "--probes", "1", "--rtol", "1e-2",
+              "--atol", "1e-2", "--seed", "3"]
+    assert main(["likelihood", *common, "--data", "cifar10"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["likelihood", *common, "--data", str(fake[0] / CIFAR10_FOLDER)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert report["n"] == 2 and report["dim"] == 3 * 32 * 32 and report["bpd_offset_bits"] == 7.0
+
+    model, sde, _ = model_from_checkpoint(str(work / "checkpoint_last.pt"), use_ema=True)
+    model.net.double()
+    images = torch.from_numpy(fake[2][:2]).double()
+    x = dequantize(images, 8, True, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    plain = log_likelihood(model, sde, x, divergence="hutchinson", n_probes=1, rtol=1e-2, atol=1e-2,
+                           generator=torch.Generator().manual_seed(3))
+    expected = float(plain.bpd.mean()) + 7.0
+    assert abs(report["bpd"] - expected) < 1e-9 * abs(expected)
+    assert abs(report["nll_nats"] - (float(plain.nll.mean()) + 3072 * 7 * math.log(2))) < 1e-6
+
+
+def test_likelihood_cifar10_without_a_cifar10_config_names_the_folder_form(capsys):
+    from sde_diffusion.cli import main
+    assert main(["likelihood", "--oracle", "image16", "--data", "cifar10", "--n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sde-diffusion: error: --data cifar10 reads the folder of a CIFAR-10 "
+                          "checkpoint's config") and "--data DIR" in err and "\n" not in err
