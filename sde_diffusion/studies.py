@@ -46,7 +46,7 @@ from .samplers import NoiseSource, SolverContext, get_solver, make_grid, sample
 from .samplers.correctors import langevin_step
 
 __all__ = ["Cell", "Study", "StudyResult", "ddim_table", "pc_table", "make_study", "STUDIES",
-           "DEFAULTS", "student_t_interval", "paired_differences", "run_study", "estimate_seconds", "study_nfe",
+           "DEFAULT_SEEDS", "DEFAULT_MINUTES", "fit_n", "student_t_interval", "paired_differences", "run_study", "estimate_seconds", "study_nfe",
            "data_floor", "write_report", "SCORE_SDE_SNR"]
 
 #: score_sde's corrector signal-to-noise ratio: ``sampling.snr = 0.16`` in its
@@ -152,9 +152,14 @@ def pc_table(steps: int = 1000, snr: float = SCORE_SDE_SNR) -> Study:
 
 #: the studies by name, each ``builder(steps, snr) -> Study``
 STUDIES: Dict[str, Callable[..., Study]] = {"ddim-table": ddim_table, "pc-table": pc_table}
-#: default ``(n, seeds)`` per study: each within ~45 min on 2 CPU cores with the digits U-Net
-#: at ~1.2 ms per sample and network call (measured at batch 500, one thread, loaded machine)
-DEFAULTS: Dict[str, Tuple[int, int]] = {"ddim-table": (100, 4), "pc-table": (50, 3)}
+#: default seeds per cell: the interval's half-width at a fixed total ``n x S`` goes like
+#: ``t_{S-1} sqrt(S) / (n S)`` when the spread falls like ``1/n`` (measured for the floor:
+#: sd 9.2, 4.0, 2.2, 0.9 at n = 50, 100, 200, 400), smallest near S = 4-6 (S = 2 costs 3x)
+DEFAULT_SEEDS = 4
+#: default time budget of a study (minutes): the sample count is the largest that fits
+DEFAULT_MINUTES = 45.0
+#: the sample counts a fitted ``n`` is kept within (the floor draws from 1437 training digits)
+N_RANGE = (20, 1437)
 
 
 def make_study(name: str, steps: Optional[Sequence[int]] = None,
@@ -281,8 +286,9 @@ def data_floor(n: int, seeds: Sequence[int], image_size: int = 8) -> List[float]
 
 def estimate_seconds(study: Study, model: ScoreModel, n: int, seeds: int, batch: int,
                      shape: Sequence[int], device="cpu", denoise: bool = True) -> Dict[str, float]:
-    """Time one network call on a batch of ``min(batch, n)`` and multiply by the calls the study
-    makes: ``{"call_s", "calls", "seconds"}`` (sampling only; the Fréchet distances are cheap)."""
+    """Time one network call on a batch of ``b = min(batch, n)`` and scale it to the study's
+    samples and calls: ``{"call_s", "batch", "calls", "seconds"}``, ``seconds = call_s / b x n x
+    NFE x seeds`` (sampling only; the Fréchet distances are cheap)."""
     b = min(batch, n)
     x = torch.randn((b,) + tuple(shape), device=device)
     t = torch.full((b,), 0.5 * model.sde.T, device=device)
@@ -295,7 +301,19 @@ def estimate_seconds(study: Study, model: ScoreModel, n: int, seeds: int, batch:
             times.append(time.perf_counter() - start)
     call = min(times)
     calls = study_nfe(study, denoise) * seeds * math.ceil(n / b)
-    return {"call_s": call, "batch": b, "calls": calls, "seconds": call * calls}
+    # the time of a call grows with its batch: the cost is counted per sample (a last, partial
+    # batch costs its share), as fit_n counts it
+    seconds = call / b * n * study_nfe(study, denoise) * seeds
+    return {"call_s": call, "batch": b, "calls": calls, "seconds": seconds}
+
+
+def fit_n(call_s: float, batch: int, study: Study, seeds: int, seconds: float,
+          denoise: bool = True) -> int:
+    """The largest sample count per seed whose network time fits ``seconds``: ``call_s`` is one
+    call on ``batch`` samples, each sample costs :func:`study_nfe` calls per seed; kept within
+    :data:`N_RANGE`."""
+    per_sample = call_s / batch * study_nfe(study, denoise) * seeds
+    return int(min(max(seconds / per_sample, N_RANGE[0]), N_RANGE[1]))
 
 
 def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Sequence[int],

@@ -14,7 +14,7 @@ __all__ = ["add_parser"]
 def add_parser(subparsers, host) -> argparse.ArgumentParser:
     """Add ``study`` to ``subparsers``; ``host`` is the command module (its ``UserError``,
     checkpoint loading and file checks)."""
-    from .studies import DEFAULTS, SCORE_SDE_SNR, STUDIES
+    from .studies import DEFAULT_MINUTES, DEFAULT_SEEDS, SCORE_SDE_SNR, STUDIES
 
     p = subparsers.add_parser(
         "study", help="the DDIM / score_sde sampler tables on a digits checkpoint (FD with CIs)",
@@ -23,12 +23,16 @@ def add_parser(subparsers, host) -> argparse.ArgumentParser:
                     "steps) or pc-table (score_sde Table 1: P1000, P2000, C2000, PC1000). Each "
                     "cell: the digits classifier's Frechet distance to the test split, mean and "
                     "95% Student-t interval over --seeds seeds of --n samples; the data-vs-data "
-                    "floor at the same n. Defaults: " + "; ".join(
-                        f"{k} --n {n} --seeds {s}" for k, (n, s) in DEFAULTS.items()) + ".")
+                    "floor at the same n.")
     p.add_argument("study", choices=tuple(STUDIES), help="which table")
     p.add_argument("--checkpoint", required=True, help="a digits checkpoint file or training workdir")
-    p.add_argument("--n", type=int, default=None, help="samples per seed and cell (default: the study's)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per cell, >= 2 (default: the study's)")
+    p.add_argument("--n", type=int, default=None,
+                   help="samples per seed and cell (default: the most that fit --minutes, from "
+                        "one timed network call)")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"seeds per cell, >= 2 (default {DEFAULT_SEEDS})")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                   help=f"without --n: the time budget that sets n (default {DEFAULT_MINUTES:g})")
     p.add_argument("--steps", dest="study_steps", default=None,
                    help="ddim-table: comma-separated step counts (default 10,20,50,100,1000); "
                         "pc-table: one N for the columns PN, P2N, C2N, PCN (default 1000)")
@@ -48,16 +52,15 @@ def add_parser(subparsers, host) -> argparse.ArgumentParser:
 
 
 def _check_arguments(args, host):
-    from .studies import DEFAULTS, REPORT_FILES, make_study
+    from .studies import REPORT_FILES, make_study
 
-    n, seeds = DEFAULTS[args.study]
-    args.n = n if args.n is None else args.n
-    args.seeds = seeds if args.seeds is None else args.seeds
-    if args.n < 2:
+    if args.n is not None and args.n < 2:
         raise host.UserError(f"--n must be >= 2 (a Fréchet distance needs a covariance), got {args.n}")
     if args.seeds < 2:
         raise host.UserError(f"--seeds must be >= 2 (a confidence interval needs two values), "
                              f"got {args.seeds}")
+    if not (args.minutes > 0 and args.minutes < float("inf")):
+        raise host.UserError(f"--minutes must be a finite number > 0, got {args.minutes}")
     if args.batch < 1:
         raise host.UserError(f"--batch must be >= 1, got {args.batch}")
     if not (args.snr > 0 and args.snr < float("inf")):
@@ -94,7 +97,7 @@ def _load(args, host):
     if int(config.model.get("num_classes", 0) or 0) > 0:
         raise host.UserError(f"--checkpoint {args.checkpoint!r} is class-conditional: the studies "
                              f"compare unconditional samplers (train configs/digits/vp.py or ve.py)")
-    if args.n > 1437:
+    if args.n is not None and args.n > 1437:
         raise host.UserError(f"--n {args.n}: the floor draws n of the 1437 digits training images; "
                              f"use --n <= 1437")
     return model, shape
@@ -104,7 +107,7 @@ def run(args, rest, host) -> int:
     import torch
 
     from .reports import provenance
-    from .studies import estimate_seconds, run_study, study_nfe, write_report
+    from .studies import estimate_seconds, fit_n, run_study, study_nfe, write_report
 
     host._no_extra(rest)
     host._require_modules("study", ("matplotlib", "sklearn"), " for the digits data and plots")
@@ -112,6 +115,12 @@ def run(args, rest, host) -> int:
     device = host._device(args.device)
     model, shape = _load(args, host)
     say = (lambda *m: None) if args.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
+    fitted = args.n is None
+    if fitted:  # the most samples that fit --minutes, from one call on a full batch
+        probe = estimate_seconds(study, model, args.batch, args.seeds, args.batch, shape, device)
+        args.n = fit_n(probe["call_s"], args.batch, study, args.seeds, 60 * args.minutes)
+        say(f"{args.study}: --n {args.n}: the most samples per seed whose estimated run time "
+            f"fits --minutes {args.minutes:g}")
     est = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
     (print if args.estimate else say)(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
         f"{study_nfe(study)} NFE per sample and seed; one network call on {est['batch']} samples "
@@ -130,6 +139,7 @@ def run(args, rest, host) -> int:
     info = provenance(seed=args.seed, command=host._command_line(args),
                       checkpoint=os.path.abspath(args.checkpoint), batch=args.batch,
                       snr=args.snr if args.study == "pc-table" else None,
+                      n_fitted_to_minutes=args.minutes if fitted else None,
                       estimate_s=est["seconds"], call_s=est["call_s"], wall_s=wall)
     paths = write_report(result, args.out, info)
     with open(paths[0], encoding="utf-8") as fh:
