@@ -46,7 +46,8 @@ from .samplers import NoiseSource, SolverContext, get_solver, make_grid, sample
 from .samplers.correctors import langevin_step
 
 __all__ = ["Cell", "Study", "StudyResult", "ddim_table", "pc_table", "make_study", "STUDIES",
-           "DEFAULT_SEEDS", "DEFAULT_MINUTES", "fit_n", "student_t_interval", "paired_differences", "run_study", "estimate_seconds", "study_nfe",
+           "DEFAULT_SEEDS", "DEFAULT_MINUTES", "fit_n", "student_t_interval", "paired_differences",
+           "run_study", "estimate_seconds", "study_nfe",
            "data_floor", "write_report", "SCORE_SDE_SNR"]
 
 #: score_sde's corrector signal-to-noise ratio: ``sampling.snr = 0.16`` in its
@@ -324,8 +325,8 @@ def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Seq
     scored by the digits classifier's Fréchet distance to the digits test split
     (:func:`~sde_diffusion.metrics.frechet_distance`, ``features="digits"``), and the data floor
     (:func:`data_floor`). A cell whose solver refuses the model (ancestral sampling under sub-VP)
-    is found by a one-step probe before the long runs and recorded in ``skipped``. ``bar``: the samplers' progress bars (``None``: on a
-    terminal)."""
+    is found by a one-step probe before the long runs and recorded in ``skipped``. ``bar``: the
+    samplers' progress bars (``None``: on a terminal)."""
     from . import data
     from .metrics import frechet_distance
 
@@ -348,7 +349,8 @@ def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Seq
         else:
             result.skipped[key] = why
     total = len(todo) * seeds
-    done, started = 0, time.perf_counter()
+    work = sum(study.cells[k].nfe(denoise) for k in todo) * seeds   # the time left goes by NFE
+    done, done_work, started = 0, 0, time.perf_counter()
     for key in todo:
         cell = study.cells[key]
         for s in seed_list:
@@ -359,9 +361,10 @@ def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Seq
             result.nfe[key] = nfe
             result.wall[key] = result.wall.get(key, 0.0) + time.perf_counter() - t0
             done += 1
+            done_work += cell.nfe(denoise)
             if progress:
                 elapsed = time.perf_counter() - started
-                left = elapsed / done * (total - done)
+                left = elapsed / done_work * (work - done_work)
                 progress(f"[{done}/{total}] {key[0]} @ {key[1]}, seed {s}: FD {fd:.3f} "
                          f"(NFE {nfe}; {_clock(elapsed)} elapsed, ~{_clock(left)} left)")
     return result
@@ -418,7 +421,8 @@ def markdown_table(result: StudyResult) -> str:
         lines.append(f"- typical half-width: {float(np.median(halves)):.3g} (median over cells; "
                      f"{min(halves):.3g} to {max(halves):.3g})")
     lines += _paired_table(result)
-    lines.append("- final Tweedie denoising step: " + ("yes (counted in the NFE)" if result.denoise else "no"))
+    lines.append("- final Tweedie denoising step: "
+                 + ("yes (counted in the NFE)" if result.denoise else "no"))
     for note in st.notes:
         lines.append(f"- {note}")
     for row, why in st.unavailable.items():

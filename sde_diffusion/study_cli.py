@@ -122,10 +122,15 @@ def run(args, rest, host) -> int:
         say(f"{args.study}: --n {args.n}: the most samples per seed whose estimated run time "
             f"fits --minutes {args.minutes:g}")
     est = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
-    (print if args.estimate else say)(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
-        f"{study_nfe(study)} NFE per sample and seed; one network call on {est['batch']} samples "
-        f"takes {est['call_s']:.3f} s ({torch.get_num_threads()} threads), {est['calls']} calls: "
-        f"estimated {est['seconds'] / 60:.1f} min")
+    tell = print if args.estimate else say
+    tell(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
+         f"{study_nfe(study)} NFE per sample and seed; one network call on {est['batch']} samples "
+         f"takes {est['call_s']:.3f} s ({torch.get_num_threads()} threads), {est['calls']} calls: "
+         f"estimated {est['seconds'] / 60:.1f} min")
+    if args.n < 64:  # the digits classifier's features are 64-dimensional
+        say(f"{args.study}: warning: --n {args.n} is below the 64 feature dimensions: the sample "
+            f"covariance is singular and the distance noisy (the floor's spread at n = 50 is ~9, "
+            f"at 400 ~1); fewer --steps or more --minutes buy more samples")
     for row, why in study.unavailable.items():
         say(f"{args.study}: row {row} is not run: {why}")
     if args.estimate:
