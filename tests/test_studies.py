@@ -280,10 +280,10 @@ def test_compare_metric_fd(digits_run, tmp_path, capsys):
 
 
 def test_fit_n_fills_the_time_budget():
-    from sde_diffusion.studies import fit_n, study_nfe
+    from sde_diffusion.studies import OVERHEAD, fit_n, study_nfe
 
     st = ddim_table([10, 20])                                        # 5 x (11 + 21) = 160 NFE
     assert study_nfe(st) == 160
     # 1 s per call of 100 samples: 10 ms per sample-NFE, 160 NFE x 4 seeds = 6.4 s per sample
-    assert fit_n(1.0, 100, st, 4, 640.0) == 100
+    assert fit_n(1.0, 100, st, 4, 640.0 * OVERHEAD) == 100
     assert fit_n(1.0, 100, st, 4, 1.0) == 20 and fit_n(1e-6, 100, st, 4, 1e6) == 1437   # clamped
