@@ -119,6 +119,9 @@ def run(args, rest, host) -> int:
     if fitted:  # the most samples that fit --minutes, from one call on a full batch
         probe = estimate_seconds(study, model, args.batch, args.seeds, args.batch, shape, device)
         args.n = fit_n(probe["call_s"], args.batch, study, args.seeds, 60 * args.minutes)
+        if args.n < args.batch:  # a smaller batch costs more per sample: fit again at that size
+            probe = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
+            args.n = fit_n(probe["call_s"], probe["batch"], study, args.seeds, 60 * args.minutes)
         say(f"{args.study}: --n {args.n}: the most samples per seed whose estimated run time "
             f"fits --minutes {args.minutes:g}")
     est = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
