@@ -8,12 +8,15 @@ import os
 import sys
 import time
 
+from .cli_common import (UserError, _check_grid_name, _check_out_file, _check_steps,
+                         _command_line, _device, _ints, _is_grid_file, _load_model, _no_extra,
+                         _require_modules, _say)
+
 __all__ = ["add_parser"]
 
 
-def add_parser(subparsers, host) -> argparse.ArgumentParser:
-    """Add ``study`` to ``subparsers``; ``host`` is the command module (its ``UserError``,
-    checkpoint loading and file checks)."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``study`` to ``subparsers`` (its helpers: :mod:`sde_diffusion.cli_common`)."""
     from .studies import DEFAULT_MINUTES, DEFAULT_SEEDS, SCORE_SDE_SNR, STUDIES
 
     p = subparsers.add_parser(
@@ -47,73 +50,73 @@ def add_parser(subparsers, host) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
     p.add_argument("--estimate", action="store_true",
                    help="print the estimated run time (one timed network call) and stop")
-    p.set_defaults(func=lambda args, rest: run(args, rest, host))
+    p.set_defaults(func=run)
     return p
 
 
-def _check_arguments(args, host):
+def _check_arguments(args):
     from .studies import REPORT_FILES, make_study
 
     if args.n is not None and args.n < 2:
-        raise host.UserError(f"--n must be >= 2 (a Fréchet distance needs a covariance), got {args.n}")
+        raise UserError(f"--n must be >= 2 (a Fréchet distance needs a covariance), got {args.n}")
     if args.seeds < 2:
-        raise host.UserError(f"--seeds must be >= 2 (a confidence interval needs two values), "
-                             f"got {args.seeds}")
+        raise UserError(f"--seeds must be >= 2 (a confidence interval needs two values), "
+                        f"got {args.seeds}")
     if not (args.minutes > 0 and args.minutes < float("inf")):
-        raise host.UserError(f"--minutes must be a finite number > 0, got {args.minutes}")
+        raise UserError(f"--minutes must be a finite number > 0, got {args.minutes}")
     if args.batch < 1:
-        raise host.UserError(f"--batch must be >= 1, got {args.batch}")
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
     if not (args.snr > 0 and args.snr < float("inf")):
-        raise host.UserError(f"--snr must be a finite number > 0, got {args.snr}")
-    steps = None if args.study_steps is None else host._ints(args.study_steps, "--steps")
+        raise UserError(f"--snr must be a finite number > 0, got {args.snr}")
+    steps = None if args.study_steps is None else _ints(args.study_steps, "--steps")
     if steps is not None:
         if args.study == "pc-table" and len(steps) != 1:
-            raise host.UserError(f"--steps {args.study_steps}: pc-table takes one N (its columns "
-                                 f"are PN, P2N, C2N, PCN)")
+            raise UserError(f"--steps {args.study_steps}: pc-table takes one N (its columns "
+                            f"are PN, P2N, C2N, PCN)")
         for k in steps:
-            host._check_steps(2 * k if args.study == "pc-table" else k, "--steps")
+            _check_steps(2 * k if args.study == "pc-table" else k, "--steps")
     study = make_study(args.study, steps, snr=args.snr)
     args.out = args.out or args.study
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise host.UserError(f"--out {args.out!r} is a file; give a folder")
+        raise UserError(f"--out {args.out!r} is a file; give a folder")
     for name in REPORT_FILES if not args.estimate else ():   # --estimate writes nothing
-        host._check_out_file(os.path.join(args.out, name), args.overwrite)
+        _check_out_file(os.path.join(args.out, name), args.overwrite)
     return study
 
 
-def _load(args, host):
+def _load(args):
     """The checkpoint's EMA model and data shape; a checkpoint of anything but digits images is
     refused (the Fréchet distance here is the digits classifier's)."""
     ns = argparse.Namespace(checkpoint=args.checkpoint, oracle=None, device=args.device)
-    model, sde, _, config, shape = host._load_model(ns)
+    model, sde, _, config, shape = _load_model(ns)
     dataset = str(config.data.dataset) if config is not None else "?"
     if dataset != "digits":
-        raise host.UserError(f"--checkpoint {args.checkpoint!r} was trained on {dataset!r}: the "
-                             f"studies score samples with the digits classifier's Fréchet "
-                             f"distance, so they need a digits checkpoint (configs/digits/*.py)")
+        raise UserError(f"--checkpoint {args.checkpoint!r} was trained on {dataset!r}: the "
+                        f"studies score samples with the digits classifier's Fréchet "
+                        f"distance, so they need a digits checkpoint (configs/digits/*.py)")
     if len(shape) != 3 or shape[0] != 1:
-        raise host.UserError(f"--checkpoint {args.checkpoint!r}: samples of shape {tuple(shape)}, "
-                             f"not 1-channel images (the digits classifier's input)")
+        raise UserError(f"--checkpoint {args.checkpoint!r}: samples of shape {tuple(shape)}, "
+                        f"not 1-channel images (the digits classifier's input)")
     if int(config.model.get("num_classes", 0) or 0) > 0:
-        raise host.UserError(f"--checkpoint {args.checkpoint!r} is class-conditional: the studies "
-                             f"compare unconditional samplers (train configs/digits/vp.py or ve.py)")
+        raise UserError(f"--checkpoint {args.checkpoint!r} is class-conditional: the studies "
+                        f"compare unconditional samplers (train configs/digits/vp.py or ve.py)")
     if args.n is not None and args.n > 1437:
-        raise host.UserError(f"--n {args.n}: the floor draws n of the 1437 digits training images; "
-                             f"use --n <= 1437")
+        raise UserError(f"--n {args.n}: the floor draws n of the 1437 digits training images; "
+                        f"use --n <= 1437")
     return model, shape
 
 
-def run(args, rest, host) -> int:
+def run(args, rest) -> int:
     import torch
 
     from .reports import provenance
     from .studies import estimate_seconds, fit_n, run_study, study_nfe, write_report
 
-    host._no_extra(rest)
-    host._require_modules("study", ("matplotlib", "sklearn"), " for the digits data and plots")
-    study = _check_arguments(args, host)
-    device = host._device(args.device)
-    model, shape = _load(args, host)
+    _no_extra(rest)
+    _require_modules("study", ("matplotlib", "sklearn"), " for the digits data and plots")
+    study = _check_arguments(args)
+    device = _device(args.device)
+    model, shape = _load(args)
     say = (lambda *m: None) if args.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
     fitted = args.n is None
     if fitted:  # the most samples that fit --minutes, from one call on a full batch
@@ -144,7 +147,7 @@ def run(args, rest, host) -> int:
                            batch=args.batch, seed=args.seed, device=device,
                            bar=False if args.quiet else None, progress=None if args.quiet else say)
     wall = time.perf_counter() - start
-    info = provenance(seed=args.seed, command=host._command_line(args),
+    info = provenance(seed=args.seed, command=_command_line(args),
                       checkpoint=os.path.abspath(args.checkpoint), batch=args.batch,
                       snr=args.snr if args.study == "pc-table" else None,
                       n_fitted_to_minutes=args.minutes if fitted else None,
@@ -160,7 +163,7 @@ def run(args, rest, host) -> int:
 COMPARE_FILES = ("compare.md", "compare.csv", "fd_vs_nfe.png", "compare.json")
 
 
-def compare_fd(args, specs, nfes, host) -> int:
+def compare_fd(args, specs, nfes) -> int:
     """``compare --checkpoint DIGITS --metric fd``: every solver at every NFE budget (as
     ``compare`` spends it, :meth:`~sde_diffusion.samplers.registry.SolverInfo.for_nfe`), scored by
     the digits Fréchet distance over ``--seeds`` seeds with 95% intervals, the paired differences
@@ -173,25 +176,25 @@ def compare_fd(args, specs, nfes, host) -> int:
     from .studies import Cell, Study, run_study, write_report
 
     if not args.checkpoint:
-        raise host.UserError("--metric fd scores images with the digits classifier: it needs a "
-                             "digits --checkpoint (use sliced_w or flow_rmse with --oracle)")
+        raise UserError("--metric fd scores images with the digits classifier: it needs a "
+                        "digits --checkpoint (use sliced_w or flow_rmse with --oracle)")
     if args.seeds < 2:
-        raise host.UserError(f"--seeds must be >= 2 (a confidence interval needs two values), "
-                             f"got {args.seeds}")
+        raise UserError(f"--seeds must be >= 2 (a confidence interval needs two values), "
+                        f"got {args.seeds}")
     adaptive = [s.label for s in specs if get_solver(s.name).adaptive]
     if adaptive:
-        raise host.UserError(f"--metric fd compares fixed budgets; {', '.join(adaptive)} "
-                             f"choose(s) their own steps (leave them out)")
-    if host._is_grid_file(args.grid):
-        raise host.UserError(f"--grid {args.grid!r}: compare takes a grid name")
-    host._check_grid_name(args.grid)
+        raise UserError(f"--metric fd compares fixed budgets; {', '.join(adaptive)} "
+                        f"choose(s) their own steps (leave them out)")
+    if _is_grid_file(args.grid):
+        raise UserError(f"--grid {args.grid!r}: compare takes a grid name")
+    _check_grid_name(args.grid)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise host.UserError(f"--out {args.out!r} is a file; give a folder")
+        raise UserError(f"--out {args.out!r} is a file; give a folder")
     for name in COMPARE_FILES:
-        host._check_out_file(os.path.join(args.out, name), args.overwrite)
-    host._require_modules("compare", ("sklearn",), " for the digits data set")
+        _check_out_file(os.path.join(args.out, name), args.overwrite)
+    _require_modules("compare", ("sklearn",), " for the digits data set")
     args.estimate = False
-    model, shape = _load(args, host)
+    model, shape = _load(args)
     columns = tuple(str(b) for b in nfes)
     cells, skipped = {}, []
     for spec in specs:
@@ -210,14 +213,14 @@ def compare_fd(args, specs, nfes, host) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         result = run_study(study, model, n=args.n, seeds=args.seeds, shape=shape,
-                           seed=args.seed, grid=args.grid, denoise=False, device=host._device(args.device),
+                           seed=args.seed, grid=args.grid, denoise=False, device=_device(args.device),
                            bar=False if args.quiet else None,
-                           progress=lambda m: host._say(args, f"  {m}"))
-    info = provenance(seed=args.seed, command=host._command_line(args),
+                           progress=lambda m: _say(args, f"  {m}"))
+    info = provenance(seed=args.seed, command=_command_line(args),
                       checkpoint=os.path.abspath(args.checkpoint),
                       wall_s=time.perf_counter() - start)
     paths = write_report(result, args.out, info, names=COMPARE_FILES)
     with open(paths[0], encoding="utf-8") as fh:
         print(fh.read(), end="")
-    host._say(args, f"wrote {', '.join(paths)}")
+    _say(args, f"wrote {', '.join(paths)}")
     return 0

@@ -15,7 +15,7 @@ LAYERS = [
     {"sdes"},
     {"oracles", "models", "losses", "flow", "config", "checkpoints"},
     {"samplers", "likelihood", "training"},
-    {"experiments", "evaluation", "reports", "demo", "cli", "guidance_cli", "__main__", "__init__", "inverse", "sharded", "fid_cli", "studies", "study_cli"},
+    {"experiments", "evaluation", "reports", "demo", "cli", "guidance_cli", "__main__", "__init__", "inverse", "sharded", "fid_cli", "studies", "study_cli", "cli_common"},
 ]
 JOBS = {"samplers", "likelihood", "training"}
 

@@ -4,12 +4,11 @@ or a built-in oracle, and write the samples and a picture (observed / result / t
     sde-diffusion inpaint --checkpoint runs/digits --data digits --mask lower-half --method repaint
 
 The subcommand lives here, beside the methods; the ``sde-diffusion`` command (:mod:`sde_diffusion.cli`)
-adds it with ``add_parser(subparsers, host)`` and runs it through ``args.func(args, rest)``. ``host``
-is the command's own module: its helpers (loading a checkpoint or an oracle and the data, output
-checks, the one-line ``UserError``) are reused through it, so that this module does not import the
-command module that imports it (tests/test_architecture.py forbids the cycle).
+adds it with ``add_parser(subparsers)`` and runs it through ``args.func(args, rest)``. The
+helpers it shares with the other subcommands (loading a checkpoint or an oracle and the data,
+output checks, the one-line ``UserError``) come from :mod:`sde_diffusion.cli_common`.
 
-Errors are ``ValueError`` (from :func:`~sde_diffusion._checks.require`) or the host's ``UserError``;
+Errors are ``ValueError`` (from :func:`~sde_diffusion._checks.require`) or ``UserError``;
 the command prints either as one line ``sde-diffusion: error: ...`` with exit status 2.
 """
 from __future__ import annotations
@@ -21,6 +20,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .._checks import require
+from ..cli_common import (_add_common, _add_source, _check_data_arg, _check_memory, _check_out_file,
+                          _device, _dumps, _has_picture, _load_data, _load_model, _no_extra,
+                          _require_modules, _save_picture, _say)
 from .operators import (HALVES, BlockAverage, Colorization, LinearOperator, Mask, box_mask,
                         half_mask, observe, random_pixel_mask)
 from .registry import available_methods, get_method
@@ -33,16 +35,15 @@ MASKS = HALVES + ("box", "box:S", "random:P")
 OPERATORS = ("mask", "colorization", "downsample:F")
 
 
-def add_parser(subparsers, host) -> argparse.ArgumentParser:
-    """Add ``inpaint`` to ``subparsers``; ``host`` is the command module whose helpers
-    (``_add_source``, ``_add_common``, ``_load_model``, ...) the subcommand uses."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``inpaint`` to ``subparsers``."""
     p = subparsers.add_parser(
         "inpaint", help="inpainting and other linear inverse problems on held-out data",
         description="Observe held-out data through a linear operator (a mask, colorization or "
                     "block-average downsampling, with optional Gaussian noise) and sample the "
                     "posterior with one of sde_diffusion.inverse's methods (docs/inverse.md). "
                     "Writes the samples (.npz) and a picture: observed / result / truth rows.")
-    host._add_source(p)
+    _add_source(p)
     p.add_argument("--data", default=None,
                    help="held-out data: digits (its test split), a toy name, an .npz/.npy file, "
                         "or 'oracle' (samples of --oracle; the default with --oracle)")
@@ -69,8 +70,8 @@ def add_parser(subparsers, host) -> argparse.ArgumentParser:
                    help="output .npz (a .png picture is written beside it); an existing file is "
                         "not replaced without --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    host._add_common(p)
-    p.set_defaults(func=run, inverse_cli_host=host)
+    _add_common(p)
+    p.set_defaults(func=run)
     return p
 
 
@@ -137,8 +138,7 @@ def run(args, rest: Sequence[str]) -> int:
     from ..experiments import parse_solver_spec
     from .api import solve_inverse
 
-    host = args.inverse_cli_host
-    host._no_extra(rest)
+    _no_extra(rest)
     # everything cheap first: method, solver, numbers, outputs, data name
     method, options = parse_method_spec(args.method)
     info = get_method(method)
@@ -160,35 +160,35 @@ def run(args, rest: Sequence[str]) -> int:
         require(bool(args.oracle), "--data is needed with --checkpoint: digits, a toy name or an "
                                    ".npz/.npy file of held-out data")
         args.data = "oracle"
-    host._check_data_arg(args)
+    _check_data_arg(args)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
     png = out[:-4] + ".png"
-    host._check_out_file(out, args.overwrite)
+    _check_out_file(out, args.overwrite)
 
-    model, sde, mixture, _, shape = host._load_model(args)
-    host._check_memory(args.n, shape, "--n")
+    model, sde, mixture, _, shape = _load_model(args)
+    _check_memory(args.n, shape, "--n")
     operator = build_operator(args.mask, args.operator, shape, seed=args.seed)
     for need in info.needs:
         require(operator.supports(need), f"method {method!r} needs the operator's {need}, which "
                                          f"{operator.name} lacks")
-    picture = host._has_picture(shape)
+    picture = _has_picture(shape)
     if picture:
-        host._require_modules("inpaint", ("matplotlib",), " to draw the picture")
-        host._check_out_file(png, args.overwrite, option="the picture")
-    truth = host._load_data(args, mixture, sde, args.n)
+        _require_modules("inpaint", ("matplotlib",), " to draw the picture")
+        _check_out_file(png, args.overwrite, option="the picture")
+    truth = _load_data(args, mixture, sde, args.n)
     require(tuple(truth.shape[1:]) == tuple(shape),
             f"--data {args.data}: its samples have shape {tuple(truth.shape[1:])} but the model's "
             f"have shape {tuple(shape)}")
     require(truth.shape[0] == args.n, f"--n {args.n}: --data {args.data} holds only "
                                       f"{truth.shape[0]} examples")
-    device = host._device(args.device)
+    device = _device(args.device)
     net = getattr(model, "net", None)
     dtype = next(net.parameters()).dtype if isinstance(net, torch.nn.Module) else torch.float64
     truth = truth.to(device=device, dtype=dtype)
     y = observe(operator, truth, args.sigma_y, generator=args.seed + 2)
-    host._say(args, f"inpaint: {method} on {args.n} examples of {args.data}, "
-                    f"{args.operator or 'mask:' + (args.mask or 'lower-half')}, "
-                    f"sigma_y {args.sigma_y}, nfe {args.nfe}")
+    _say(args, f"inpaint: {method} on {args.n} examples of {args.data}, "
+               f"{args.operator or 'mask:' + (args.mask or 'lower-half')}, "
+               f"sigma_y {args.sigma_y}, nfe {args.nfe}")
     with torch.no_grad():  # the guided methods (dps, pigdm) turn the gradient on where they need it
         result = solve_inverse(model, operator, y, method=method, sigma_y=args.sigma_y,
                                nfe=args.nfe, solver=solver, generator=args.seed, **options)
@@ -215,11 +215,11 @@ def run(args, rest: Sequence[str]) -> int:
         rows = torch.cat([observed[:k], x[:k], truth[:k]]).float().cpu().clamp(-1, 1)
         drawn = save_image_grid(rows, png, nrow=k)
     elif picture:  # 2-d points: the results over the truth
-        drawn = host._save_picture(x.float().cpu(), png, reference=truth.float().cpu())
+        drawn = _save_picture(x.float().cpu(), png, reference=truth.float().cpu())
     report = {"samples": out, "picture": drawn, "n": args.n, "method": label,
               "solver": args.solver, "operator": op_label, "sigma_y": args.sigma_y,
               "nfe": result.nfe, "nfe_budget": args.nfe,
               "residual_rms": float(residual.mean()), "mse_to_truth": float(mse.mean())}
     report.update({k: v for k, v in result.info.items() if isinstance(v, (int, float, str))})
-    print(host._dumps(report))
+    print(_dumps(report))
     return 0
