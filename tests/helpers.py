@@ -108,3 +108,14 @@ def check_noisy_colorization(method: str, dtype):
     x = solve_inverse(prior, op, y, method=method, n=3, nfe=10, sigma_y=0.1).samples
     assert x.shape == (3,) + shape and x.dtype == dtype
     assert bool(torch.isfinite(x).all())
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    """A command's user error: exit status 2, no traceback, and one ``sde-diffusion: error:`` line on
+    stderr naming every fragment. Returns that line."""
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

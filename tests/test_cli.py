@@ -10,6 +10,8 @@ import pytest
 
 from sde_diffusion.cli import build_parser, main
 
+from helpers import assert_one_line_error  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CONFIG = os.path.join(REPO, "configs", "toy", "moons_vp.py")
 
@@ -21,12 +23,7 @@ def run(*args, cwd=None, timeout=600):
 
 
 def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error:"), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert_one_line_error(proc.returncode, proc.stderr, *fragments)
 
 
 @pytest.mark.parametrize("sub", ["", "demo", "train", "sample", "likelihood", "compare",

@@ -15,6 +15,8 @@ from sde_diffusion.cli import main
 from sde_diffusion.studies import (Cell, Study, ddim_table, make_study, pc_table, run_study,
                                    student_t_interval)
 
+from helpers import assert_one_line_error  # noqa: E402
+
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
@@ -208,12 +210,7 @@ def test_pc_table_command_progress_and_costs(digits_run, tmp_path, capsys):
 
 def _one_line_error(capsys, args, *fragments):
     code = main(["study", *args, "--quiet"])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln]
-    assert code == 2 and "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    return assert_one_line_error(code, capsys.readouterr().err, *fragments)
 
 
 def test_errors(digits_run, tmp_path, capsys, monkeypatch):

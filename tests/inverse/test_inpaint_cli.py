@@ -15,6 +15,8 @@ from sde_diffusion.inverse import (BlockAverage, Colorization, Mask, available_m
 from sde_diffusion.inverse.cli import build_operator, parse_method_spec
 from sde_diffusion.sdes import VPSDE
 
+from helpers import assert_one_line_error  # noqa: E402
+
 METHODS = {  # small settings, so that each run takes well under a second on the oracle
     "ddnm": "ddnm", "ddnm_plus": "ddnm_plus", "ddrm": "ddrm", "dps": "dps:zeta=0.1",
     "mcgdiff": "mcgdiff:particles=4", "pigdm": "pigdm", "repaint": "repaint:jump_length=2:resample=2",
@@ -36,13 +38,7 @@ def _run(capsys, *args):
 
 def _one_line_error(capsys, args, *fragments):
     code = main(["inpaint", *args, "--quiet"])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln]
-    assert code == 2 and "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("sde-diffusion: error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+    return assert_one_line_error(code, capsys.readouterr().err, *fragments)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
