@@ -1,4 +1,6 @@
 """Shared test fixtures' data: the forward SDEs every test module runs over."""
+import functools
+
 import torch
 
 from sde_diffusion import VESDE, VPSDE, SubVPSDE, random_mixture
@@ -119,3 +121,26 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+@functools.lru_cache(maxsize=None)
+def operator_problem(sde: str, op_name: str, shape: tuple, sigma_y: float, seed: int = 3, n: int = 500):
+    """``(prior, operator, y, exact posterior samples, distance of prior samples to them)``: a random
+    6-component mixture of ``shape`` under SDE_CLASSES[sde], observed through ``op_name`` (``mask``: the
+    lower half missing; ``color``; ``block``: 2x2 averages; ``dense``: 2 random projections) with
+    noise ``sigma_y``; ``n`` samples each."""
+    from sde_diffusion.inverse import BlockAverage, Colorization, Dense, Mask, half_mask, observe
+    from sde_diffusion.inverse.posterior import exact_posterior
+    from sde_diffusion.metrics import sliced_wasserstein
+
+    ops = {"mask": lambda: Mask(half_mask(shape)), "color": lambda: Colorization(shape),
+           "block": lambda: BlockAverage(2, shape),
+           "dense": lambda: Dense(torch.randn(2, shape[0], generator=torch.Generator().manual_seed(0)))}
+    op = ops[op_name]()
+    prior = random_mixture(shape, 6, seed=seed, sde=SDE_CLASSES[sde]())
+    x_true = prior.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = observe(op, x_true, sigma_y, 5)[0]
+    ref = exact_posterior(prior, op, y, sigma_y).sample(n, generator=torch.Generator().manual_seed(2),
+                                                        dtype=torch.float64)
+    pri = prior.sample(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return prior, op, y, ref, sliced_wasserstein(pri, ref)

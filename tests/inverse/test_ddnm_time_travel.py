@@ -14,31 +14,21 @@ At NFE 100 on the noisy problem every setting tried (l/r/s 1/1/1, 2/1/2, 5/1/5, 
 10/3/10, 3/1/1, 1/3/1) is below the plain 0.110 (0.060 to 0.098); on a noisy 2 x 4 projection
 (sigma_y 0.1, prior 0.325) all stay at 0.20-0.23 with or without travel.
 """
-import functools
-
 import pytest
 import torch
 
-from sde_diffusion import VPSDE, random_mixture, solve_inverse
-from sde_diffusion.inverse import Mask, half_mask, observe
+from sde_diffusion import solve_inverse
 from sde_diffusion.inverse.methods.repaint import repaint_schedule, schedule_cost
-from sde_diffusion.inverse.posterior import exact_posterior
 from sde_diffusion.metrics import sliced_wasserstein
+
+from helpers import operator_problem  # noqa: E402
 
 N = 500
 
 
-@functools.lru_cache(maxsize=None)
 def _problem(sigma_y: float):
-    """test_replacement_methods._problem("vp", "mask", (8,), sigma_y): the same seeds."""
-    op = Mask(half_mask((8,)))
-    prior = random_mixture((8,), 6, seed=3, sde=VPSDE())
-    x_true = prior.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    y = observe(op, x_true, sigma_y, 5)[0]
-    ref = exact_posterior(prior, op, y, sigma_y).sample(N, generator=torch.Generator().manual_seed(2),
-                                                        dtype=torch.float64)
-    pri = prior.sample(N, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    return prior, op, y, ref, sliced_wasserstein(pri, ref)
+    """test_replacement_methods' half-mask 8-d VP problem (the same seeds)."""
+    return operator_problem("vp", "mask", (8,), sigma_y)
 
 
 def _run(method, nfe, sigma_y=0.0, n=N, **options):

@@ -5,34 +5,19 @@ high NFE where the method converges there (score_sde PC, DDNM in 2-d; score_sde 
 8-d), RePaint improving with NFE and with resampling, DDNM+ beating DDNM on noisy data, and better
 than the prior for colorization, block averages and noisy random projections. Measured values are
 in the comments; the bounds leave margin on them."""
-import functools
-
 import pytest
 import torch
 
-from sde_diffusion import VESDE, VPSDE, SubVPSDE, random_mixture, solve_inverse
-from sde_diffusion.inverse import BlockAverage, Colorization, Dense, Mask, half_mask, observe
-from sde_diffusion.inverse.posterior import exact_posterior
+from sde_diffusion import solve_inverse
 from sde_diffusion.metrics import sliced_wasserstein
 
-SDES = {"vp": VPSDE(), "ve": VESDE(), "subvp": SubVPSDE()}
+from helpers import SDE_CLASSES, operator_problem  # noqa: E402
+
+SDES = SDE_CLASSES
 N = 500
 
 
-@functools.lru_cache(maxsize=None)
-def _problem(sde: str, op_name: str, shape: tuple, sigma_y: float, seed: int = 3):
-    """(prior, operator, y, exact posterior samples, distance of prior samples to them)."""
-    ops = {"mask": lambda: Mask(half_mask(shape)), "color": lambda: Colorization(shape),
-           "block": lambda: BlockAverage(2, shape),
-           "dense": lambda: Dense(torch.randn(2, shape[0], generator=torch.Generator().manual_seed(0)))}
-    op = ops[op_name]()
-    prior = random_mixture(shape, 6, seed=seed, sde=SDES[sde])
-    x_true = prior.sample(1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    y = observe(op, x_true, sigma_y, 5)[0]
-    ref = exact_posterior(prior, op, y, sigma_y).sample(N, generator=torch.Generator().manual_seed(2),
-                                                        dtype=torch.float64)
-    pri = prior.sample(N, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    return prior, op, y, ref, sliced_wasserstein(pri, ref)
+_problem = operator_problem
 
 
 def _distance(problem, method, nfe, sigma_y=0.0, **options):
