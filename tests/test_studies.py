@@ -284,3 +284,23 @@ def test_fit_n_fills_the_time_budget():
     # 1 s per call of 100 samples: 10 ms per sample-NFE, 160 NFE x 4 seeds = 6.4 s per sample
     assert fit_n(1.0, 100, st, 4, 640.0 * OVERHEAD) == 100
     assert fit_n(1.0, 100, st, 4, 1.0) == 20 and fit_n(1e-6, 100, st, 4, 1e6) == 1437   # clamped
+
+
+def test_low_nfe_digits_benchmark_smoke(digits_run, tmp_path, monkeypatch):
+    """benchmarks/low_nfe_digits.py (issue 15's trained-network check) runs on a digits checkpoint:
+    one summary row per budget, the default's configuration named, every error finite and > 0."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(REPO, "benchmarks", "low_nfe_digits.py")
+    spec = importlib.util.spec_from_file_location("_bench_low_nfe_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))      # it puts benchmarks/ on the path: undone
+    spec.loader.exec_module(module)
+    out = tmp_path / "lnd"
+    assert module.main(["--checkpoint", str(digits_run), "--n", "4", "--quick", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    assert {int(r["nfe"]) for r in rows} == {4, 6, 8, 10}
+    assert all(math.isfinite(float(r["error"])) and float(r["error"]) > 0 for r in rows)
+    summary = _table_rows((tmp_path / "lnd.md").read_text())
+    assert len(summary) == 1 + 4 and all("ipndm" in r or "unipc" in r for r in summary[1:])
