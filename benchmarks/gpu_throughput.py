@@ -34,8 +34,6 @@ with ``--out``).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import platform
 import statistics
@@ -51,6 +49,7 @@ sys.path.insert(0, ROOT)
 from sde_diffusion import sample  # noqa: E402
 from sde_diffusion._files import write_json, write_text  # noqa: E402
 from sde_diffusion.models.adapters import from_diffusers  # noqa: E402
+from sde_diffusion.reports import write_csv  # noqa: E402
 
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "gpu_throughput")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -199,11 +198,7 @@ def report(res: Dict, args) -> str:
 
 
 def write(res: Dict, text: str, stem: str) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(res["rows"][0]))
-    w.writeheader()
-    w.writerows(res["rows"])
-    write_text(stem + ".csv", buf.getvalue())
+    write_csv(res["rows"], stem + ".csv", columns=list(res["rows"][0]))
     write_text(stem + ".md", text)
     write_json(stem + ".json", res)
 

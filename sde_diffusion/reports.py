@@ -63,8 +63,10 @@ def write_markdown_table(rows: Sequence[dict], path: Optional[str] = None) -> st
     return text
 
 
-def write_csv(rows: Sequence[dict], path: str) -> str:
-    cols = _columns(rows)
+def write_csv(rows: Sequence[dict], path: str, columns: Optional[Sequence[str]] = None) -> str:
+    """``rows`` as a CSV file, written atomically; ``columns`` (default: the known columns in their
+    usual order, then the others as they first appear) sets which and in what order."""
+    cols = list(columns) if columns is not None else _columns(rows)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:

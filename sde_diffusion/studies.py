@@ -42,6 +42,7 @@ from ._checks import require
 from ._files import atomic_write, write_json, write_text
 from .experiments import parse_solver_spec
 from .models.wrapper import ScoreModel
+from .reports import write_csv
 from .samplers import NoiseSource, SolverContext, get_solver, make_grid, sample
 from .samplers.correctors import langevin_step
 
@@ -501,18 +502,8 @@ def csv_rows(result: StudyResult) -> List[dict]:
     return out
 
 
-def _write_csv(rows: List[dict], path: str) -> str:
-    import csv
-
-    cols = ["sampler", "column", "solver", "steps", "nfe", "n", "seed", "fd", "fd_ci95"]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=cols)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
+#: the columns of ``table.csv``, in order (:func:`csv_rows`)
+CSV_COLUMNS = ("sampler", "column", "solver", "steps", "nfe", "n", "seed", "fd", "fd_ci95")
 
 
 def plot(result: StudyResult, path: str) -> str:
@@ -573,7 +564,7 @@ def write_report(result: StudyResult, folder: str, run_info: Optional[dict] = No
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, name) for name in names]
     write_text(paths[0], markdown_table(result))
-    _write_csv(csv_rows(result), paths[1])
+    write_csv(csv_rows(result), paths[1], columns=CSV_COLUMNS)
     plot(result, paths[2])
     fm, fh = result.floor_summary()
     cells = {f"{r} @ {c}": {"fd": result.fd[(r, c)], "mean": result.summary((r, c))[0],

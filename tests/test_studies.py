@@ -184,6 +184,7 @@ def test_ddim_table_command(digits_run, tmp_path, capsys):
     assert [sum(row[j] == "=" for row in cells) for j in range(2)] == [1, 1]   # one best per column
     with open(out / "table.csv") as fh:
         long = list(csv.DictReader(fh))
+    assert list(long[0]) == ["sampler", "column", "solver", "steps", "nfe", "n", "seed", "fd", "fd_ci95"]
     assert len(long) == 5 * 2 * 3 + 3                                 # cells x (2 seeds + mean) + floor
     assert all(math.isfinite(float(r["fd"])) and float(r["fd"]) > 0 for r in long)
     info = json.loads((out / "run.json").read_text())
