@@ -38,6 +38,7 @@ import torch
 from ..._checks import expand_to, require
 from ...models.wrapper import ScoreModel
 from ...samplers.api import sample
+from ...samplers.ddim import check_eta
 from ...samplers.grids import GRIDS, make_grid
 from ..registry import MethodResult, register_method
 from ...samplers.registry import get_solver
@@ -174,8 +175,7 @@ def ddnm(model, operator, y, *, sigma_y, x_T, nfe, solver, generator,
                                           f"travel (give solver=None or 'ddim')")
         require(set(opts) <= {"eta"}, f"time travel takes only the solver option eta, got "
                                       f"{', '.join(sorted(opts))}")
-        eta = float(opts.get("eta", 0.85))
-        require(math.isfinite(eta) and 0 <= eta <= 1, f"eta must lie in [0, 1], got {eta!r}")
+        eta = check_eta(opts.get("eta", 0.85))
         grid = grid or get_solver("ddim").grid or "uniform"
         require(grid in GRIDS, f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
         steps, path = _travel_plan(nfe, travel_length, travel_repeat, travel_interval)
@@ -203,8 +203,7 @@ def ddnm_plus(model, operator, y, *, sigma_y, x_T, nfe, solver, generator,
     (Sec. 3.3, Alg. 2): every ``travel_interval`` steps (default ``travel_length``) jump back
     ``travel_length`` steps through the forward transition and redo them, ``travel_repeat`` times;
     ``nfe`` buys the largest grid whose schedule fits (``result.info["steps"]``)."""
-    eta = float(eta)
-    require(math.isfinite(eta) and 0 <= eta <= 1, f"eta must lie in [0, 1], got {eta!r}")
+    eta = check_eta(eta)
     require(grid in GRIDS, f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
     _check_travel(travel_length, travel_repeat, travel_interval)
     steps, path = _travel_plan(nfe, travel_length, travel_repeat, travel_interval)
