@@ -612,6 +612,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``sde-diffusion ARGV`` and return its exit status (0 done, 2 a user error, 3 NaN/Inf,
+    128 + signal number when stopped by a signal).
+
+    A torchrun rank (``WORLD_SIZE > 1``) does not return: once the command is done, its process
+    group closed and its output flushed, it leaves with ``os._exit(status)``, skipping the
+    interpreter's teardown. There, gloo's transport threads can abort the process ("terminate
+    called without an active exception", SIGABRT) after every file was written, and torchrun then
+    reports the whole job as failed (CI saw it in two runs in a row, in two different two-rank
+    tests)."""
+    status = _run(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_rank(status)
+    return status
+
+
+def _leave_rank(status: int) -> None:
+    """Close the process group if it is still open (an error path), flush what this rank wrote and
+    end the process now (see :func:`main`)."""
+    import logging
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing left to save
+            pass
+    os._exit(status)
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     from ._files import OutputError
 
     parser = build_parser()

@@ -39,6 +39,27 @@ def test_python_m_entry_point():
     assert proc.returncode == 0 and "usage: sde-diffusion" in proc.stdout
 
 
+def test_a_torchrun_rank_leaves_without_the_interpreter_teardown():
+    """Under torchrun (WORLD_SIZE > 1) main ends the process with its status once the command is
+    done: atexit handlers (the teardown where gloo's threads can abort) never run, and what the
+    command printed is flushed first. An error path is enough to see it: no group is joined."""
+    script = ("import atexit, sys\n"
+              "from sde_diffusion.cli import main\n"
+              "atexit.register(lambda: print('TEARDOWN', flush=True))\n"
+              "print('before', end='')\n"
+              "main(['sample', '--oracle', 'ring8', '--n', '0', '--out', 'x.npz'])\n"
+              "print('RETURNED')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, WORLD_SIZE="2", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "before" and "--n must be >= 1, got 0" in proc.stderr
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env={k: v for k, v in env.items() if k != "WORLD_SIZE"}, timeout=120)
+    assert plain.returncode == 0 and plain.stdout.endswith("RETURNED\nTEARDOWN\n")
+
+
 def test_sample_oracle_writes_npz_and_scatter(tmp_path):
     out = tmp_path / "s.npz"
     proc = run("sample", "--oracle", "ring8", "--solver", "ddim:eta=1", "--steps", "40", "--n", "300",

@@ -232,7 +232,8 @@ def test_conditional_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     import sys
     over = {**TINY, "training.n_iters": 6, "training.batch_size": 32, "training.p_uncond": 0.5}
     args = [f"--config.{k}={v}" for k, v in over.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "sde_diffusion.training", "--config", COND, "--workdir", str(tmp_path / "ddp"),
            "--quiet", "--config.device=cpu"] + args
