@@ -287,21 +287,27 @@ def test_fit_n_fills_the_time_budget():
     assert fit_n(1.0, 100, st, 4, 1.0) == 20 and fit_n(1e-6, 100, st, 4, 1e6) == 1437   # clamped
 
 
-def test_low_nfe_digits_benchmark_smoke(digits_run, tmp_path, monkeypatch):
-    """benchmarks/low_nfe_digits.py (issue 15's trained-network check) runs on a digits checkpoint:
-    one summary row per budget, the default's configuration named, every error finite and > 0."""
+def test_low_nfe_trained_benchmark_smoke(digits_run, tmp_path, monkeypatch):
+    """benchmarks/low_nfe_trained.py (issue 15's trained-network check) runs on checkpoints: one
+    pooled row per budget naming the default's configuration, every error finite and > 0, and the
+    best configuration's ratios are 1 on the checkpoint it is best on."""
     import importlib.util
     import sys
 
-    path = os.path.join(REPO, "benchmarks", "low_nfe_digits.py")
-    spec = importlib.util.spec_from_file_location("_bench_low_nfe_digits", path)
+    path = os.path.join(REPO, "benchmarks", "low_nfe_trained.py")
+    spec = importlib.util.spec_from_file_location("_bench_low_nfe_trained", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setattr(sys, "path", list(sys.path))      # it puts benchmarks/ on the path: undone
     spec.loader.exec_module(module)
-    out = tmp_path / "lnd"
-    assert module.main(["--checkpoint", str(digits_run), "--n", "4", "--quick", "--out", str(out)]) == 0
+    out = tmp_path / "lnt"
+    assert module.main(["--checkpoint", f"a={digits_run}", "--checkpoint", f"b={digits_run}",
+                        "--nfe", "4,6", "--n", "4", "--quick", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(str(out) + ".csv")))
-    assert {int(r["nfe"]) for r in rows} == {4, 6, 8, 10}
+    assert {int(r["nfe"]) for r in rows} == {4, 6} and {r["checkpoint"] for r in rows} == {"a", "b"}
     assert all(math.isfinite(float(r["error"])) and float(r["error"]) > 0 for r in rows)
-    summary = _table_rows((tmp_path / "lnd.md").read_text())
-    assert len(summary) == 1 + 4 and all("ipndm" in r or "unipc" in r for r in summary[1:])
+    summary = _table_rows((tmp_path / "lnt.md").read_text())
+    assert len(summary) == 1 + 2 and all("ipndm" in r or "unipc" in r for r in summary[1:])
+    ranked = module.pooled([{**r, "nfe": int(r["nfe"]), "error": float(r["error"])} for r in rows],
+                           ["a", "b"], 4)
+    best = next(r for r in ranked if r[2] != module.DEFAULT)
+    assert best[0] == best[1] == 1.0   # the same checkpoint twice: the best is best on both

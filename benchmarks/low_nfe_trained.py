@@ -1,0 +1,174 @@
+"""Low-NFE frontier on trained networks (issue 15's check that the default rule is not tuned to the
+exact mixtures alone, and the data its rule for learned networks is chosen from).
+
+No exact answer here: for each checkpoint the reference is a 1000-step UniPC (order 3, log-SNR grid)
+run from the same starting states; at each budget every configuration of ours, and the default
+``sample(model, nfe=N)``, is scored by its RMS distance to that reference (over samples and
+coordinates). Then, per budget, each configuration's error / the best configuration's error on that
+checkpoint, pooled over the checkpoints by the geometric mean (and the worst case), the statistic
+the mixture rule was chosen by (benchmarks/low_nfe.py --rule).
+
+    python benchmarks/low_nfe_trained.py --checkpoint digits_vp=runs/digits_vp \\
+        --checkpoint digits_ve=runs/digits_ve --checkpoint moons_vp=runs/moons_vp   # ~10 min each digits
+    python benchmarks/low_nfe_trained.py --checkpoint runs/digits_vp --n 16 --quick   # smoke run
+
+Writes benchmarks/results/low_nfe_trained.{md,csv}.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sde_diffusion.checkpoints import latest_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
+from sde_diffusion.reports import write_csv  # noqa: E402
+from sde_diffusion.samplers import sample  # noqa: E402
+from sde_diffusion._files import write_text  # noqa: E402
+from low_nfe import GRIDS, label  # noqa: E402
+
+NFES = (4, 5, 6, 8, 10, 12, 15)
+CONFIGS = ([("unipc", {"order": p, "lower_order_final": True}) for p in (2, 3)]
+           + [("ipndm", {"order": p}) for p in (3, 4)]
+           + [("dpm_solver++", {"order": 2}), ("deis", {}), ("ddim", {})])
+DEFAULT = "default: sample(model, nfe=N)"
+
+
+def _named(spec: str):
+    """``NAME=PATH`` or ``PATH`` (then the folder's or file's name)."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (Path(spec).name.replace(".pt", ""), spec)
+
+
+def run_checkpoint(name: str, path: str, nfes, n: int, ref_steps: int, grids) -> list:
+    """Every configuration's and the default's error at each budget on one checkpoint."""
+    if Path(path).is_dir():
+        path = latest_checkpoint(path)
+    model, sde, _ = model_from_checkpoint(path, use_ema=True)
+    shape = tuple(load_checkpoint(path)["data_shape"])
+    x_T = sde.prior_sampling((n,) + shape, generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        with torch.no_grad():
+            return sample(model, x_T=x_T.clone(), progress=False, **kw)
+
+    ref = run(solver="unipc", steps=ref_steps, grid="logsnr", order=3).samples.double()
+
+    def rms(x):
+        return float((x.double() - ref).pow(2).mean().sqrt())
+
+    rows = []
+    for nfe in nfes:
+        out = run(nfe=nfe)
+        rows.append({"checkpoint": name, "nfe": nfe, "method": DEFAULT, "error": rms(out.samples),
+                     "config": label(out.config["solver"], out.config["options"], out.config["grid"])
+                     + f" (sigma_data {out.config['sigma_data']:g})"})
+        for solver, options in CONFIGS:
+            for grid in grids:
+                try:
+                    res = run(solver=solver, nfe=nfe, grid=grid, **options)
+                except (ValueError, RuntimeError) as err:   # a budget below the solver's minimum
+                    print(f"skip {label(solver, options, grid)} @ {nfe}: {err}", file=sys.stderr)
+                    continue
+                rows.append({"checkpoint": name, "nfe": nfe, "method": label(solver, options, grid),
+                             "error": rms(res.samples), "config": ""})
+    return rows
+
+
+def pooled(rows: list, names, nfe: int) -> list:
+    """``(geometric mean, max, method, ratios)`` of error / the checkpoint's best fixed
+    configuration at ``nfe``, over the checkpoints, best first (the default included)."""
+    at = [r for r in rows if r["nfe"] == nfe]
+    best = {c: min(r["error"] for r in at if r["checkpoint"] == c and r["method"] != DEFAULT)
+            for c in names}
+    out = []
+    for method in dict.fromkeys(r["method"] for r in at):
+        err = {r["checkpoint"]: r["error"] for r in at if r["method"] == method}
+        if set(err) != set(names):
+            continue
+        ratios = [err[c] / best[c] for c in names]
+        out.append((math.exp(sum(map(math.log, ratios)) / len(ratios)), max(ratios), method, ratios))
+    return sorted(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="NAME=PATH or PATH: a checkpoint file or workdir (repeat for several)")
+    ap.add_argument("--nfe", default=",".join(map(str, NFES)),
+                    help=f"comma-separated budgets (default {','.join(map(str, NFES))})")
+    ap.add_argument("--n", type=int, default=256, help="starting states (default 256)")
+    ap.add_argument("--reference-steps", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 50 reference steps, 2 grids")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "low_nfe_trained"))
+    args = ap.parse_args(argv)
+    nfes = [int(v) for v in args.nfe.split(",")]
+    checkpoints = [_named(spec) for spec in args.checkpoint]
+    names = [c for c, _ in checkpoints]
+    if len(set(names)) != len(names):
+        ap.error(f"two checkpoints share a name: {names}; write NAME=PATH")
+    began = time.perf_counter()
+    ref_steps = 50 if args.quick else args.reference_steps
+    grids = GRIDS[:2] if args.quick else GRIDS
+    rows = []
+    for name, path in checkpoints:
+        rows += run_checkpoint(name, path, nfes, args.n, ref_steps, grids)
+        print(f"{name} done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+    write_results(rows, names, nfes, args, ref_steps, time.perf_counter() - began)
+    return 0
+
+
+def write_results(rows, names, nfes, args, ref_steps, elapsed) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, str(out) + ".csv", columns=["checkpoint", "nfe", "method", "error", "config"])
+    command = " ".join(f"--checkpoint {c}" for c in args.checkpoint)
+    lines = ["# Low-NFE frontier on trained networks (issue 15)", "",
+             f"`python benchmarks/low_nfe_trained.py {command} --nfe {args.nfe}"
+             f"{' --quick' if args.quick else ''}`: {args.n} starting states per checkpoint, one CPU "
+             f"thread, {elapsed / 60:.1f} min. Error: RMS distance over samples and coordinates to a "
+             f"{ref_steps}-step UniPC (order 3, log-SNR grid) from the same x_T; ratio: error / the "
+             f"best fixed configuration's on the same checkpoint.", "",
+             "## The default against the best, pooled over the checkpoints", "",
+             "| NFE | best by geometric mean | geo. mean | max | default | geo. mean | max | "
+             + " | ".join(f"default / best: {c}" for c in names) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+    for nfe in nfes:
+        ranked = pooled(rows, names, nfe)
+        top = next(r for r in ranked if r[2] != DEFAULT)
+        dflt = next(r for r in ranked if r[2] == DEFAULT)
+        config = next(r["config"] for r in rows if r["nfe"] == nfe and r["method"] == DEFAULT)
+        lines.append(f"| {nfe} | {top[2]} | {top[0]:.2f} | {top[1]:.2f} | {config} | {dflt[0]:.2f} | "
+                     f"{dflt[1]:.2f} | " + " | ".join(f"{x:.2f}" for x in dflt[3]) + " |")
+    lines += ["", "## The five best configurations per budget", "",
+              "| NFE | rank | method | geo. mean | max | " + " | ".join(names) + " |",
+              "|---|---|---|---|---|" + "---|" * len(names)]
+    for nfe in nfes:
+        ranked = [r for r in pooled(rows, names, nfe) if r[2] != DEFAULT]
+        for i, (g, m, method, ratios) in enumerate(ranked[:5], 1):
+            lines.append(f"| {nfe} | {i} | {method} | {g:.2f} | {m:.2f} | "
+                         + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    for name in names:
+        lines += ["", f"## {name}: every configuration's error", "",
+                  "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+        mine = [r for r in rows if r["checkpoint"] == name]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            cells = []
+            for nfe in nfes:
+                hit = [r for r in mine if r["nfe"] == nfe and r["method"] == method]
+                cells.append(f"{hit[0]['error']:.3e}" if hit else "-")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    write_text(str(out) + ".md", "\n".join(lines) + "\n")
+    print("\n".join(lines[:8 + len(nfes)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
