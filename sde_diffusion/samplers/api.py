@@ -28,10 +28,13 @@ GridLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 DEFAULT_SOLVER = "euler_maruyama"
 #: the name that asks for the automatic choice (:func:`auto_config`)
 AUTO = "auto"
-#: the budgets (inclusive) where the automatic choice takes iPNDM; UniPC below and above
+#: the budgets (inclusive) where the automatic choice takes iPNDM for an exact score; UniPC below
+#: and above (and for a learned network up to the upper end)
 AUTO_IPNDM_NFE = (4, 15)
 #: the budget from which the automatic choice takes iPNDM's order 4 instead of 3
 AUTO_IPNDM_ORDER4_FROM_NFE = 8
+#: UniPC's predictor order in the automatic choice for a learned network at 5-15 NFE
+AUTO_NETWORK_ORDER = 2
 #: the ``focus`` grid's ``sigma_data`` when the data's scale is not known (EDM's, images in [-1, 1])
 DEFAULT_SIGMA_DATA = 0.5
 
@@ -67,28 +70,38 @@ def data_scale(model: Union[ScoreModel, GaussianMixture]) -> Optional[float]:
 def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
                 sigma_data: Optional[float] = None) -> Dict[str, object]:
     r"""The configuration ``sample(model, nfe=nfe)`` uses when no solver is named: a dict with
-    ``solver``, ``options``, ``grid``, ``sigma_data``, ``nfe`` and ``rule`` (a sentence).
+    ``solver``, ``options``, ``grid``, ``sigma_data``, ``nfe``, ``kind`` (``"exact"`` or
+    ``"network"``) and ``rule`` (a sentence). Two rules (docs/samplers.md, "The default for a
+    budget"), one NFE per step throughout, both on the ``focus`` grid (steps concentrated around
+    the noise level ``sigma_data``, :func:`~.grids.focus_grid`):
 
-    The rule (docs/samplers.md, "The default for a budget"), from the sweep of
-    ``benchmarks/low_nfe.py --rule`` over twelve mixtures under VP, sub-VP and VE at NFE 2-15 (not
-    the benchmark's own mixture, on which it is then checked), one NFE per step throughout:
+    - **an exact score** (an oracle mixture, or its :class:`~sde_diffusion.models.OracleModel`),
+      from the sweep of ``benchmarks/low_nfe.py --rule`` over twelve mixtures under VP, sub-VP and
+      VE at NFE 2-15 (not the benchmark's own mixture, on which it is then checked): at 4-15 NFE
+      (:data:`AUTO_IPNDM_NFE`) ``ipndm`` (iPNDM, Zhang & Chen 2023, App.: equal-step
+      Adams-Bashforth on ``eps`` in EDM's variables), order 3 below 8 NFE and 4 from there; it had
+      the lowest error relative to the best configuration of each mixture at every budget from 4
+      to 15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56);
+    - **a learned network** (any other model, or ``None``), from ``benchmarks/low_nfe_trained.py``
+      on trained digits U-Nets (VP, VE) and two-moons MLPs (VP, VE, sub-VP): at 5-15 NFE
+      ``unipc`` of order 2 with lower-order final steps (:data:`AUTO_NETWORK_ORDER`; geometric
+      mean 1.02-1.27 of each network's best configuration), at 4 NFE ``ipndm`` of order 3 as for
+      an exact score (1.64; the best there, DDIM on the Karras grid, 1.49 with a worst case of
+      2.98). The high-order Adams-Bashforth weights that win on exact scores amplify a network's
+      own error: iPNDM of order 4, the exact rule's choice from 8 NFE, ranked 8th-19th of 28
+      configurations at 8-15 NFE (geometric mean 2.1-4.0);
+    - otherwise (either kind) ``unipc`` (UniPC's predictor-corrector in log-SNR, Zhao et al. 2023)
+      with ``lower_order_final=True``, predictor order 2 below 4 NFE and 3 from 16 (iPNDM's
+      first-order start and equal-step weights stall it near 1e-2 on VP at 20-100 NFE, where
+      UniPC converges).
 
-    - 4-15 NFE (:data:`AUTO_IPNDM_NFE`): ``ipndm`` (iPNDM, Zhang & Chen 2023, App.: equal-step
-      Adams-Bashforth on ``eps`` in EDM's variables), order 3 below 8 NFE and 4 from there. It had
-      the lowest error relative to the best configuration of each mixture at every budget from 4 to
-      15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56);
-    - otherwise ``unipc`` (UniPC's predictor-corrector in log-SNR, Zhao et al. 2023) with
-      ``lower_order_final=True``, predictor order 2 below 4 NFE and 3 from 16 (iPNDM's first-order
-      start and equal-step weights stall it near 1e-2 on VP at 20-100 NFE, where UniPC converges);
-    - always the ``focus`` grid (steps concentrated around the noise level ``sigma_data``,
-      :func:`~.grids.focus_grid`) with ``sigma_data`` = the given value, else the data's scale
-      where the model knows it (an oracle, :func:`data_scale`), else 0.5.
-
-    Where ``ipndm`` is not registered, UniPC (order 2 below 10 NFE, 3 from there) takes its
-    place. ``model`` may be ``None`` (then only ``sigma_data`` or 0.5 decide)."""
+    ``sigma_data``: the given value, else the data's scale where the model knows it (an oracle,
+    :func:`data_scale`), else 0.5. Where ``ipndm`` is not registered, UniPC (order 2 below 10
+    NFE, 3 from there) takes its place in the exact rule."""
     require(isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1,
             f"nfe must be an integer >= 1, got {nfe!r}")
     known = data_scale(model) if model is not None else None
+    kind = "exact" if known is not None else "network"
     if sigma_data is None:
         sigma_data, source = (known, "the data's scale (oracle)") if known is not None else \
             (DEFAULT_SIGMA_DATA, "the default 0.5 (the data's scale is not known)")
@@ -96,10 +109,15 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         source = "given"
     require(sigma_data > 0 and math.isfinite(sigma_data), f"sigma_data must be > 0, got {sigma_data!r}")
     lo, hi = AUTO_IPNDM_NFE
-    if lo <= nfe <= hi and "ipndm" in SOLVERS:
+    if kind == "network" and lo < nfe <= hi:
+        solver = "unipc"
+        options: Dict[str, object] = {"order": AUTO_NETWORK_ORDER, "lower_order_final": True}
+        why = (f"a learned network: unipc with predictor order {AUTO_NETWORK_ORDER}, lower order at "
+               f"the final steps ({lo + 1}-{hi} NFE)")
+    elif lo <= nfe <= hi and "ipndm" in SOLVERS:
         solver = "ipndm"
-        options: Dict[str, object] = {"order": 4 if nfe >= AUTO_IPNDM_ORDER4_FROM_NFE else 3}
-        why = (f"ipndm of order {options['order']} ({lo}-{hi} NFE; order 4 from "
+        options = {"order": 4 if nfe >= AUTO_IPNDM_ORDER4_FROM_NFE else 3}
+        why = (f"an exact score: ipndm of order {options['order']} ({lo}-{hi} NFE; order 4 from "
                f"{AUTO_IPNDM_ORDER4_FROM_NFE})")
     else:
         solver = "unipc"
@@ -108,7 +126,7 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         why = f"unipc with predictor order {order}, lower order at the final steps"
     rule = (f"nfe={nfe}: {why}, on the focus grid with sigma_data={sigma_data:.4g} ({source})")
     return {"solver": solver, "options": options, "grid": "focus", "sigma_data": float(sigma_data),
-            "nfe": nfe, "rule": rule}
+            "nfe": nfe, "kind": kind, "rule": rule}
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
@@ -245,7 +263,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     elif grid_name == "karras":
         config["rho"] = float(rho)
     if auto is not None:
-        config["rule"] = auto["rule"]
+        config["kind"], config["rule"] = auto["kind"], auto["rule"]
     call = {"solver": info.name, "steps": steps, **dict(options),
             "grid": grid_name if grid_name != "custom" else times.clone()}
     call.update({k: config[k] for k in ("sigma_data", "rho") if k in config})

@@ -32,6 +32,55 @@ def test_rule(nfe, solver, options):
     assert auto_config(mix, nfe, sigma_data=0.2)["sigma_data"] == 0.2
 
 
+def _network_model(sde):
+    """A small untrained MLP score model: what the network rule sees (no exact score, no scale)."""
+    from sde_diffusion.config import load_config
+    from sde_diffusion.models import model_from_config
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = load_config(os.path.join(root, "configs", "toy", "moons_vp.py"))
+    config.model.hidden, config.model.depth, config.model.embed_dim = 16, 2, 16
+    torch.manual_seed(0)
+    _, model = model_from_config(config, data_shape=(2,), sde=sde)
+    return model
+
+
+@pytest.mark.parametrize("nfe,solver,options", [
+    (2, "unipc", {"order": 2, "lower_order_final": True}),
+    (4, "ipndm", {"order": 3}),
+    (5, "unipc", {"order": 2, "lower_order_final": True}),
+    (8, "unipc", {"order": 2, "lower_order_final": True}),
+    (15, "unipc", {"order": 2, "lower_order_final": True}),
+    (16, "unipc", {"order": 3, "lower_order_final": True})])
+def test_rule_for_a_learned_network(nfe, solver, options):
+    """A model without an exact score (a network, or None) gets the network rule; an oracle wrapped
+    in OracleModel is still exact."""
+    from sde_diffusion.models import OracleModel
+
+    sde = VPSDE()
+    for model in (_network_model(sde), None):
+        cfg = auto_config(model, nfe)
+        assert cfg["kind"] == "network" and cfg["solver"] == solver and cfg["options"] == options
+        assert cfg["grid"] == "focus" and cfg["sigma_data"] == 0.5
+        assert ("learned network" in cfg["rule"]) == (5 <= nfe <= 15)
+    exact = auto_config(OracleModel(random_mixture(4, 3, seed=0, sde=sde)), nfe)
+    assert exact["kind"] == "exact"
+    assert exact["solver"] == ("ipndm" if 4 <= nfe <= 15 else "unipc")
+
+
+def test_a_network_default_records_its_rule():
+    sde = VESDE()
+    model = _network_model(sde)
+    with torch.no_grad():
+        out = sample(model, shape=(16, 2), nfe=6, generator=0)
+    assert out.nfe == 6 and out.solver == "unipc" and out.config["kind"] == "network"
+    assert out.config["options"] == {"order": 2, "lower_order_final": True}
+    with torch.no_grad():
+        again = sample(model, shape=(16, 2), generator=0, **out.config["call"])
+    assert torch.equal(again.samples, out.samples)
+
+
 def test_data_scale_is_the_rms_std_of_the_data():
     for kw in ({}, {"diagonal": True}, {"full": True}):
         mix = random_mixture(5, 3, seed=1, **kw)
