@@ -62,6 +62,10 @@ def _check_nfe_budgets(specs, nfes: Sequence[int]) -> None:
                     raise UserError(f"--nfe {nfe}: {err}") from None
 
 
+#: ``compare --metric fd``'s default samples per seed and cell (the floor's data has 1437 digits)
+COMPARE_FD_N = 500
+
+
 # ---- subcommands ------------------------------------------------------------------------------
 def cmd_train(args, rest: Sequence[str]) -> int:
     import signal
@@ -389,6 +393,8 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
     specs = parse_solver_list(args.solvers)
     nfes = _ints(args.nfe, "--nfe")
     _check_nfe_budgets(specs, nfes)
+    if args.n is None:
+        args.n = COMPARE_FD_N if args.metric == "fd" else 2000
     if args.n < 2:
         raise UserError(f"--n must be >= 2 (a sample set to compare), got {args.n}")
     if args.metric == "fd":  # digits FD over seeds with intervals: sde_diffusion.study_cli
@@ -561,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a digits checkpoint: Frechet distance over --seeds seeds, 95%% intervals)")
     p.add_argument("--seeds", type=int, default=3, help="--metric fd: seeds per cell (default 3)")
     p.add_argument("--grid", default=None, help="one time grid for every solver (default: each its own)")
-    p.add_argument("--n", type=int, default=2000, help="samples per run (default 2000)")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"samples per run (default 2000; --metric fd: {COMPARE_FD_N} per seed, at "
+                        f"most 1437, the digits training images the floor draws from)")
     p.add_argument("--bootstrap", type=int, default=30,
                    help="resamples for the bootstrap standard error of sliced_w (column "
                         "sliced_w_se, error bars in its plot; default 30, 0 for none)")

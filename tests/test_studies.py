@@ -271,6 +271,13 @@ def test_compare_metric_fd(digits_run, tmp_path, capsys):
     assert rows[-1] == "| NFE per sample | 1 | 4 |"                 # no denoising step: the budget
     for name in ("compare.csv", "fd_vs_nfe.png", "compare.json"):
         assert (out / name).stat().st_size > 100
+    # without --n: COMPARE_FD_N per seed (compare's oracle default, 2000, is more digits than the
+    # floor's 1437)
+    from sde_diffusion.cli import COMPARE_FD_N
+    assert main(["compare", "--checkpoint", str(digits_run), "--metric", "fd", "--solvers", "ddim",
+                 "--nfe", "1", "--seeds", "2", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    long = list(csv.DictReader(open(tmp_path / "d" / "compare.csv")))
+    assert {int(r["n"]) for r in long} == {COMPARE_FD_N}
     code = main(["compare", "--oracle", "image16", "--metric", "fd", "--out", str(tmp_path / "o"),
                  "--quiet"])
     err = capsys.readouterr().err
