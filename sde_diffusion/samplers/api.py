@@ -43,7 +43,8 @@ DEFAULT_SIGMA_DATA = 0.5
 class ConfiguredResult(SampleResult):
     """A :class:`SampleResult` that also records the configuration that ran (``config``): the
     solver, its options (with a budget's plan filled in), the grid (name and its parameter, or
-    ``"custom"``), the steps and, for the automatic choice, ``auto=True`` and the ``rule`` applied.
+    ``"custom"``), the steps and, for the automatic choice, ``auto=True``, the model's ``kind``
+    (``"exact"`` or ``"network"``) and the ``rule`` applied.
     ``sample(model, **result.config["call"])`` reproduces the run from the same noise."""
 
     config: Dict[str, object] = field(default_factory=dict)
