@@ -49,8 +49,7 @@ def test_a_torchrun_rank_leaves_without_the_interpreter_teardown():
               "print('before', end='')\n"
               "main(['sample', '--oracle', 'ring8', '--n', '0', '--out', 'x.npz'])\n"
               "print('RETURNED')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, WORLD_SIZE="2", PYTHONPATH=root)
+    env = dict(os.environ, WORLD_SIZE="2", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

@@ -13,7 +13,6 @@ from sde_diffusion.metrics import sliced_wasserstein
 
 from helpers import SDE_CLASSES, operator_problem  # noqa: E402
 
-SDES = SDE_CLASSES
 N = 500
 
 
@@ -30,7 +29,7 @@ def _distance(problem, method, nfe, sigma_y=0.0, **options):
 #   vp: score_sde 0.012, ddnm 0.013, ddnm_plus 0.022, repaint 0.031, sdedit 0.012
 #   ve: 0.013, 0.009, 0.019, 0.015, 0.016;   subvp: 0.015, 0.009, 0.020, 0.023, 0.011
 # (a DDNM whose projection moves only half-way measures 0.034 here, 0.14 in the 8-d VE test)
-@pytest.mark.parametrize("sde", sorted(SDES))
+@pytest.mark.parametrize("sde", sorted(SDE_CLASSES))
 @pytest.mark.parametrize("method,nfe,bound", [("score_sde", 200, 0.03), ("ddnm", 100, 0.03),
                                               ("ddnm_plus", 100, 0.045), ("repaint", 200, 0.06),
                                               ("sdedit", 100, 0.035)])
