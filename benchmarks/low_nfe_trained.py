@@ -141,8 +141,9 @@ def write_results(rows, names, nfes, args, ref_steps, elapsed) -> None:
              "| NFE | best by geometric mean | geo. mean | max | default | geo. mean | max | "
              + " | ".join(f"default / best: {c}" for c in names) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+    ranked_at = {nfe: pooled(rows, names, nfe) for nfe in nfes}
     for nfe in nfes:
-        ranked = pooled(rows, names, nfe)
+        ranked = ranked_at[nfe]
         top = next(r for r in ranked if r[2] != DEFAULT)
         dflt = next(r for r in ranked if r[2] == DEFAULT)
         config = next(r["config"] for r in rows if r["nfe"] == nfe and r["method"] == DEFAULT)
@@ -152,7 +153,7 @@ def write_results(rows, names, nfes, args, ref_steps, elapsed) -> None:
               "| NFE | rank | method | geo. mean | max | " + " | ".join(names) + " |",
               "|---|---|---|---|---|" + "---|" * len(names)]
     for nfe in nfes:
-        ranked = [r for r in pooled(rows, names, nfe) if r[2] != DEFAULT]
+        ranked = [r for r in ranked_at[nfe] if r[2] != DEFAULT]
         for i, (g, m, method, ratios) in enumerate(ranked[:5], 1):
             lines.append(f"| {nfe} | {i} | {method} | {g:.2f} | {m:.2f} | "
                          + " | ".join(f"{x:.2f}" for x in ratios) + " |")
