@@ -62,8 +62,9 @@ def _check_nfe_budgets(specs, nfes: Sequence[int]) -> None:
                     raise UserError(f"--nfe {nfe}: {err}") from None
 
 
-#: ``compare --metric fd``'s default samples per seed and cell (the floor's data has 1437 digits)
-COMPARE_FD_N = 500
+#: ``compare``'s default samples per solver and budget; with ``--metric fd`` per seed and cell
+#: (fewer: the floor's data has 1437 digits)
+COMPARE_N, COMPARE_FD_N = 2000, 500
 
 
 # ---- subcommands ------------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def cmd_compare(args, rest: Sequence[str]) -> int:
     nfes = _ints(args.nfe, "--nfe")
     _check_nfe_budgets(specs, nfes)
     if args.n is None:
-        args.n = COMPARE_FD_N if args.metric == "fd" else 2000
+        args.n = COMPARE_FD_N if args.metric == "fd" else COMPARE_N
     if args.n < 2:
         raise UserError(f"--n must be >= 2 (a sample set to compare), got {args.n}")
     if args.metric == "fd":  # digits FD over seeds with intervals: sde_diffusion.study_cli
@@ -568,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="--metric fd: seeds per cell (default 3)")
     p.add_argument("--grid", default=None, help="one time grid for every solver (default: each its own)")
     p.add_argument("--n", type=int, default=None,
-                   help=f"samples per run (default 2000; --metric fd: {COMPARE_FD_N} per seed, at "
-                        f"most 1437, the digits training images the floor draws from)")
+                   help=f"samples per run (default {COMPARE_N}; --metric fd: {COMPARE_FD_N} per "
+                        f"seed, at most 1437, the digits training images the floor draws from)")
     p.add_argument("--bootstrap", type=int, default=30,
                    help="resamples for the bootstrap standard error of sliced_w (column "
                         "sliced_w_se, error bars in its plot; default 30, 0 for none)")
