@@ -291,54 +291,100 @@ def data_floor(n: int, seeds: Sequence[int], image_size: int = 8) -> List[float]
 
 
 def estimate_seconds(study: Study, model: ScoreModel, n: int, seeds: int, batch: int,
-                     shape: Sequence[int], device="cpu", denoise: bool = True) -> Dict[str, float]:
+                     shape: Sequence[int], device="cpu", denoise: bool = True,
+                     workers: int = 1) -> Dict[str, float]:
     """Time one network call on a batch of ``b = min(batch, n)`` and scale it to the study's
     samples and calls: ``{"call_s", "batch", "calls", "seconds"}``, ``seconds = call_s / b x n x
-    NFE x seeds x`` :data:`OVERHEAD` (the rest of the work, measured)."""
+    NFE x seeds x`` :data:`OVERHEAD` (the rest of the work, measured) ``/ workers``, the call
+    timed on a worker's share of the threads (as :func:`run_study` gives it)."""
     b = min(batch, n)
     x = torch.randn((b,) + tuple(shape), device=device)
     t = torch.full((b,), 0.5 * model.sde.T, device=device)
-    with torch.no_grad():
-        model.eps(x, t)                                   # warm-up
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            model.eps(x, t)
-            times.append(time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(1, threads // workers))   # a worker's share, as run_study's
+        with torch.no_grad():
+            model.eps(x, t)                                   # warm-up
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                model.eps(x, t)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     call = min(times)
     calls = study_nfe(study, denoise) * seeds * math.ceil(n / b)
     # the time of a call grows with its batch: the cost is counted per sample (a last, partial
     # batch costs its share), as fit_n counts it
-    seconds = OVERHEAD * call / b * n * study_nfe(study, denoise) * seeds
+    seconds = OVERHEAD * call / b * n * study_nfe(study, denoise) * seeds / workers
     return {"call_s": call, "batch": b, "calls": calls, "seconds": seconds}
 
 
 def fit_n(call_s: float, batch: int, study: Study, seeds: int, seconds: float,
-          denoise: bool = True) -> int:
+          denoise: bool = True, workers: int = 1) -> int:
     """The largest sample count per seed whose network time fits ``seconds``: ``call_s`` is one
-    call on ``batch`` samples, each sample costs :func:`study_nfe` calls per seed; kept within
-    :data:`N_RANGE`."""
-    per_sample = OVERHEAD * call_s / batch * study_nfe(study, denoise) * seeds
+    call on ``batch`` samples, each sample costs :func:`study_nfe` calls per seed, shared by
+    ``workers`` processes (as :func:`estimate_seconds`); kept within :data:`N_RANGE`."""
+    per_sample = OVERHEAD * call_s / batch * study_nfe(study, denoise) * seeds / workers
     return int(min(max(seconds / per_sample, N_RANGE[0]), N_RANGE[1]))
+
+
+def _score_cell(model: ScoreModel, cell: Cell, n: int, seed: int, batch: int,
+                shape: Sequence[int], grid: Optional[str], denoise: bool, device,
+                bar: Optional[bool], test: torch.Tensor) -> Tuple[float, int, float]:
+    """One (cell, seed) of a study: ``(Fréchet distance, NFE per sample, seconds)``."""
+    from .metrics import frechet_distance
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x, nfe = _draw(model, cell, n, seed, batch, shape, grid, denoise, device, bar)
+        fd = float(frechet_distance(x.clamp(-1, 1), test, features="digits"))
+    return fd, nfe, time.perf_counter() - t0
+
+
+#: a worker process's model and test split (:func:`_start_worker`)
+_WORKER: dict = {}
+
+
+def _start_worker(model: ScoreModel, test: torch.Tensor, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(model=model, test=test)
+
+
+def _worker_task(cell: Cell, n: int, seed: int, batch: int, shape: Sequence[int],
+                 grid: Optional[str], denoise: bool) -> Tuple[float, int, float]:
+    return _score_cell(_WORKER["model"], cell, n, seed, batch, shape, grid, denoise, "cpu",
+                       False, _WORKER["test"])
 
 
 def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Sequence[int],
               batch: int = 500, seed: int = 0, grid: Optional[str] = None, denoise: bool = True,
               device="cpu", bar: Optional[bool] = False,
-              progress: Optional[Callable[[str], None]] = None) -> StudyResult:
+              progress: Optional[Callable[[str], None]] = None, workers: int = 1) -> StudyResult:
     """Run every cell of ``study`` for seeds ``seed, ..., seed + seeds - 1``: ``n`` samples each,
     scored by the digits classifier's Fréchet distance to the digits test split
     (:func:`~sde_diffusion.metrics.frechet_distance`, ``features="digits"``), and the data floor
     (:func:`data_floor`). A cell whose solver refuses the model (ancestral sampling under sub-VP)
     is found by a one-step probe before the long runs and recorded in ``skipped``. ``bar``: the
-    samplers' progress bars (``None``: on a terminal)."""
+    samplers' progress bars (``None``: on a terminal).
+
+    ``workers > 1`` (CPU only) runs the (cell, seed) pairs in that many spawned processes, each
+    with ``max(1, torch.get_num_threads() // workers)`` threads. Every pair draws its own seeded,
+    indexed noise, so the values do not depend on which process ran it or in what order (up to
+    the float rounding of a different thread count)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
     from . import data
-    from .metrics import frechet_distance
 
     require(isinstance(seeds, int) and seeds >= 2, f"seeds must be an integer >= 2 (a confidence "
                                                    f"interval needs two values), got {seeds!r}")
     require(isinstance(n, int) and n >= 2, f"n must be an integer >= 2, got {n!r}")
     require(isinstance(batch, int) and batch >= 1, f"batch must be an integer >= 1, got {batch!r}")
+    require(isinstance(workers, int) and workers >= 1,
+            f"workers must be an integer >= 1, got {workers!r}")
+    require(workers == 1 or torch.device(device).type == "cpu",
+            f"workers > 1 runs CPU processes; on {device} use workers=1, got {workers}")
     shape = tuple(int(s) for s in shape)
     require(len(shape) == 3 and shape[0] == 1 and shape[1] == shape[2] and shape[1] >= 8,
             f"the digits Fréchet distance needs images of shape (1, S, S) with S >= 8, got {shape}")
@@ -353,25 +399,39 @@ def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Seq
             todo.append(key)
         else:
             result.skipped[key] = why
-    total = len(todo) * seeds
-    work = sum(study.cells[k].nfe(denoise) for k in todo) * seeds   # the time left goes by NFE
-    done, done_work, started = 0, 0, time.perf_counter()
-    for key in todo:
-        cell = study.cells[key]
-        for s in seed_list:
-            t0 = time.perf_counter()
-            x, nfe = _draw(model, cell, n, s, batch, shape, grid, denoise, device, bar)
-            fd = float(frechet_distance(x.clamp(-1, 1), test, features="digits"))
-            result.fd.setdefault(key, []).append(fd)
-            result.nfe[key] = nfe
-            result.wall[key] = result.wall.get(key, 0.0) + time.perf_counter() - t0
-            done += 1
-            done_work += cell.nfe(denoise)
-            if progress:
-                elapsed = time.perf_counter() - started
-                left = elapsed / done_work * (work - done_work)
-                progress(f"[{done}/{total}] {key[0]} @ {key[1]}, seed {s}: FD {fd:.3f} "
-                         f"(NFE {nfe}; {_clock(elapsed)} elapsed, ~{_clock(left)} left)")
+    tasks = [(key, s) for key in todo for s in seed_list]
+    work = sum(study.cells[k].nfe(denoise) for k, _ in tasks)   # the time left goes by NFE
+    values: Dict[Tuple[Tuple[str, str], int], Tuple[float, int, float]] = {}
+    started, done_work = time.perf_counter(), 0
+
+    def record(key: Tuple[str, str], s: int, value: Tuple[float, int, float]) -> None:
+        nonlocal done_work
+        values[key, s] = value
+        done_work += study.cells[key].nfe(denoise)
+        if progress:
+            elapsed = time.perf_counter() - started
+            left = elapsed / done_work * (work - done_work)
+            progress(f"[{len(values)}/{len(tasks)}] {key[0]} @ {key[1]}, seed {s}: FD "
+                     f"{value[0]:.3f} (NFE {value[1]}; {_clock(elapsed)} elapsed, "
+                     f"~{_clock(left)} left)")
+
+    if workers == 1:
+        for key, s in tasks:
+            record(key, s, _score_cell(model, study.cells[key], n, s, batch, shape, grid, denoise,
+                                       device, bar, test))
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
+                                 (model, test, threads)) as pool:
+            futures = {pool.submit(_worker_task, study.cells[key], n, s, batch, shape, grid,
+                                   denoise): (key, s) for key, s in tasks}
+            for future in as_completed(futures):
+                record(*futures[future], future.result())
+    for key, s in tasks:   # in the study's order, whatever order the work finished in
+        fd, nfe, wall = values[key, s]
+        result.fd.setdefault(key, []).append(fd)
+        result.nfe[key] = nfe
+        result.wall[key] = result.wall.get(key, 0.0) + wall
     return result
 
 

@@ -47,6 +47,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing report files")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="CPU processes running the (cell, seed) pairs side by side, each on "
+                        "threads/workers threads (default 1; on a machine with W idle cores, "
+                        "--workers W is the fastest); CPU only")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
     p.add_argument("--estimate", action="store_true",
                    help="print the estimated run time (one timed network call) and stop")
@@ -66,6 +70,11 @@ def _check_arguments(args):
         raise UserError(f"--minutes must be a finite number > 0, got {args.minutes}")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1 and args.device != "cpu":
+        raise UserError(f"--workers {args.workers} runs CPU processes; with --device "
+                        f"{args.device} use --workers 1")
     if not (args.snr > 0 and args.snr < float("inf")):
         raise UserError(f"--snr must be a finite number > 0, got {args.snr}")
     steps = None if args.study_steps is None else _ints(args.study_steps, "--steps")
@@ -121,18 +130,21 @@ def run(args, rest) -> int:
     fitted = args.n is None
     if fitted:  # the most samples that fit --minutes, from one call on a full batch
         probe = estimate_seconds(study, model, args.batch, args.seeds, args.batch, shape, device)
-        args.n = fit_n(probe["call_s"], args.batch, study, args.seeds, 60 * args.minutes)
+        args.n = fit_n(probe["call_s"], args.batch, study, args.seeds, 60 * args.minutes,
+                       workers=args.workers)
         if args.n < args.batch:  # a smaller batch costs more per sample: fit again at that size
             probe = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
-            args.n = fit_n(probe["call_s"], probe["batch"], study, args.seeds, 60 * args.minutes)
+            args.n = fit_n(probe["call_s"], probe["batch"], study, args.seeds, 60 * args.minutes,
+                           workers=args.workers)
         say(f"{args.study}: --n {args.n}: the most samples per seed whose estimated run time "
             f"fits --minutes {args.minutes:g}")
-    est = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
+    est = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device,
+                           workers=args.workers)
     tell = print if args.estimate else say
     tell(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
          f"{study_nfe(study)} NFE per sample and seed; one network call on {est['batch']} samples "
-         f"takes {est['call_s']:.3f} s ({torch.get_num_threads()} threads), {est['calls']} calls: "
-         f"estimated {est['seconds'] / 60:.1f} min")
+         f"takes {est['call_s']:.3f} s ({max(1, torch.get_num_threads() // args.workers)} threads), {est['calls']} calls"
+         f"{f' over {args.workers} workers' if args.workers > 1 else ''}: estimated {est['seconds'] / 60:.1f} min")
     if args.n < 64:  # the digits classifier's features are 64-dimensional
         say(f"{args.study}: warning: --n {args.n} is below the 64 feature dimensions: the sample "
             f"covariance is singular and the distance noisy (the floor's spread at n = 50 is ~9, "
@@ -145,11 +157,12 @@ def run(args, rest) -> int:
     with torch.no_grad():
         result = run_study(study, model, n=args.n, seeds=args.seeds, shape=shape,
                            batch=args.batch, seed=args.seed, device=device,
-                           bar=False if args.quiet else None, progress=None if args.quiet else say)
+                           bar=False if args.quiet else None, progress=None if args.quiet else say,
+                           workers=args.workers)
     wall = time.perf_counter() - start
     info = provenance(seed=args.seed, command=_command_line(args),
                       checkpoint=os.path.abspath(args.checkpoint), batch=args.batch,
-                      snr=args.snr if args.study == "pc-table" else None,
+                      workers=args.workers, snr=args.snr if args.study == "pc-table" else None,
                       n_fitted_to_minutes=args.minutes if fitted else None,
                       estimate_s=est["seconds"], call_s=est["call_s"], wall_s=wall)
     paths = write_report(result, args.out, info)

@@ -111,6 +111,35 @@ def test_common_noise_across_rows_and_fresh_noise_across_seeds(small_model):
     assert res.nfe[(rows[0], "3")] == 4
 
 
+def test_workers_give_the_values_of_one_process(small_model):
+    """The (cell, seed) pairs run in two spawned processes give the per-seed distances of the
+    sequential run, in seed order (each pair draws its own indexed noise; both on one thread so
+    that not even the rounding differs), with the Langevin hook and a skipped cell too."""
+    cells = {("pf+C", "3"): Cell("ode_euler", 3, langevin_snr=0.16),
+             ("ddim", "3"): Cell("ddim", 3, {"eta": 1.0}), ("ddim", "5"): Cell("ddim", 5)}
+    st = Study("t", "t", ("pf+C", "ddim"), ("3", "5"), {"3": 3, "5": 5}, cells)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            one = run_study(st, small_model, n=8, seeds=3, shape=(1, 8, 8), batch=5)
+        messages = []
+        two = run_study(st, small_model, n=8, seeds=3, shape=(1, 8, 8), batch=5, workers=2,
+                        progress=messages.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert two.fd == one.fd and two.nfe == one.nfe and two.floor == one.floor
+    assert len(set(one.fd[("ddim", "3")])) == 3 and len(messages) == 9 and "[9/9]" in " ".join(messages)
+
+
+def test_workers_errors(small_model):
+    st = Study("t", "t", ("ddim",), ("3",), {"3": 3}, {("ddim", "3"): Cell("ddim", 3)})
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
+        run_study(st, small_model, n=4, seeds=2, shape=(1, 8, 8), workers=0)
+    with pytest.raises(ValueError, match="workers > 1 runs CPU processes"):
+        run_study(st, small_model, n=4, seeds=2, shape=(1, 8, 8), workers=2, device="cuda")
+
+
 def test_langevin_hook_adds_one_network_call_per_step(small_model):
     cells = {("pf", "4"): Cell("ode_euler", 4, langevin_snr=0.16),
              ("pf", "8"): Cell("ode_euler", 8)}
