@@ -1,6 +1,7 @@
 """optimize_grid: a grid fitted on pilot noise generalises to fresh noise (checked against the exact
 flow map), keeps its ends, and plugs into sample(); bad requests fail clearly."""
 import pytest
+import numpy as np
 import torch
 
 from sde_diffusion import VESDE, VPSDE, optimize_grid, random_mixture, sample
@@ -82,6 +83,29 @@ def test_step_ratio_bound_holds():
         ratio = h[1:] / h[:-1]
         assert float(ratio.max()) <= bound * (1 + 1e-9) and float(ratio.min()) >= 1 / bound / (1 + 1e-9)
         assert not torch.equal(res.times, res.initial_times)   # it did move
+
+
+def test_ratio_bound_is_relative_to_a_start_that_exceeds_it():
+    """The focus grid at 4 steps has a first step ratio of ~0.45, beyond a factor 2: the search
+    starts from that grid exactly (its first run has the start's error) and every ratio of the
+    fit stays within a factor 2 of the start's."""
+    from sde_diffusion.samplers import make_grid
+    from sde_diffusion.samplers.tuning import _free_points
+
+    sde = VPSDE()
+    start = make_grid(sde, 4, "focus", sigma_data=0.34)
+    lam = sde.lambda_(start).numpy()
+    h0 = np.diff(lam)
+    assert (h0[1:] / h0[:-1]).min() < 0.5                        # the start exceeds the bound
+    lam_of, z0 = _free_points(lam, 2.0)
+    np.testing.assert_allclose(lam_of(z0), lam, rtol=0, atol=1e-12)
+    mix = random_mixture(DIM, 4, seed=3, sde=sde)
+    res = optimize_grid(mix, sde, "ipndm", 4, order=3, shape=(128, DIM), generator=5,
+                        grid="focus", sigma_data=0.34, max_evals=60, validation=0)
+    assert res.pilot_error < res.initial_error                    # it did move, and helped
+    h = sde.lambda_(res.times).diff().numpy()
+    change = (h[1:] / h[:-1]) / (h0[1:] / h0[:-1])
+    assert change.max() <= 2 * (1 + 1e-9) and change.min() >= 0.5 / (1 + 1e-9)
 
 
 def test_same_inputs_same_grid():
