@@ -148,8 +148,20 @@ def our_methods(problem: Problem) -> Dict[str, Callable]:
     return out
 
 
-def mcgdiff(problem: Problem, particles: int) -> Callable:
-    return lambda nfe, n, seed: ours(problem, "mcgdiff", nfe, n, seed, particles=particles)
+#: the SMC methods, each run at every ``--particles`` count (TDS with our PiGDM row's options)
+SMC = ("mcgdiff", "tds")
+
+
+def smc_entries(problem: Problem, particles: int) -> List[Tuple[str, Callable]]:
+    sd = data_std(problem.prior)
+    options = {"mcgdiff": {}, "tds": dict(sigma_data=sd, guidance="score")}
+    return [(f"{m} {particles}", lambda nfe, n, seed, m=m: ours(problem, m, nfe, n, seed,
+                                                               particles=particles, **options[m]))
+            for m in SMC]
+
+
+def is_smc(label: str) -> bool:
+    return label.split()[0] in SMC
 
 
 # ---- peers ------------------------------------------------------------------------------------------
@@ -367,7 +379,7 @@ def _repaint_steps(sched, nfe: int, jump_length: int, resample: int) -> Optional
 def run_problem(problem: Problem, nfes, n: int, particles, rows: List[dict], seed: int,
                 peers: bool, smc_nfes, progress) -> None:
     entries = list(our_methods(problem).items())
-    entries += [(f"mcgdiff {p}", mcgdiff(problem, p)) for p in particles]
+    entries += [e for p in particles for e in smc_entries(problem, p)]
     if peers:
         rp = diffusers_repaint(problem)
         if rp is not None:
@@ -377,7 +389,7 @@ def run_problem(problem: Problem, nfes, n: int, particles, rows: List[dict], see
             "sigma_y": problem.sigma_y}
     for nfe in nfes:
         for label, fn in entries:
-            if label.startswith("mcgdiff") and nfe not in smc_nfes:
+            if is_smc(label) and nfe not in smc_nfes:
                 continue
             start = time.process_time()
             x, used = fn(nfe, n, seed)
@@ -413,7 +425,7 @@ def main(argv=None) -> int:
     p.add_argument("--dys", default="1,2,4", help="d_y of the gmm25 problems")
     p.add_argument("--seeds", type=int, default=3, help="random problems per size")
     p.add_argument("--nfe", default="20,50,100,1000")
-    p.add_argument("--smc-nfe", default=None, help="NFE budgets at which MCGdiff runs (default all)")
+    p.add_argument("--smc-nfe", default=None, help="NFE budgets at which the SMC methods (MCGdiff, TDS) run (default all)")
     p.add_argument("--particles", default="4,16,64")
     p.add_argument("--n", type=int, default=1000, help="samples per method")
     p.add_argument("--n-ref", type=int, default=1000, help="exact posterior samples")
@@ -464,8 +476,8 @@ def main(argv=None) -> int:
 
 def write_report(summary: List[dict], rows: List[dict], path: str, args) -> None:
     """The markdown: a table per problem size (methods x NFE, mean distance; floor and prior), the
-    targets (best of ours vs best peer at equal NFE; MCGdiff falling with particles and, at 64,
-    below every non-SMC method on every problem) and MCGdiff's reported numbers beside ours."""
+    targets (best of ours vs best peer at equal NFE; each SMC method falling with particles and,
+    at 64, below every non-SMC method on every problem) and MCGdiff's reported numbers beside ours."""
     lines = ["# Inverse problems against the exact posterior (benchmarks/inverse.py)", "",
              f"Command: `python benchmarks/inverse.py {' '.join(sys.argv[1:])}`; sliced W2 of "
              f"{args.n} samples to {args.n_ref} exact-posterior samples, mean over {args.seeds} "
@@ -499,7 +511,6 @@ def _problem_key(name: str):
 
 def targets(summary: List[dict], rows: List[dict]) -> List[str]:
     out = ["## Targets", ""]
-    smc = lambda m: m.startswith("mcgdiff")  # noqa: E731
     for prob in sorted({s["problem"] for s in summary}, key=_problem_key):
         for f in sorted({s["nfe_budget"] for s in summary}):
             sel = [s for s in summary if s["problem"] == prob and s["nfe_budget"] == f]
@@ -512,36 +523,36 @@ def targets(summary: List[dict], rows: List[dict]) -> List[str]:
                            f"{q['method'][6:]} {q['sw']:.4f}: ratio {b['sw'] / q['sw']:.2f} "
                            f"({'met' if ok else 'NOT met'}, target <= 0.5)")
     out.append("")
-    # MCGdiff: falls with particles (mean per size), 64 below every non-SMC method per problem
+    # each SMC method: falls with particles (mean per size), 64 below every non-SMC method
     by = {}
     for r in rows:
         by.setdefault((r["problem"], r["nfe_budget"]), []).append(r)
-    held, total, fails = 0, 0, []
-    for (prob, f), rs in sorted(by.items()):
-        m64 = [r for r in rs if r["method"] == "mcgdiff 64"]
-        others = [r for r in rs if not smc(r["method"])]
-        if not m64 or not others:
-            continue
-        total += 1
-        best = min(others, key=lambda r: r["sw"])
-        if m64[0]["sw"] < best["sw"]:
-            held += 1
-        else:
-            fails.append(f"{prob} NFE {f} (mcgdiff 64 {m64[0]['sw']:.4f}, {best['method']} "
-                         f"{best['sw']:.4f})")
-    out.append(f"- MCGdiff 64 below every non-SMC method: {held} of {total} (problem, NFE) cells"
-               + (": fails on " + "; ".join(fails) if fails else ""))
-    falls = []
-    for prob in sorted({s["problem"] for s in summary}, key=_problem_key):
-        for f in sorted({s["nfe_budget"] for s in summary}):
-            vals = [(int(s["method"].split()[1]), s["sw"]) for s in summary
-                    if s["problem"] == prob and s["nfe_budget"] == f and smc(s["method"])]
-            if len(vals) >= 2:
-                vals.sort()
-                mono = all(b[1] < a[1] for a, b in zip(vals, vals[1:]))
-                falls.append(mono)
-    out.append(f"- MCGdiff's mean distance falls with every doubling-or-more of particles in "
-               f"{sum(falls)} of {len(falls)} (size, NFE) cells")
+    for name in SMC:
+        held, total, fails = 0, 0, []
+        for (prob, f), rs in sorted(by.items()):
+            m64 = [r for r in rs if r["method"] == f"{name} 64"]
+            others = [r for r in rs if not is_smc(r["method"])]
+            if not m64 or not others:
+                continue
+            total += 1
+            best = min(others, key=lambda r: r["sw"])
+            if m64[0]["sw"] < best["sw"]:
+                held += 1
+            else:
+                fails.append(f"{prob} NFE {f} ({name} 64 {m64[0]['sw']:.4f}, {best['method']} "
+                             f"{best['sw']:.4f})")
+        out.append(f"- {name} 64 below every non-SMC method: {held} of {total} (problem, NFE) "
+                   f"cells" + (": fails on " + "; ".join(fails) if fails else ""))
+        falls = []
+        for prob in sorted({s["problem"] for s in summary}, key=_problem_key):
+            for f in sorted({s["nfe_budget"] for s in summary}):
+                vals = sorted((int(s["method"].split()[1]), s["sw"]) for s in summary
+                              if s["problem"] == prob and s["nfe_budget"] == f
+                              and s["method"].split()[0] == name)
+                if len(vals) >= 2:
+                    falls.append(all(b[1] < a[1] for a, b in zip(vals, vals[1:])))
+        out.append(f"- {name}'s mean distance falls with every doubling-or-more of particles in "
+                   f"{sum(falls)} of {len(falls)} (size, NFE) cells")
     out.append("")
     return out
 

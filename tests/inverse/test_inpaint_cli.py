@@ -20,9 +20,9 @@ from helpers import assert_one_line_error  # noqa: E402
 METHODS = {  # small settings, so that each run takes well under a second on the oracle
     "ddnm": "ddnm", "ddnm_plus": "ddnm_plus", "ddrm": "ddrm", "dps": "dps:zeta=0.1",
     "mcgdiff": "mcgdiff:particles=4", "pigdm": "pigdm", "repaint": "repaint:jump_length=2:resample=2",
-    "score_sde": "score_sde", "sdedit": "sdedit"}
+    "score_sde": "score_sde", "sdedit": "sdedit", "tds": "tds:particles=4"}
 #: methods whose samples meet a noiseless observation exactly (known part replaced or projected)
-EXACT_ON_Y = {"ddnm", "ddrm", "mcgdiff", "repaint", "score_sde", "sdedit"}
+EXACT_ON_Y = {"ddnm", "ddrm", "mcgdiff", "repaint", "score_sde", "sdedit", "tds"}
 
 
 def test_every_registered_method_is_covered():

@@ -37,18 +37,73 @@ Two ways for ``g`` to enter the step (option ``guidance``):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..._checks import require
 from ..registry import MethodResult, register_method
-from ._guided import check_eta, ddim_update, noise_for, schedule, spectral
+from ._guided import check_eta, noise_for, noise_std, schedule, spectral
 
-__all__ = ["pigdm", "GUIDANCE"]
+__all__ = ["pigdm", "GUIDANCE", "pigdm_terms", "guided_mean", "check_guidance"]
 
 #: How the likelihood score ``g`` enters the step (see the module docstring).
 GUIDANCE = ("paper", "score")
+
+
+def pigdm_terms(model, spec, operator, y: torch.Tensor, x: torch.Tensor, sched, i: int,
+                sigma_y: float, sigma_data: float, guidance: str):
+    """At grid point ``i``: the denoiser's ``x0`` and ``eps``, the guidance vector ``g`` as
+    ``guidance`` uses it (``"score"``: ``grad log p_t(y | x_t)`` of eq. 7; ``"paper"``: that times
+    ``r_t^2``, or ``J^T A^+ (y - A x0)`` when ``r_t^2 s_i^2 + sigma_y^2 = 0``), and the log of the
+    approximate likelihood ``N(y; A x0_hat, r_t^2 AA^T + sigma_y^2 I)`` per sample, up to a
+    constant in ``x`` (``-0.5 sum_i rho_i^2 / v_i + log v_i`` over ``s_i > 0``, ``rho = U^T (y - A
+    x0_hat)``, ``v_i = r_t^2 s_i^2 + sigma_y^2``; ``0`` where ``v_i = 0``). One network call and
+    one vector-Jacobian product."""
+    a, s = sched.alphas[i], sched.sigmas[i]
+    r2 = sigma_data ** 2 * s * s / (a * a * sigma_data ** 2 + s * s)
+    s_k = spec.s[:spec.k]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        x0 = model.at_scales("x0", xg, sched.t(i, x), a, s)
+        rho = spec.Ut(y - operator.A(x0.detach()))
+        # A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0), times r^2 for "paper": zero on s_i = 0
+        denom = r2 * s_k * s_k + sigma_y * sigma_y
+        usable = (s_k > 0) & (denom > 0)
+        coef = torch.where(s_k > 0, s_k / torch.where(denom > 0, denom, 1.0), 0.0)
+        if guidance == "paper":
+            coef = torch.where(denom > 0, r2 * coef, torch.where(s_k > 0, 1 / s_k, 0.0))
+        z = torch.zeros(x.shape[0], spec.d_x, dtype=x.dtype, device=x.device)
+        z[:, :spec.k] = coef * rho
+        (g,) = torch.autograd.grad(x0, xg, grad_outputs=spec.V(z))
+    x0 = x0.detach()
+    safe = torch.where(usable, denom, 1.0)
+    log_lik = torch.where(usable, -0.5 * (rho * rho / safe + torch.log(safe)), 0.0).sum(-1)
+    return x0, (x - a * x0) / s, g, log_lik
+
+
+def guided_mean(sched, i: int, x0: torch.Tensor, eps: torch.Tensor, g: torch.Tensor, std: float,
+                weight: float, guidance: str) -> torch.Tensor:
+    """PiGDM's step ``i`` before its noise ``std z``: DDIM's mean ``alpha' x0 + sqrt(sigma'^2 -
+    std^2) eps`` with the guidance of ``guidance`` (see the module docstring)."""
+    a, s = sched.alphas[i], sched.sigmas[i]
+    a1, s1 = sched.alphas[i + 1], sched.sigmas[i + 1]
+    c = math.sqrt(max(0.0, s1 * s1 - std * std))
+    if guidance == "score":
+        return a1 * (x0 + (weight * s * s / a) * g) + c * (eps - (weight * s) * g)
+    # Algorithm 1: x_t' = DDIM step + sqrt(alpha_bar_t) r_t^2 g, in VP scale (kappa)
+    return a1 * x0 + c * eps + (weight * math.hypot(a1, s1) * a) * g
+
+
+def check_guidance(guidance: str, weight, sigma_data) -> Tuple[float, float]:
+    """``(weight, sigma_data)`` as floats, after checking them and ``guidance``."""
+    require(guidance in GUIDANCE, f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE)}")
+    weight = float(weight)
+    require(math.isfinite(weight) and weight >= 0, f"weight must be a finite number >= 0, got {weight!r}")
+    sigma_data = float(sigma_data)
+    require(math.isfinite(sigma_data) and sigma_data > 0, f"sigma_data must be a finite number > 0, "
+                                                          f"got {sigma_data!r}")
+    return weight, sigma_data
 
 
 @register_method("pigdm", needs=("svd",))
@@ -61,40 +116,18 @@ def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor
     ``guidance``: ``"paper"`` (Algorithm 1's update, stable on trained networks) or ``"score"``
     (the guided score inside the DDIM step: exact for Gaussian data, unstable where a network's
     Jacobian is inexact); ``grid``: a time grid of :mod:`~sde_diffusion.samplers.grids`."""
-    require(guidance in GUIDANCE, f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE)}")
+    weight, sigma_data = check_guidance(guidance, weight, sigma_data)
     eta = check_eta(eta)
-    weight = float(weight)
-    require(math.isfinite(weight) and weight >= 0, f"weight must be a finite number >= 0, got {weight!r}")
-    sigma_data = float(sigma_data)
-    require(math.isfinite(sigma_data) and sigma_data > 0, f"sigma_data must be a finite number > 0, "
-                                                          f"got {sigma_data!r}")
     sigma_y = float(sigma_y)
     sched = schedule(model.sde, nfe, grid)
     noise = noise_for(generator, tuple(x_T.shape), x_T, "pigdm")
     spec = spectral(operator, x_T)
-    s_k = spec.s[:spec.k]
     start, x = model.nfe, x_T
     for i in range(sched.steps):
-        a, s = sched.alphas[i], sched.sigmas[i]
-        r2 = sigma_data ** 2 * s * s / (a * a * sigma_data ** 2 + s * s)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            x0 = model.at_scales("x0", xg, sched.t(i, x), a, s)
-            residual = (y - operator.A(x0.detach()))
-            # A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0), times r^2 for "paper": zero on s_i = 0
-            denom = r2 * s_k * s_k + sigma_y * sigma_y
-            coef = torch.where(s_k > 0, s_k / torch.where(denom > 0, denom, 1.0), 0.0)
-            if guidance == "paper":
-                coef = torch.where(denom > 0, r2 * coef, torch.where(s_k > 0, 1 / s_k, 0.0))
-            z = torch.zeros(x.shape[0], spec.d_x, dtype=x.dtype, device=x.device)
-            z[:, :spec.k] = coef * spec.Ut(residual)
-            v = spec.V(z)
-            (g,) = torch.autograd.grad(x0, xg, grad_outputs=v)
-        x0 = x0.detach()
-        eps = (x - a * x0) / s
-        if guidance == "score":
-            x = ddim_update(sched, i, x0 + (weight * s * s / a) * g, eps - (weight * s) * g, eta, noise)
-        else:   # Algorithm 1: x_t' = DDIM step + sqrt(alpha_bar_t) r_t^2 g, in VP scale (kappa)
-            a1, s1 = sched.alphas[i + 1], sched.sigmas[i + 1]
-            x = ddim_update(sched, i, x0, eps, eta, noise) + (weight * math.hypot(a1, s1) * a) * g
+        x0, eps, g, _ = pigdm_terms(model, spec, operator, y, x, sched, i, sigma_y, sigma_data,
+                                    guidance)
+        std = noise_std(sched, i, eta)
+        x = guided_mean(sched, i, x0, eps, g, std, weight, guidance)
+        if std > 0:
+            x = x + std * noise.randn()
     return MethodResult(samples=x.detach(), nfe=model.nfe - start)
