@@ -560,12 +560,12 @@ def targets(summary: List[dict], rows: List[dict]) -> List[str]:
 # ---- digits -----------------------------------------------------------------------------------------
 DIGIT_METHODS = {"ddnm": {}, "ddnm_plus": {}, "ddrm": {}, "repaint": {"jump_length": 5, "resample": 2},
                  "score_sde": {}, "dps": {"zeta": 1.0}, "pigdm": {"sigma_data": 0.5},
-                 "mcgdiff": {"particles": 8}}
+                 "mcgdiff": {"particles": 8}, "tds": {"particles": 8, "sigma_data": 0.5}}
 
 
 class _NullLabel(torch.nn.Module):
     """A class-conditional network called with the null label for every sample of any batch
-    (MCGdiff's particles change the batch size, so the label cannot be bound once)."""
+    (the SMC methods' particles change the batch size, so the label cannot be bound once)."""
 
     def __init__(self, net: torch.nn.Module, null: int):
         super().__init__()

@@ -347,3 +347,24 @@ def test_low_nfe_trained_benchmark_smoke(digits_run, tmp_path, monkeypatch):
                            ["a", "b"], 4)
     best = next(r for r in ranked if r[2] != module.DEFAULT)
     assert best[0] == best[1] == 1.0   # the same checkpoint twice: the best is best on both
+
+
+def test_study_workers_benchmark_smoke(digits_run, tmp_path, monkeypatch):
+    """benchmarks/study_workers.py times one process against two workers on a checkpoint and
+    writes both rows, the speed-up and the largest difference of the distances (round-off)."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(REPO, "benchmarks", "study_workers.py")
+    spec = importlib.util.spec_from_file_location("_bench_study_workers", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec.loader.exec_module(module)
+    out = tmp_path / "sw"
+    assert module.main(["--checkpoint", str(digits_run), "--steps", "2", "--n", "4", "--seeds",
+                        "2", "--workers", "2", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    assert [int(r["workers"]) for r in rows] == [1, 2] and float(rows[0]["speed_up"]) == 1.0
+    text = (tmp_path / "sw.md").read_text()
+    diff = float(text.split("between the two runs: ")[1].split(" ")[0])
+    assert diff < 1e-3
