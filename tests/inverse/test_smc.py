@@ -88,15 +88,16 @@ def test_evidence_estimate_matches_the_exact_evidence():
     assert abs(estimate - problem[3].log_evidence) < 0.3
 
 
-def test_a_sample_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("method", ["mcgdiff", "tds"])
+def test_a_sample_does_not_depend_on_its_batch(method):
     problem = _problem("vp", 0.05, 0)
     prior, op = problem[0], problem[1]
     g = torch.Generator().manual_seed(5)
     y = observe(op, prior.sample(3, generator=g, dtype=torch.float64), 0.05, 1)
     x_T = torch.randn(3, 8, generator=g, dtype=torch.float64)
-    alone = solve_inverse(prior, op, y[:1], method="mcgdiff", nfe=10, sigma_y=0.05, x_T=x_T[:1],
+    alone = solve_inverse(prior, op, y[:1], method=method, nfe=10, sigma_y=0.05, x_T=x_T[:1],
                           generator=4, particles=8).samples
-    batch = solve_inverse(prior, op, y, method="mcgdiff", nfe=10, sigma_y=0.05, x_T=x_T,
+    batch = solve_inverse(prior, op, y, method=method, nfe=10, sigma_y=0.05, x_T=x_T,
                           generator=4, particles=8).samples
     torch.testing.assert_close(batch[:1], alone, rtol=1e-9, atol=1e-9)
 
@@ -123,9 +124,10 @@ def test_resampling_schemes():
         _run(problem, "mcgdiff", 5, 0.05, particles=0)
 
 
+@pytest.mark.parametrize("method", ["mcgdiff", "tds"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("op_name", ["color", "block", "box"])
-def test_image_operators_noiseless_exact(op_name, dtype):
+def test_image_operators_noiseless_exact(op_name, dtype, method):
     """Colorization (3, 4, 4), a 2x2 block average and a centred box mask of (1, 4, 4) images:
-    shapes and dtype kept, A x = y to the dtype's round-off."""
-    check_image_operator_noiseless_exact("mcgdiff", op_name, dtype, particles=4)
+    shapes and dtype kept, A x = y to the dtype's round-off (both SMC methods)."""
+    check_image_operator_noiseless_exact(method, op_name, dtype, particles=4)

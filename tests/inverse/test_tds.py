@@ -1,16 +1,11 @@
 """TDS, the twisted diffusion sampler with PiGDM's twisting (sde_diffusion/inverse/methods/tds.py),
 against the exact posterior on test_smc.py's problem (MCGdiff's Gaussian mixture scaled by 1/16,
 ``d_x = 8``, one random projection): the distance falls from one particle (PiGDM's own chain) to
-64 and beats PiGDM; noiseless on every SDE with ``A x = y`` met; a sample does not depend on its
-batch; the image operators; one-line errors. Measured values in the comments; the bounds leave
-margin on them."""
+64 and beats PiGDM; noiseless on every SDE with ``A x = y`` met; one-line errors. test_smc.py runs
+its batch-independence and image-operator tests for both SMC methods. Measured values in the
+comments; the bounds leave margin on them."""
 import pytest
-import torch
 
-from sde_diffusion import solve_inverse
-from sde_diffusion.inverse import observe
-
-from helpers import check_image_operator_noiseless_exact  # noqa: E402
 from test_smc import SDES, _problem, _run  # noqa: E402
 
 
@@ -42,19 +37,6 @@ def test_noiseless_on_every_sde(sde):
     assert 0 < r.info["resampling_rate"] < 1
 
 
-def test_a_sample_does_not_depend_on_its_batch():
-    problem = _problem("vp", 0.05, 0)
-    prior, op = problem[0], problem[1]
-    g = torch.Generator().manual_seed(5)
-    y = observe(op, prior.sample(3, generator=g, dtype=torch.float64), 0.05, 1)
-    x_T = torch.randn(3, 8, generator=g, dtype=torch.float64)
-    alone = solve_inverse(prior, op, y[:1], method="tds", nfe=10, sigma_y=0.05, x_T=x_T[:1],
-                          generator=4, particles=8).samples
-    batch = solve_inverse(prior, op, y, method="tds", nfe=10, sigma_y=0.05, x_T=x_T,
-                          generator=4, particles=8).samples
-    torch.testing.assert_close(batch[:1], alone, rtol=1e-9, atol=1e-9)
-
-
 def test_errors():
     problem = _problem("vp", 0.05, 0)
     with pytest.raises(ValueError, match="particles must be an integer >= 1, got 0"):
@@ -65,11 +47,3 @@ def test_errors():
         _run(problem, "tds", 5, 0.05, guidance="twisted")
     with pytest.raises(ValueError, match="ess_threshold must lie in"):
         _run(problem, "tds", 5, 0.05, ess_threshold=2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("op_name", ["color", "block", "box"])
-def test_image_operators_noiseless_exact(op_name, dtype):
-    """Colorization (3, 4, 4), a 2x2 block average and a centred box mask of (1, 4, 4) images:
-    shapes and dtype kept, A x = y to the dtype's round-off."""
-    check_image_operator_noiseless_exact("tds", op_name, dtype, particles=4)

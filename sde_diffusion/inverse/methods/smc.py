@@ -52,7 +52,8 @@ from ..registry import MethodResult, register_method
 from ...samplers.grids import GRIDS, make_grid
 from ._guided import Schedule, noise_for, noise_std, schedule, spectral
 
-__all__ = ["mcgdiff", "resample_indices", "draw_one", "RESAMPLING", "NOISY"]
+__all__ = ["mcgdiff", "resample_indices", "draw_one", "check_smc", "initial_particles", "RESAMPLING",
+           "NOISY"]
 
 RESAMPLING = ("systematic", "multinomial")
 #: MCGdiff's treatments of noisy observations (``sigma_y > 0``), see the module docstring.
@@ -87,6 +88,25 @@ def draw_one(log_w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = torch.softmax(log_w, dim=1).cumsum(1)
     cdf[:, -1] = 1.0
     return torch.searchsorted(cdf, u.contiguous()).clamp(max=log_w.shape[1] - 1)
+
+
+def check_smc(particles, resampling: str, ess_threshold) -> float:
+    """Check an SMC method's shared options; returns ``ess_threshold`` as a float."""
+    require(isinstance(particles, int) and not isinstance(particles, bool) and particles >= 1,
+            f"particles must be an integer >= 1, got {particles!r}")
+    ess_threshold = float(ess_threshold)
+    require(0 <= ess_threshold <= 1, f"ess_threshold must lie in [0, 1], got {ess_threshold!r}")
+    require(resampling in RESAMPLING, f"unknown resampling {resampling!r}; valid: {', '.join(RESAMPLING)}")
+    return ess_threshold
+
+
+def initial_particles(sde, draw: torch.Tensor, x_T: torch.Tensor, particles: int) -> torch.Tensor:
+    """``(batch * particles, *shape)`` starting states: particle 0 of sample ``b`` is ``x_T[b]``,
+    the others ``prior_std`` times the standard normal ``draw`` (any shape of as many numbers)."""
+    B, shape = x_T.shape[0], tuple(x_T.shape[1:])
+    x = sde.prior_std * draw.reshape((B, particles) + shape)
+    x[:, 0] = x_T
+    return x.reshape((B * particles,) + shape)
 
 
 def _pinned_schedule(sde, nfe: int, grid: str, nu: torch.Tensor, obs: torch.Tensor):
@@ -126,18 +146,14 @@ def mcgdiff(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tens
     pinned at the time its noise level is reached, free after it); ``grid``: a time grid of :mod:`~sde_diffusion.samplers.grids`.
     With an int seed a posterior sample depends on the seed and its index only. Particle 0 of
     sample ``b`` starts at ``x_T[b]``; the others are drawn from the prior."""
-    require(isinstance(particles, int) and not isinstance(particles, bool) and particles >= 1,
-            f"particles must be an integer >= 1, got {particles!r}")
-    ess_threshold = float(ess_threshold)
-    require(0 <= ess_threshold <= 1, f"ess_threshold must lie in [0, 1], got {ess_threshold!r}")
-    require(resampling in RESAMPLING, f"unknown resampling {resampling!r}; valid: {', '.join(RESAMPLING)}")
+    ess_threshold = check_smc(particles, resampling, ess_threshold)
     require(noisy in NOISY, f"unknown noisy {noisy!r}; valid: {', '.join(NOISY)}")
     require(grid in GRIDS, f"unknown time grid {grid!r}; valid grids: {', '.join(GRIDS)}")
     sigma_y = float(sigma_y)
     sde = model.sde
     B, N = x_T.shape[0], particles
     spec = spectral(operator, x_T)
-    D, shape = spec.d_x, tuple(x_T.shape[1:])
+    D = spec.d_x
     obs = spec.observed
     nu = torch.where(obs, sigma_y / torch.where(obs, spec.s, 1.0), 0.0)   # VE-unit noise levels
     if noisy == "pin" and sigma_y > 0:
@@ -156,9 +172,6 @@ def mcgdiff(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tens
     y_bar = spec.y_bar(y)[:, None, :]                                    # (B, 1, D)
     noise = noise_for(generator, (B, N * (D + 1)), x_T, "mcgdiff")
 
-    def rows(flat: torch.Tensor) -> torch.Tensor:                       # (B, N, D) -> (B N, *shape)
-        return flat.reshape((B * N,) + shape)
-
     def split(draw: torch.Tensor):
         return draw[:, :N * D].reshape(B, N, D), torch.special.ndtr(draw[:, N * D:])
 
@@ -170,10 +183,7 @@ def mcgdiff(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tens
         var = torch.where(active, (s_ * s_ + sign * a_ * a_ * var_nu).clamp_min(0.0), 1.0)
         return active, var, obs & (pin == j)
 
-    start_draw, _ = split(noise.prior())
-    x = sde.prior_std * start_draw.reshape((B, N) + shape)
-    x[:, 0] = x_T
-    x = rows(x)
+    x = initial_particles(sde, split(noise.prior())[0], x_T, N)
     if bool((pin == 0).any()):                    # levels above the prior's: pinned at T
         x = spec.V(torch.where(pin == 0, sched.alphas[0] * y_bar, spec.Vt(x).reshape(B, N, D))
                    .reshape(B * N, D))

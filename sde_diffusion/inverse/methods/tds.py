@@ -39,7 +39,7 @@ from ..registry import MethodResult, register_method
 from ...samplers.grids import GRIDS
 from ._guided import noise_for, noise_std, schedule, spectral
 from .pigdm import check_guidance, guided_mean, pigdm_terms
-from .smc import RESAMPLING, draw_one, resample_indices
+from .smc import check_smc, draw_one, initial_particles, resample_indices
 
 __all__ = ["tds"]
 
@@ -57,11 +57,7 @@ def tds(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, 
     :mod:`~sde_diffusion.samplers.grids`. With an int seed a posterior sample depends on the seed
     and its index only. Particle 0 of sample ``b`` starts at ``x_T[b]``; the others are drawn
     from the prior."""
-    require(isinstance(particles, int) and not isinstance(particles, bool) and particles >= 1,
-            f"particles must be an integer >= 1, got {particles!r}")
-    ess_threshold = float(ess_threshold)
-    require(0 <= ess_threshold <= 1, f"ess_threshold must lie in [0, 1], got {ess_threshold!r}")
-    require(resampling in RESAMPLING, f"unknown resampling {resampling!r}; valid: {', '.join(RESAMPLING)}")
+    ess_threshold = check_smc(particles, resampling, ess_threshold)
     require(grid in GRIDS, f"unknown time grid {grid!r}; valid grids: {', '.join(GRIDS)}")
     weight, sigma_data = check_guidance(guidance, weight, sigma_data)
     sigma_y = float(sigma_y)
@@ -81,10 +77,7 @@ def tds(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, 
         flat = v.reshape(B, N, -1)
         return torch.gather(flat, 1, idx[:, :, None].expand(B, N, flat.shape[2])).reshape(v.shape)
 
-    start_draw, _ = split(noise.prior())
-    x = sde.prior_std * start_draw.reshape((B, N) + shape)
-    x[:, 0] = x_T
-    x = x.reshape((B * N,) + shape)
+    x = initial_particles(sde, split(noise.prior())[0], x_T, N)
     start = model.nfe
     log_w = x_T.new_zeros(B, N)                    # accumulated log-weights since the last resampling
     resampled = 0
