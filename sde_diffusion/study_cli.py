@@ -49,8 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--workers", type=int, default=1,
                    help="CPU processes running the (cell, seed) pairs side by side, each on "
-                        "threads/workers threads (default 1; on a machine with W idle cores, "
-                        "--workers W is the fastest); CPU only")
+                        "threads/workers threads, with the values of one process (default 1); "
+                        "CPU only")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
     p.add_argument("--estimate", action="store_true",
                    help="print the estimated run time (one timed network call) and stop")
