@@ -2,8 +2,8 @@ r"""TDS, the twisted diffusion sampler (Wu, Trippe, Naesseth, Blei & Cunningham 
 asymptotically exact conditional sampling in diffusion models", NeurIPS), here twisted by PiGDM's
 likelihood: a sequential Monte Carlo sampler whose particles move by PiGDM's guided ancestral step
 and are reweighted so that, as the particle count grows, their law is the posterior of the
-model's ancestral chain (the prior up to the chain's discretisation) -- with one particle it is
-PiGDM itself.
+model's ancestral chain (the prior up to the chain's discretisation) -- with one particle its
+chain is PiGDM's with ``eta = 1``, ending at ``eps`` instead of stepping to the data.
 
 The twisting functions are PiGDM's approximate likelihoods (Song et al. 2023, eq. 7),
 
