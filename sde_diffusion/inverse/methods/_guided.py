@@ -24,7 +24,7 @@ from ...samplers.base import NoiseSource
 from ._common import method_noise
 from ...samplers.grids import GRIDS, make_grid
 
-__all__ = ["Schedule", "schedule", "ddim_update", "noise_std", "Spectral", "spectral", "check_eta",
+__all__ = ["Schedule", "schedule", "ddim_mean", "ddim_update", "noise_std", "Spectral", "spectral", "check_eta",
            "check_nfe"]
 
 
@@ -82,12 +82,19 @@ def noise_std(sched: Schedule, i: int, eta: float) -> float:
     return eta * s1 * math.sqrt(max(0.0, -math.expm1(2 * (sched.lam(i) - sched.lam(i + 1)))))
 
 
+def ddim_mean(sched: Schedule, i: int, x0: torch.Tensor, eps: torch.Tensor,
+              std: float) -> torch.Tensor:
+    """The mean of DDIM's step ``i`` with noise ``std``: ``alpha' x0 + sqrt(sigma'^2 - std^2)
+    eps``."""
+    a1, s1 = sched.alphas[i + 1], sched.sigmas[i + 1]
+    return a1 * x0 + math.sqrt(max(0.0, s1 * s1 - std * std)) * eps
+
+
 def ddim_update(sched: Schedule, i: int, x0: torch.Tensor, eps: torch.Tensor, eta: float,
                 noise: Optional[NoiseSource]) -> torch.Tensor:
     """DDIM's step ``i`` (see the module docstring) from the predictions ``x0`` and ``eps``."""
-    a1, s1 = sched.alphas[i + 1], sched.sigmas[i + 1]
     std = noise_std(sched, i, eta)
-    out = a1 * x0 + math.sqrt(max(0.0, s1 * s1 - std * std)) * eps
+    out = ddim_mean(sched, i, x0, eps, std)
     if std > 0:
         out = out + std * noise.randn()
     return out

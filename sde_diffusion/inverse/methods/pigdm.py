@@ -43,9 +43,9 @@ import torch
 
 from ..._checks import require
 from ..registry import MethodResult, register_method
-from ._guided import check_eta, noise_for, noise_std, schedule, spectral
+from ._guided import check_eta, ddim_mean, noise_for, noise_std, schedule, spectral
 
-__all__ = ["pigdm", "GUIDANCE", "pigdm_terms", "guided_mean", "check_guidance"]
+__all__ = ["pigdm", "GUIDANCE", "pigdm_terms", "guidance_shift", "check_guidance"]
 
 #: How the likelihood score ``g`` enters the step (see the module docstring).
 GUIDANCE = ("paper", "score")
@@ -82,17 +82,18 @@ def pigdm_terms(model, spec, operator, y: torch.Tensor, x: torch.Tensor, sched, 
     return x0, (x - a * x0) / s, g, log_lik
 
 
-def guided_mean(sched, i: int, x0: torch.Tensor, eps: torch.Tensor, g: torch.Tensor, std: float,
-                weight: float, guidance: str) -> torch.Tensor:
-    """PiGDM's step ``i`` before its noise ``std z``: DDIM's mean ``alpha' x0 + sqrt(sigma'^2 -
-    std^2) eps`` with the guidance of ``guidance`` (see the module docstring)."""
+def guidance_shift(sched, i: int, g: torch.Tensor, std: float, weight: float,
+                   guidance: str) -> torch.Tensor:
+    """What PiGDM's guidance adds to the mean of DDIM's step ``i`` (noise ``std``):
+    ``"paper"``, Algorithm 1's ``w sqrt(alpha_bar_t) r_t^2 g`` in VP scale (``g`` already holds
+    ``r_t^2``); ``"score"``, the change of ``alpha' x0 + c eps`` under ``x0 += w (sigma^2/alpha) g``,
+    ``eps -= w sigma g`` (``c = sqrt(sigma'^2 - std^2)``)."""
     a, s = sched.alphas[i], sched.sigmas[i]
     a1, s1 = sched.alphas[i + 1], sched.sigmas[i + 1]
-    c = math.sqrt(max(0.0, s1 * s1 - std * std))
     if guidance == "score":
-        return a1 * (x0 + (weight * s * s / a) * g) + c * (eps - (weight * s) * g)
-    # Algorithm 1: x_t' = DDIM step + sqrt(alpha_bar_t) r_t^2 g, in VP scale (kappa)
-    return a1 * x0 + c * eps + (weight * math.hypot(a1, s1) * a) * g
+        c = math.sqrt(max(0.0, s1 * s1 - std * std))
+        return (weight * (a1 * s * s / a - c * s)) * g
+    return (weight * math.hypot(a1, s1) * a) * g
 
 
 def check_guidance(guidance: str, weight, sigma_data) -> Tuple[float, float]:
@@ -127,7 +128,7 @@ def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor
         x0, eps, g, _ = pigdm_terms(model, spec, operator, y, x, sched, i, sigma_y, sigma_data,
                                     guidance)
         std = noise_std(sched, i, eta)
-        x = guided_mean(sched, i, x0, eps, g, std, weight, guidance)
+        x = ddim_mean(sched, i, x0, eps, std) + guidance_shift(sched, i, g, std, weight, guidance)
         if std > 0:
             x = x + std * noise.randn()
     return MethodResult(samples=x.detach(), nfe=model.nfe - start)

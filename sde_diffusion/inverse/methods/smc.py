@@ -50,7 +50,7 @@ import torch
 from ..._checks import require
 from ..registry import MethodResult, register_method
 from ...samplers.grids import GRIDS, make_grid
-from ._guided import Schedule, noise_for, noise_std, schedule, spectral
+from ._guided import Schedule, ddim_mean, noise_for, noise_std, schedule, spectral
 
 __all__ = ["mcgdiff", "resample_indices", "draw_one", "check_smc", "initial_particles", "RESAMPLING",
            "NOISY"]
@@ -194,11 +194,11 @@ def mcgdiff(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tens
     log_z = x_T.new_zeros(B)                      # log of the SMC estimate of the evidence
     for i in range(sched.steps):
         a, s = sched.alphas[i], sched.sigmas[i]
-        a1, s1 = sched.alphas[i + 1], sched.sigmas[i + 1]
+        a1 = sched.alphas[i + 1]
         x0 = model.at_scales("x0", x, sched.t(i, x), a, s)
         eps = (x - a * x0) / s
         std = noise_std(sched, i, 1.0)
-        m_bar = spec.Vt(a1 * x0 + math.sqrt(max(0.0, s1 * s1 - std * std)) * eps).reshape(B, N, D)
+        m_bar = spec.Vt(ddim_mean(sched, i, x0, eps, std)).reshape(B, N, D)
         act1, v_pot, pin1 = potential(i + 1)
         # 1. weights Z(x_t) / g_t(x_t); a coordinate pinned at t' adds the kernel's density there
         log_w = log_w + _log_normal(m_bar, a1 * y_bar, std * std + v_pot, act1)

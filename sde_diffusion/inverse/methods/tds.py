@@ -12,7 +12,7 @@ The twisting functions are PiGDM's approximate likelihoods (Song et al. 2023, eq
 the target at grid time ``t`` is ``p(x_t) p~_t(y | x_t)``, and the proposal from ``t`` to ``t'``
 is the guided kernel ``q = N(m + delta, s_eta^2 I)``: the ancestral (DDIM ``eta = 1``) kernel
 ``p(x_t' | x_t) = N(m, s_eta^2 I)`` of :mod:`._guided` moved by PiGDM's guidance ``delta``
-(:func:`.pigdm.guided_mean`, ``guidance="paper"`` or ``"score"``). With ``x_t' = m + delta +
+(:func:`.pigdm.guidance_shift`, ``guidance="paper"`` or ``"score"``). With ``x_t' = m + delta +
 s_eta z`` the incremental weight (TDS Algorithm 1) is
 
 .. math:: \log w = \log\tilde p_{t'}(y\mid x_{t'}) - \log\tilde p_t(y\mid x_t)
@@ -37,8 +37,8 @@ import torch
 from ..._checks import require
 from ..registry import MethodResult, register_method
 from ...samplers.grids import GRIDS
-from ._guided import noise_for, noise_std, schedule, spectral
-from .pigdm import check_guidance, guided_mean, pigdm_terms
+from ._guided import ddim_mean, noise_for, noise_std, schedule, spectral
+from .pigdm import check_guidance, guidance_shift, pigdm_terms
 from .smc import check_smc, draw_one, initial_particles, resample_indices
 
 __all__ = ["tds"]
@@ -93,8 +93,8 @@ def tds(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, 
         resampled += int(low.sum())
         x, x0, eps, g, log_twist = (gather(v, idx) for v in (x, x0, eps, g, log_twist.reshape(B * N, 1)))
         std = noise_std(sched, i, 1.0)
-        base = guided_mean(sched, i, x0, eps, g, std, 0.0, guidance)       # the unguided kernel
-        delta = guided_mean(sched, i, x0, eps, g, std, weight, guidance) - base
+        base = ddim_mean(sched, i, x0, eps, std)                        # the unguided kernel
+        delta = guidance_shift(sched, i, g, std, weight, guidance)
         x = base + delta + std * z
         zd = (z * delta).reshape(B, N, -1).sum(-1)
         dd = (delta * delta).reshape(B, N, -1).sum(-1)
