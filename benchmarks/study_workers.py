@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from sde_diffusion.reports import provenance, write_csv, write_markdown_table  # noqa: E402
-from sde_diffusion.studies import make_study, run_study  # noqa: E402
+from sde_diffusion.studies import make_study, run_study, worker_threads  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
             res = run_study(study, model, n=args.n, seeds=args.seeds, shape=shape, workers=workers)
         wall = time.perf_counter() - start
         results[workers] = res
-        rows.append({"workers": workers, "threads_each": threads if workers == 1 else
-                     max(1, threads // workers), "wall_s": round(wall, 1)})
+        rows.append({"workers": workers, "threads_each": worker_threads(workers),
+                     "wall_s": round(wall, 1)})
         print(f"workers {workers}: {wall:.1f} s", flush=True)
     base = rows[0]["wall_s"]
     for r in rows:

@@ -48,7 +48,7 @@ from .samplers.correctors import langevin_step
 
 __all__ = ["Cell", "Study", "StudyResult", "ddim_table", "pc_table", "make_study", "STUDIES",
            "DEFAULT_SEEDS", "DEFAULT_MINUTES", "fit_n", "student_t_interval", "paired_differences",
-           "run_study", "estimate_seconds", "study_nfe",
+           "run_study", "estimate_seconds", "study_nfe", "worker_threads",
            "data_floor", "write_report", "SCORE_SDE_SNR"]
 
 #: score_sde's corrector signal-to-noise ratio: ``sampling.snr = 0.16`` in its
@@ -290,6 +290,11 @@ def data_floor(n: int, seeds: Sequence[int], image_size: int = 8) -> List[float]
     return out
 
 
+def worker_threads(workers: int) -> int:
+    """Threads of each of ``workers`` processes: this process's threads shared out, at least 1."""
+    return max(1, torch.get_num_threads() // workers)
+
+
 def estimate_seconds(study: Study, model: ScoreModel, n: int, seeds: int, batch: int,
                      shape: Sequence[int], device="cpu", denoise: bool = True,
                      workers: int = 1) -> Dict[str, float]:
@@ -302,7 +307,7 @@ def estimate_seconds(study: Study, model: ScoreModel, n: int, seeds: int, batch:
     t = torch.full((b,), 0.5 * model.sde.T, device=device)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(max(1, threads // workers))   # a worker's share, as run_study's
+        torch.set_num_threads(worker_threads(workers))       # a worker's share, as run_study's
         with torch.no_grad():
             model.eps(x, t)                                   # warm-up
             times = []
@@ -369,7 +374,7 @@ def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Seq
     samplers' progress bars (``None``: on a terminal).
 
     ``workers > 1`` (CPU only) runs the (cell, seed) pairs in that many spawned processes, each
-    with ``max(1, torch.get_num_threads() // workers)`` threads. Every pair draws its own seeded,
+    with :func:`worker_threads` threads. Every pair draws its own seeded,
     indexed noise, so the values do not depend on which process ran it or in what order (up to
     the float rounding of a different thread count)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -420,9 +425,8 @@ def run_study(study: Study, model: ScoreModel, *, n: int, seeds: int, shape: Seq
             record(key, s, _score_cell(model, study.cells[key], n, s, batch, shape, grid, denoise,
                                        device, bar, test))
     else:
-        threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
-                                 (model, test, threads)) as pool:
+                                 (model, test, worker_threads(workers))) as pool:
             futures = {pool.submit(_worker_task, study.cells[key], n, s, batch, shape, grid,
                                    denoise): (key, s) for key, s in tasks}
             for future in as_completed(futures):

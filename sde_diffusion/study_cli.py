@@ -119,7 +119,8 @@ def run(args, rest) -> int:
     import torch
 
     from .reports import provenance
-    from .studies import estimate_seconds, fit_n, run_study, study_nfe, write_report
+    from .studies import (estimate_seconds, fit_n, run_study, study_nfe, worker_threads,
+                          write_report)
 
     _no_extra(rest)
     _require_modules("study", ("matplotlib", "sklearn"), " for the digits data and plots")
@@ -129,11 +130,13 @@ def run(args, rest) -> int:
     say = (lambda *m: None) if args.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
     fitted = args.n is None
     if fitted:  # the most samples that fit --minutes, from one call on a full batch
-        probe = estimate_seconds(study, model, args.batch, args.seeds, args.batch, shape, device)
+        probe = estimate_seconds(study, model, args.batch, args.seeds, args.batch, shape, device,
+                                 workers=args.workers)
         args.n = fit_n(probe["call_s"], args.batch, study, args.seeds, 60 * args.minutes,
                        workers=args.workers)
         if args.n < args.batch:  # a smaller batch costs more per sample: fit again at that size
-            probe = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device)
+            probe = estimate_seconds(study, model, args.n, args.seeds, args.batch, shape, device,
+                                     workers=args.workers)
             args.n = fit_n(probe["call_s"], probe["batch"], study, args.seeds, 60 * args.minutes,
                            workers=args.workers)
         say(f"{args.study}: --n {args.n}: the most samples per seed whose estimated run time "
@@ -143,8 +146,9 @@ def run(args, rest) -> int:
     tell = print if args.estimate else say
     tell(f"{args.study}: {len(study.cells)} cells x {args.seeds} seeds x {args.n} samples, "
          f"{study_nfe(study)} NFE per sample and seed; one network call on {est['batch']} samples "
-         f"takes {est['call_s']:.3f} s ({max(1, torch.get_num_threads() // args.workers)} threads), {est['calls']} calls"
-         f"{f' over {args.workers} workers' if args.workers > 1 else ''}: estimated {est['seconds'] / 60:.1f} min")
+         f"takes {est['call_s']:.3f} s ({worker_threads(args.workers)} threads), {est['calls']} "
+         f"calls{f' over {args.workers} workers' if args.workers > 1 else ''}: estimated "
+         f"{est['seconds'] / 60:.1f} min")
     if args.n < 64:  # the digits classifier's features are 64-dimensional
         say(f"{args.study}: warning: --n {args.n} is below the 64 feature dimensions: the sample "
             f"covariance is singular and the distance noisy (the floor's spread at n = 50 is ~9, "

@@ -368,3 +368,25 @@ def test_study_workers_benchmark_smoke(digits_run, tmp_path, monkeypatch):
     text = (tmp_path / "sw.md").read_text()
     diff = float(text.split("between the two runs: ")[1].split(" ")[0])
     assert diff < 1e-3
+
+
+def test_estimate_times_a_call_on_a_workers_share_of_the_threads(small_model, monkeypatch):
+    """With workers, the timed call runs on worker_threads(workers) threads (what each worker of
+    run_study gets), the thread count is restored afterwards, and the estimate is shared out."""
+    from sde_diffusion.studies import estimate_seconds, worker_threads
+
+    seen = []
+    real = small_model.eps
+    monkeypatch.setattr(small_model, "eps", lambda x, t: (seen.append(torch.get_num_threads()),
+                                                          real(x, t))[1])
+    st = Study("t", "t", ("ddim",), ("3",), {"3": 3}, {("ddim", "3"): Cell("ddim", 3)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        est = estimate_seconds(st, small_model, 8, 2, 8, (1, 8, 8), workers=2)
+        assert set(seen) == {worker_threads(2)} == {2} and torch.get_num_threads() == 4
+        one = est["call_s"] / 8 * 8 * 4 * 2       # call per sample x n x NFE (3 + denoise) x seeds
+        from sde_diffusion.studies import OVERHEAD
+        assert est["seconds"] == pytest.approx(OVERHEAD * one / 2)
+    finally:
+        torch.set_num_threads(threads)

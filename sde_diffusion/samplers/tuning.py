@@ -14,9 +14,8 @@ the RMS distance between the solver's end states and the teacher's on that batch
 The points move in log-SNR: either every increment freely, with the ratio of consecutive
 increments within a factor ``max_ratio`` of the starting grid's (default 2: variable-step
 multistep methods need bounded step ratios, and jagged grids that fit the pilot send rare
-trajectories astray elsewhere), or as the
-quantiles of a smooth density with a few ``knots``. Any parameter vector gives a valid grid with the
-original ends, and Nelder-Mead searches it from the solver's usual grid. A quarter of the pilot is
+trajectories astray elsewhere), or as the quantiles of a smooth density with a few ``knots``. Any
+parameter vector gives a valid grid with the original ends, and Nelder-Mead searches it from the solver's usual grid. A quarter of the pilot is
 held out: among the grids the search passes through, the one with the lowest error there is
 returned (early stopping). Fitting a schedule to the same model's own trajectories follows "Align
 Your Steps" (Sabour, Fidler & Kreis 2024) and "On the Trajectory Regularity of ODE-based
