@@ -66,9 +66,20 @@ EXTRA_SOLVERS = ("ipndm", "deis", "lms")
 RULE_EXTRA = [("ipndm", {}), ("ipndm", {"order": 3}), ("deis", {}), ("deis", {"order": 2}), ("lms", {})]
 
 
+#: the analytical first step (``sample(..., analytic_first_step=True)``): a "+afs" variant of
+#: every configuration
+AFS = {"analytic_first_step": True}
+
+
+def with_afs(configs) -> list:
+    """Each ``(solver, options)`` as given and with the analytical first step."""
+    return [c for s, o in configs for c in ((s, o), (s, {**o, **AFS}))]
+
+
 def label(solver: str, options: dict, grid: str) -> str:
-    opts = ",".join(f"{k}={v}" for k, v in options.items())
-    return f"{solver}({opts})/{grid}" if opts else f"{solver}/{grid}"
+    afs = "+afs" if options.get("analytic_first_step") else ""
+    opts = ",".join(f"{k}={v}" for k, v in options.items() if k != "analytic_first_step")
+    return (f"{solver}({opts}){afs}/{grid}" if opts else f"{solver}{afs}/{grid}")
 
 
 def wrong_mode(samples: torch.Tensor, ref_modes: torch.Tensor, p_eps) -> float:
@@ -120,7 +131,7 @@ def rule_sweep(args, log) -> List[Dict]:
     benchmark's, error against the exact flow map."""
     registry = available_solvers()
     configs = [(s, o) for s, o in OUR_CONFIGS if s in ("unipc", "dpm_solver++", "dpm_solver")]
-    configs += [(s, o) for s, o in RULE_EXTRA if s in registry]
+    configs = with_afs(configs + [(s, o) for s, o in RULE_EXTRA if s in registry])
     cases = [(n, sde, d, seed) for seed, (n, sde) in
              enumerate([("vp", VPSDE()), ("subvp", SubVPSDE()), ("ve", VESDE())] * 2, start=1)
              for d in (32, 64)]
@@ -194,7 +205,7 @@ def main() -> None:
         log(f"  {name:52s} NFE {nfe:3d} err {row['rms_error']:.3e} wrong-mode {row['wrong_mode']:.4f}")
 
     registry = available_solvers()
-    configs = list(OUR_CONFIGS) + [(s, {}) for s in EXTRA_SOLVERS if s in registry]
+    configs = with_afs(list(OUR_CONFIGS) + [(s, {}) for s in EXTRA_SOLVERS if s in registry])
     for nfe in NFES:
         for (solver, opts), grid in itertools.product(configs, GRIDS):
             kw = dict(grid="focus", sigma_data=sigma_data) if grid == "focus" else dict(grid=grid)

@@ -33,12 +33,13 @@ from sde_diffusion.checkpoints import latest_checkpoint, load_checkpoint, model_
 from sde_diffusion.reports import write_csv  # noqa: E402
 from sde_diffusion.samplers import sample  # noqa: E402
 from sde_diffusion._files import write_text  # noqa: E402
-from low_nfe import GRIDS, label  # noqa: E402
+from low_nfe import GRIDS, label, with_afs  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 12, 15)
-CONFIGS = ([("unipc", {"order": p, "lower_order_final": True}) for p in (2, 3)]
-           + [("ipndm", {"order": p}) for p in (3, 4)]
-           + [("dpm_solver++", {"order": 2}), ("deis", {}), ("ddim", {})])
+#: each also with the analytical first step ("+afs"), where the SDE allows it
+CONFIGS = with_afs([("unipc", {"order": p, "lower_order_final": True}) for p in (2, 3)]
+                   + [("ipndm", {"order": p}) for p in (3, 4)]
+                   + [("dpm_solver++", {"order": 2}), ("deis", {}), ("ddim", {})])
 DEFAULT = "default: sample(model, nfe=N)"
 
 

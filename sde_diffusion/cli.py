@@ -157,6 +157,9 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
         parse_solver_spec(args.solver or (_fit_label(saved) if saved else "euler_maruyama"))
     if saved is not None:
         _check_grid_matches(args.grid, saved, spec, args.steps)
+        if args.analytic_first_step and not saved.analytic_first_step:
+            raise UserError(f"--analytic-first-step with --grid {args.grid!r}, a grid fitted "
+                            f"without it: fit one with optimize-grid --analytic-first-step")
     _check_grid_name(args.grid)
     guidance_cli.check_arguments(args)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
@@ -184,7 +187,9 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
 
         extra["sigma_data"] = data_scale(mixture)
     run_kw = dict(solver="auto" if auto else spec.name, steps=steps, nfe=calls, grid=grid,
-                  denoise=args.denoise, progress=None if not args.quiet else False, **extra)
+                  denoise=args.denoise, progress=None if not args.quiet else False,
+                  analytic_first_step=saved.analytic_first_step if saved is not None
+                  else args.analytic_first_step, **extra)
     if processes is not None:  # shards, resumable; rank 0 gathers them
         done = sharded.cli_sample(args, guided, shape, device, processes, run_kw)
         if done is None:
@@ -305,7 +310,7 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
     fit = optimize_grid(model, solver=spec.name, steps=args.steps, nfe=args.nfe,
                         shape=(args.pilot,) + shape, generator=g, grid=args.grid,
                         knots=args.knots, max_evals=args.max_evals, validation=args.validation,
-                        device=device,
+                        device=device, analytic_first_step=args.analytic_first_step,
                         progress=None if not args.quiet else False, **spec.options)
     fit.save(args.out)
     held_out = (f", held-out {fit.initial_validation_error:.4g} -> {fit.validation_error:.4g}"
@@ -530,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform, logsnr, karras, quadratic or focus (default: the solver's own), "
                         "or a FILE.json written by optimize-grid")
     p.add_argument("--denoise", action="store_true", help="finish with a Tweedie denoising step")
+    p.add_argument("--analytic-first-step", action="store_true", default=None,
+                   help="replace the network at the first grid time by the prior's views (one "
+                        "evaluation saved, Zhou et al. 2024; default: the automatic choice's "
+                        "rule with --nfe, a --grid file's setting, else off)")
     p.add_argument("--n", "--num-samples", type=int, default=1000,
                    help="number of samples (default 1000; --num-samples under torchrun, whose own "
                         "parser takes --n for an abbreviation of its options)")
@@ -605,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=float, default=0.25,
                    help="share of the pilot held out to choose among the search's grids (early "
                         "stopping; default 0.25, 0 to return the best fit)")
+    p.add_argument("--analytic-first-step", action="store_true",
+                   help="fit for a solver that starts with the analytical first step (the grid "
+                        "file records it; --nfe then buys one step more)")
     p.add_argument("--out", default="grid.json",
                    help="output grid file (default grid.json; not replaced without --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

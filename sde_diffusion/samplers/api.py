@@ -37,6 +37,11 @@ AUTO_IPNDM_ORDER4_FROM_NFE = 8
 AUTO_NETWORK_ORDER = 2
 #: the ``focus`` grid's ``sigma_data`` when the data's scale is not known (EDM's, images in [-1, 1])
 DEFAULT_SIGMA_DATA = 0.5
+#: the largest budget at which the automatic choice starts with the analytical first step, for an
+#: exact score and for a learned network (0: never)
+AUTO_AFS_MAX_NFE = {"exact": 10, "network": 0}
+#: the largest ``alpha / sigma`` at the grid's first time that ``analytic_first_step`` accepts
+ANALYTIC_MAX_SNR = 0.1
 
 
 @dataclass
@@ -125,9 +130,13 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         order = 2 if nfe < (lo if "ipndm" in SOLVERS else 10) else 3
         options = {"order": order, "lower_order_final": True}
         why = f"unipc with predictor order {order}, lower order at the final steps"
+    sde = as_model(model).sde if model is not None else None
+    afs = nfe <= AUTO_AFS_MAX_NFE[kind] and sde is not None and start_snr(sde, sde.T) <= ANALYTIC_MAX_SNR
+    if afs:
+        why += ", the analytical first step (one evaluation saved)"
     rule = (f"nfe={nfe}: {why}, on the focus grid with sigma_data={sigma_data:.4g} ({source})")
     return {"solver": solver, "options": options, "grid": "focus", "sigma_data": float(sigma_data),
-            "nfe": nfe, "kind": kind, "rule": rule}
+            "nfe": nfe, "kind": kind, "rule": rule, "analytic_first_step": afs}
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
@@ -140,7 +149,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
            correct: Optional[Correction] = None, grad: bool = False,
-           check_every: int = CHECK_EVERY, **options) -> ConfiguredResult:
+           check_every: int = CHECK_EVERY, analytic_first_step: Optional[bool] = None,
+           **options) -> ConfiguredResult:
     """Draw samples by integrating the reverse process from ``t_start`` (T) down to ``t_end`` (eps).
 
     Args:
@@ -203,13 +213,21 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             16) and at the end, and a NaN/Inf raises :class:`NonFiniteError` naming the first step
             where it appeared and its time. ``1`` is strict: the error comes at that step, before
             ``correct``, ``callback`` or the trajectory see the state.
+        analytic_first_step: replace the model at the grid's first time by the prior's views
+            (``x0 = 0``, ``eps = x / sigma(t_start)``; Zhou et al. 2024's analytical first step,
+            see :class:`~sde_diffusion.samplers.SolverContext`): one network evaluation fewer
+            for the same grid, so a budget ``nfe`` buys the grid of ``nfe + 1`` evaluations. Exact
+            as ``alpha/sigma -> 0`` at ``t_start`` for data of mean about zero; refused where
+            ``alpha/sigma > 0.1`` there (an SDEdit-like late start, or a VE SDE whose ``sigma_max``
+            is below ten times the data's scale) and for adaptive solvers. Default: the
+            ``auto`` rule's choice (:func:`auto_config`), else ``False``.
         **options: passed to the solver (e.g. ``eta`` for DDIM, ``order`` for DPM-Solver).
     """
     require(steps is None or nfe is None, "give steps or nfe, not both")
     require(solver is None or isinstance(solver, str), f"solver must be a name, got {solver!r}")
     if solver is None:
         solver = AUTO if nfe is not None else DEFAULT_SOLVER
-    auto = None
+    auto, rule_afs = None, False
     if solver == AUTO:
         times = None if grid is None or isinstance(grid, str) else custom_grid(grid, as_model(model, sde).sde)
         budget = nfe if nfe is not None else steps if steps is not None else \
@@ -220,6 +238,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         solver, sigma_data = auto["solver"], auto["sigma_data"]
         options = {**auto["options"], **options}
         grid = auto["grid"] if grid is None else grid
+        rule_afs = auto["analytic_first_step"]
         if steps is not None:
             steps, nfe = None, int(steps)
     if sigma_data is None:
@@ -230,8 +249,15 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     info.check_options(options)
     times = None if grid is None or isinstance(grid, str) else custom_grid(grid, sde)
     planned = options
+    if analytic_first_step is None:   # the rule's choice, where the run starts at high noise
+        t0 = float(times[0]) if times is not None else sde.T if t_start is None else t_start
+        analytic_first_step = rule_afs and start_snr(sde, t0) <= ANALYTIC_MAX_SNR
+    require(isinstance(analytic_first_step, bool),
+            f"analytic_first_step must be True or False, got {analytic_first_step!r}")
+    require(not (analytic_first_step and info.adaptive),
+            f"analytic_first_step needs a fixed grid; solver {info.name!r} is adaptive")
     if nfe is not None:
-        steps, planned = info.for_nfe(int(nfe), **options)
+        steps, planned = info.for_nfe(int(nfe) + int(analytic_first_step), **options)
     if times is not None:
         _check_grid_steps(info, times, steps, nfe, options)
         require(t_start is None and t_end is None,
@@ -247,7 +273,9 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         times = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end, rho,
                           sigma_data)
     require(isinstance(grad, bool), f"grad must be True or False, got {grad!r}")
-    ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0])
+    ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0], analytic_first_step)
+    if analytic_first_step:
+        check_analytic_start(ctx)
     nfe_before = model.nfe
     with torch.enable_grad() if grad else torch.no_grad():
         x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
@@ -255,10 +283,15 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
                                    two_way=info.two_way, check_every=check_every)
         if denoise:
             x = model.x0(x, ctx.t(ctx.steps))
+    require(not analytic_first_step or ctx.analytic_calls > 0,
+            f"solver {info.name!r} with {dict(options)} never evaluated the model at the grid's "
+            f"first time, so analytic_first_step saved nothing; leave it out for this solver")
     grid_name = "custom" if grid is not None and not isinstance(grid, str) else \
         (info.grid if grid is None else grid)
     config: Dict[str, object] = {"solver": info.name, "options": dict(options), "grid": grid_name,
                                  "steps": steps, "auto": auto is not None}
+    if analytic_first_step:
+        config["analytic_first_step"] = True
     if grid_name == "focus":
         config["sigma_data"] = float(sigma_data)
     elif grid_name == "karras":
@@ -267,12 +300,30 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         config["kind"], config["rule"] = auto["kind"], auto["rule"]
     call = {"solver": info.name, "steps": steps, **dict(options),
             "grid": grid_name if grid_name != "custom" else times.clone()}
-    call.update({k: config[k] for k in ("sigma_data", "rho") if k in config})
+    call.update({k: config[k] for k in ("sigma_data", "rho", "analytic_first_step") if k in config})
     call.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None
                  and grid_name != "custom"})
     config["call"] = call
     return ConfiguredResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
                             trajectory=trajectory, config=config)
+
+
+def start_snr(sde: SDE, t: float) -> float:
+    """``alpha(t) / sigma(t)``: how far the prior's views at ``t`` may be from the model's (the
+    analytical first step's error in ``eps`` is this times the data's mean and scale)."""
+    _, log_a, log_s = sde.log_scales(torch.tensor([float(t)], dtype=torch.float64))
+    return float((log_a - log_s).exp())
+
+
+def check_analytic_start(ctx: SolverContext) -> None:
+    """Refuse the analytical first step where the prior's views are not close to the model's:
+    ``alpha / sigma > ANALYTIC_MAX_SNR`` at the grid's first time (the error of ``x0 = 0`` in
+    ``eps`` is ``alpha / sigma`` times the data's mean and scale)."""
+    a, s, _ = ctx.scales(0)
+    require(a / s <= ANALYTIC_MAX_SNR,
+            f"analytic_first_step needs a start at high noise: alpha/sigma = {a / s:.3g} at "
+            f"t_start = {ctx.time_list[0]:.6g}, above {ANALYTIC_MAX_SNR} (start at the SDE's T, or "
+            f"use a VE sigma_max of at least ten times the data's scale)")
 
 
 def start_state(sde: SDE, shape: Optional[Sequence[int]], x_T: Optional[torch.Tensor],

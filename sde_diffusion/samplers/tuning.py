@@ -95,6 +95,13 @@ class OptimizedGrid:
     start_grid: str = "custom"          # the starting grid's name ("custom" for a tensor)
     legacy_sde: Optional[str] = field(default=None, repr=False)  # a file's SDE before format dicts
     method: str = "nelder-mead"         # the search that found it ("gradient" or "nelder-mead")
+    analytic_first_step: bool = False   # fitted for sample(..., analytic_first_step=True)
+
+    def sample_options(self) -> dict:
+        """What ``sample`` needs besides the model to run this grid: ``solver``, ``grid`` (the
+        times), ``analytic_first_step`` and the solver's options."""
+        return {"solver": self.solver, "grid": self.times,
+                "analytic_first_step": self.analytic_first_step, **self.options}
 
     # ---- the grid file: plain JSON (nothing in it is executed), see docs/cli.md ----------------
     def effective_options(self) -> dict:
@@ -109,6 +116,7 @@ class OptimizedGrid:
                   "nfe": self.nfe, "times": self.times.to(torch.float64).tolist(),
                   "initial_times": self.initial_times.to(torch.float64).tolist(),
                   "start_grid": self.start_grid, "method": self.method,
+                  "analytic_first_step": self.analytic_first_step,
                   "sde": _sde_record(self.sde) if self.sde is not None else self.legacy_sde,
                   **{name: getattr(self, name) for name in _REPORTED}}
         return write_json(path, record)
@@ -152,7 +160,8 @@ class OptimizedGrid:
                                                                                   **options),
                    initial_times=initial, sde=sde, start_grid=str(saved.get("start_grid", "custom")),
                    legacy_sde=legacy if isinstance(legacy, str) else None,
-                   method=str(saved.get("method", "nelder-mead")), **numbers)
+                   method=str(saved.get("method", "nelder-mead")),
+                   analytic_first_step=_file_flag(saved, "analytic_first_step", where), **numbers)
 
     def times_for(self, sde: SDE) -> torch.Tensor:
         """The times, checked against the model's ``sde``: strictly decreasing inside ``(0, T]``
@@ -179,6 +188,13 @@ GRID_FORMAT = "sde_diffusion.grid/1"
 _REPORTED = ("initial_error", "pilot_error", "initial_validation_error", "validation_error",
              "teacher_error", "evaluations", "candidates", "model_calls", "pilot_size",
              "validation_size")
+
+
+def _file_flag(saved: dict, key: str, where: str) -> bool:
+    """A true/false entry of a grid file (``False`` when absent: files from before it)."""
+    value = saved.get(key, False)
+    require(isinstance(value, bool), f"{where}: {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def effective_options(solver: str, options: dict) -> dict:
@@ -214,7 +230,8 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
                   validation: float = 0.25, max_ratio: Optional[float] = 2.0,
                   dtype: torch.dtype = torch.float32,
                   device: Union[str, torch.device, None] = None, progress: Optional[bool] = None,
-                  method: str = "auto", **options) -> OptimizedGrid:
+                  method: str = "auto", analytic_first_step: bool = False,
+                  **options) -> OptimizedGrid:
     """Optimize the interior points of ``solver``'s time grid for ``model`` at a fixed budget.
 
     Args:
@@ -260,14 +277,21 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
             otherwise (logs, CI) a line on stderr every 10 s with the evaluations done, the time
             elapsed and an estimate of the time left; ``True``: a bar; ``False``: nothing.
 
+        analytic_first_step: fit the grid of a solver that starts with the analytical first
+            step (see :func:`~sde_diffusion.samplers.sample`); ``nfe`` then buys one step more,
+            and the grid is for ``sample(..., analytic_first_step=True)`` (the grid file says so).
+
     Returns:
         an :class:`OptimizedGrid`; ``result.times`` goes to ``sample(..., grid=result.times)``
-        with the same solver and options.
+        with the same solver and options (``result.sample_options()`` holds both).
     """
     from scipy.optimize import minimize
 
     info = get_solver(solver)
-    steps = check_grid_request(solver, steps, nfe, **options)
+    require(isinstance(analytic_first_step, bool),
+            f"analytic_first_step must be True or False, got {analytic_first_step!r}")
+    steps = check_grid_request(solver, steps, None if nfe is None else nfe + analytic_first_step,
+                               **options)
     require(method in METHODS, f"method must be one of {', '.join(METHODS)}, got {method!r}")
     method = "gradient" if method == "auto" else method
     model = as_model(model, sde)
@@ -323,6 +347,7 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
         try:
             with torch.no_grad():
                 out = sample(model, sde, x_T=x_T[part], solver=solver, grid=times, progress=False,
+                             analytic_first_step=analytic_first_step,
                              **options).samples.to(torch.float64)
         except NonFiniteError:
             return None
@@ -390,7 +415,8 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
         best_fit, best_times = candidates[-1]
         best_val = initial_val = math.nan
     return OptimizedGrid(times=best_times, solver=solver, options=dict(options),
-                         nfe=info.cost(steps, **options), initial_error=initial, pilot_error=best_fit,
+                         nfe=info.cost(steps, **options) - analytic_first_step,
+                         analytic_first_step=analytic_first_step, initial_error=initial, pilot_error=best_fit,
                          initial_validation_error=initial_val, validation_error=best_val,
                          teacher_error=teacher_error, evaluations=evaluations,
                          candidates=len(candidates), model_calls=model.nfe - calls_before,

@@ -98,7 +98,8 @@ def test_default_is_the_rule_and_records_it():
         out = sample(mix, shape=(64, 6), nfe=nfe, generator=3)
         cfg = auto_config(mix, nfe)
         spelled = sample(mix, shape=(64, 6), solver=cfg["solver"], nfe=nfe, grid=cfg["grid"],
-                         sigma_data=cfg["sigma_data"], generator=3, **cfg["options"])
+                         sigma_data=cfg["sigma_data"], generator=3,
+                         analytic_first_step=cfg["analytic_first_step"], **cfg["options"])
         assert torch.equal(out.samples, spelled.samples) and out.nfe == nfe
         assert out.config["auto"] and out.config["rule"] == cfg["rule"]
         assert out.solver == cfg["solver"] and out.config["options"] == cfg["options"]
@@ -232,3 +233,22 @@ def test_gradient_fit_respects_ratio_bound_and_budget():
     assert fit.evaluations <= 20 and math.isfinite(fit.pilot_error)
     with pytest.raises(ValueError, match="method must be"):
         optimize_grid(mix, sde, "ddim", 4, shape=(8, 8), method="adam")
+
+
+def test_the_exact_rule_starts_with_the_analytical_first_step_up_to_its_budget():
+    """Exact scores at NFE <= AUTO_AFS_MAX_NFE['exact'] start with the analytical first step
+    (docs/samplers.md); not above, not where the start's alpha/sigma is too large (a VE
+    sigma_max of 4, a late t_start), and not for a learned network."""
+    from sde_diffusion.samplers.api import AUTO_AFS_MAX_NFE
+
+    top = AUTO_AFS_MAX_NFE["exact"]
+    mix = random_mixture(6, 4, seed=2, sde=VPSDE())
+    low = sample(mix, shape=(8, 6), nfe=top, generator=0)
+    assert low.config["analytic_first_step"] and "analytical first step" in low.config["rule"]
+    assert low.nfe == top and low.config["steps"] == top + 1
+    high = sample(mix, shape=(8, 6), nfe=top + 1, generator=0)
+    assert "analytic_first_step" not in high.config
+    assert not auto_config(random_mixture(6, 4, seed=2, sde=VESDE(sigma_max=4.0)), 5)["analytic_first_step"]
+    late = sample(mix, shape=(8, 6), nfe=5, t_start=0.3, generator=0)
+    assert "analytic_first_step" not in late.config and late.nfe == 5
+    assert not auto_config(None, 5)["analytic_first_step"]   # no model: no SDE to check
