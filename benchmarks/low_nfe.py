@@ -13,12 +13,14 @@ What is measured:
 - Wrong-mode fraction: the share of samples whose most likely component of ``p_eps`` (the oracle's
   responsibilities at ``eps``) differs from that of the exact flow map's end point from the same
   ``x_T``: a method can be accurate on average and still send samples to the wrong mode.
-- Ours: every configuration in ``OUR_CONFIGS`` (solver x order x lower-order final steps x grid);
-  a row per configuration, the best per budget in the summary. ``default``: ``sample(model,
-  nfe=N)`` with nothing else (the rule of :func:`~sde_diffusion.samplers.api.auto_config`).
-- Fitted grids: ``optimize_grid`` for the default's solver and options from the focus grid, on a
-  pilot of 2048 other states (a quarter held out), with ``method="gradient"`` at every budget and
-  ``method="nelder-mead"`` at 6 and 10 NFE; their network calls (teacher included) are reported
+- Ours: every configuration in ``OUR_CONFIGS`` (solver x order x lower-order final steps x grid),
+  each also with the analytical first step ("+afs", ``analytic_first_step=True``: one network
+  evaluation saved, so the budget buys one step more); a row per configuration, the best per
+  budget in the summary. ``default``: ``sample(model, nfe=N)`` with nothing else (the rule of
+  :func:`~sde_diffusion.samplers.api.auto_config`).
+- Fitted grids: ``optimize_grid`` for the default's solver, options and first step from the focus
+  grid, on a pilot of 2048 other states (a quarter held out), with ``method="gradient"`` and
+  ``method="nelder-mead"`` at every budget; their network calls (teacher included) are reported
   and not counted in the NFE.
 - Peers (benchmarks/peers.py's drivers): k-diffusion's deterministic samplers on Karras and
   log-SNR-uniform schedules, ``sample_dpm_fast``; diffusers' DPMSolverMultistep (2M, 3M) and UniPC
@@ -218,21 +220,21 @@ def main() -> None:
         out = sample(oracle, x_T=x32, nfe=nfe, progress=False)
         record("default: sample(model, nfe=N)", "default", out.config["rule"], out.nfe, out.samples)
 
-    # fitted grids: gradient at every budget, Nelder-Mead at 6 and 10 for the cost comparison
+    # fitted grids: gradient and Nelder-Mead at every budget (the cost comparison)
     fits = []
     for nfe in NFES:
         for method in ("gradient", "nelder-mead"):
-            if method == "nelder-mead" and (args.quick or nfe not in (6, 10)):
+            if method == "nelder-mead" and args.quick:
                 continue
             from sde_diffusion.samplers.api import auto_config
             cfg = auto_config(base, nfe)
             t0 = time.perf_counter()
             fit = optimize_grid(oracle, sde, cfg["solver"], nfe=nfe, shape=(args.pilot, 64),
                                 generator=101, grid="focus", sigma_data=sigma_data, method=method,
-                                progress=False, **cfg["options"])
+                                analytic_first_step=cfg["analytic_first_step"], progress=False,
+                                **cfg["options"])
             secs = time.perf_counter() - t0
-            out = sample(oracle, sde, x_T=x32, solver=cfg["solver"], grid=fit.times, progress=False,
-                         **cfg["options"])
+            out = sample(oracle, sde, x_T=x32, progress=False, **fit.sample_options())
             record(f"default's solver on optimize_grid({method})", f"fitted:{method}",
                    "fitted from focus", out.nfe, out.samples,
                    dict(fit_calls=fit.model_calls, fit_runs=fit.evaluations, fit_seconds=secs,
@@ -273,7 +275,7 @@ def write_results(rows, fits, args, elapsed, sigma_data, rule_rows) -> None:
     stem = "low_nfe_quick" if args.quick else "low_nfe"
     write_csv(rows, str(out / f"{stem}.csv"))
     f = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2e}"  # noqa: E731
-    lines = [f"# Low-NFE frontier (issue 15)", "",
+    lines = ["# Low-NFE frontier (issue 15)", "",
              f"`python benchmarks/low_nfe.py{' --quick' if args.quick else ''}"
              f"{' --rule' if rule_rows is not None else ''}`, one CPU thread, {elapsed / 60:.1f} min. "
              f"`random_mixture(64, 8, seed=0)` under VPSDE, {args.batch} states, float32 samplers, "

@@ -390,6 +390,32 @@ def test_sample_with_a_grid_file_uses_its_times(grid_file, tmp_path, capsys):
                  "--overwrite"]) == 0
 
 
+def test_analytic_first_step_through_a_grid_file(tmp_path, capsys):
+    """optimize-grid --analytic-first-step records it; sample --grid FILE applies it (the file's
+    NFE, one step more than without it); the flag with a file fitted without it is refused."""
+    path = tmp_path / "afs.json"
+    assert main([*FIT, "--analytic-first-step", "--out", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["analytic_first_step"] is True and saved["nfe"] == 6 and len(saved["times"]) == 8
+    capsys.readouterr()
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--oracle", "ring8", "--grid", str(path), "--n", "20", "--out", str(out),
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 6
+    # a named solver with the flag and a budget: one step more for the same NFE
+    assert main(["sample", "--oracle", "ring8", "--solver", "ipndm", "--nfe", "5",
+                 "--analytic-first-step", "--n", "20", "--out", str(out), "--quiet",
+                 "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 5
+
+
+def test_analytic_first_step_with_a_grid_file_fitted_without_it_is_one_line(grid_file, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(main(["sample", "--oracle", "ring8", "--grid", str(grid_file),
+                          "--analytic-first-step"]), capsys, "fitted without it")
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--solver", "ddim"], ["fitted for solver unipc:order=3", "--solver ddim"]),
     (["--solver", "unipc"], ["fitted for solver unipc:order=3", "--solver unipc"]),  # order=2
