@@ -13,6 +13,13 @@ the mixture rule was chosen by (benchmarks/low_nfe.py --rule).
     python benchmarks/low_nfe_trained.py --checkpoint runs/digits_vp --n 16 --quick   # smoke run
 
 Writes benchmarks/results/low_nfe_trained.{md,csv}.
+
+    python benchmarks/low_nfe_trained.py --afs --checkpoint ... --n 128   # the first-step check
+
+``--afs`` instead compares, paired on the same ``x_T``, the network rule's configuration at each
+budget with and without the analytical first step (``analytic_first_step``; checkpoints whose SDE
+refuses it are skipped with a note) and writes ``<out>_afs.{md,csv}``: the evidence for the
+rule's choice of it.
 """
 from __future__ import annotations
 
@@ -32,14 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sde_diffusion.checkpoints import latest_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
 from sde_diffusion.reports import write_csv  # noqa: E402
 from sde_diffusion.samplers import sample  # noqa: E402
+from sde_diffusion.samplers.api import ANALYTIC_MAX_SNR, auto_config, start_snr  # noqa: E402
 from sde_diffusion._files import write_text  # noqa: E402
-from low_nfe import GRIDS, label, with_afs  # noqa: E402
+from low_nfe import GRIDS, label  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 12, 15)
-#: each also with the analytical first step ("+afs"), where the SDE allows it
-CONFIGS = with_afs([("unipc", {"order": p, "lower_order_final": True}) for p in (2, 3)]
-                   + [("ipndm", {"order": p}) for p in (3, 4)]
-                   + [("dpm_solver++", {"order": 2}), ("deis", {}), ("ddim", {})])
+CONFIGS = ([("unipc", {"order": p, "lower_order_final": True}) for p in (2, 3)]
+           + [("ipndm", {"order": p}) for p in (3, 4)]
+           + [("dpm_solver++", {"order": 2}), ("deis", {}), ("ddim", {})])
 DEFAULT = "default: sample(model, nfe=N)"
 
 
@@ -49,8 +56,9 @@ def _named(spec: str):
     return (name, path) if sep else (Path(spec).name.replace(".pt", ""), spec)
 
 
-def run_checkpoint(name: str, path: str, nfes, n: int, ref_steps: int, grids) -> list:
-    """Every configuration's and the default's error at each budget on one checkpoint."""
+def _setup(path: str, n: int, ref_steps: int):
+    """``(model, run, rms)``: the checkpoint's model, ``run(**kw)`` sampling from the fixed
+    ``x_T`` and ``rms(x)``, the RMS distance to the reference from the same ``x_T``."""
     if Path(path).is_dir():
         path = latest_checkpoint(path)
     model, sde, _ = model_from_checkpoint(path, use_ema=True)
@@ -62,10 +70,57 @@ def run_checkpoint(name: str, path: str, nfes, n: int, ref_steps: int, grids) ->
             return sample(model, x_T=x_T.clone(), progress=False, **kw)
 
     ref = run(solver="unipc", steps=ref_steps, grid="logsnr", order=3).samples.double()
+    return model, run, lambda x: float((x.double() - ref).pow(2).mean().sqrt())
 
-    def rms(x):
-        return float((x.double() - ref).pow(2).mean().sqrt())
 
+def afs_pairs(name: str, path: str, nfes, n: int, ref_steps: int) -> list:
+    """The network rule's configuration with and without the analytical first step, per budget."""
+    model, run, rms = _setup(path, n, ref_steps)
+    if start_snr(model.sde, model.sde.T) > ANALYTIC_MAX_SNR:
+        print(f"{name}: its SDE starts at alpha/sigma > {ANALYTIC_MAX_SNR}, no first step to test",
+              file=sys.stderr)
+        return []
+    rows = []
+    for nfe in nfes:
+        cfg = auto_config(None, nfe)       # the network rule (None: a learned network)
+        kw = dict(solver=cfg["solver"], nfe=nfe, grid=cfg["grid"], sigma_data=cfg["sigma_data"],
+                  **cfg["options"])
+        plain, afs = (rms(run(analytic_first_step=a, **kw).samples) for a in (False, True))
+        rows.append({"checkpoint": name, "nfe": nfe, "config": label(cfg["solver"], cfg["options"],
+                                                                     cfg["grid"]),
+                     "error": plain, "error_afs": afs, "ratio": afs / plain})
+    return rows
+
+
+def write_afs(rows, names, nfes, args, elapsed) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, str(out) + "_afs.csv")
+    command = " ".join(f"--checkpoint {c}" for c in args.checkpoint)
+    lines = ["# The analytical first step on trained networks (issue 15)", "",
+             f"`python benchmarks/low_nfe_trained.py --afs {command} --nfe {args.nfe} --n {args.n}`: "
+             f"one CPU thread, {elapsed / 60:.1f} min. The network rule's configuration at each "
+             f"budget, without and with `analytic_first_step` (same x_T, same budget: one step "
+             f"more with it); error as in low_nfe_trained.md; ratio = with / without.", "",
+             "| NFE | configuration | " + " | ".join(names) + " | geo. mean | better on |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for nfe in nfes:
+        at = {r["checkpoint"]: r for r in rows if r["nfe"] == nfe}
+        ratios = [at[c]["ratio"] for c in names if c in at]
+        if not ratios:
+            continue
+        gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        cells = " | ".join(f"{at[c]['error']:.2e} -> {at[c]['error_afs']:.2e} ({at[c]['ratio']:.2f})"
+                           if c in at else "-" for c in names)
+        lines.append(f"| {nfe} | {next(iter(at.values()))['config']} | {cells} | {gm:.2f} | "
+                     f"{sum(r < 1 for r in ratios)} of {len(ratios)} |")
+    write_text(str(out) + "_afs.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def run_checkpoint(name: str, path: str, nfes, n: int, ref_steps: int, grids) -> list:
+    """Every configuration's and the default's error at each budget on one checkpoint."""
+    _, run, rms = _setup(path, n, ref_steps)
     rows = []
     for nfe in nfes:
         out = run(nfe=nfe)
@@ -109,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=256, help="starting states (default 256)")
     ap.add_argument("--reference-steps", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="smoke run: 50 reference steps, 2 grids")
+    ap.add_argument("--afs", action="store_true",
+                    help="only the network rule with and without the analytical first step")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "low_nfe_trained"))
     args = ap.parse_args(argv)
     nfes = [int(v) for v in args.nfe.split(",")]
@@ -120,6 +177,12 @@ def main(argv=None) -> int:
     ref_steps = 50 if args.quick else args.reference_steps
     grids = GRIDS[:2] if args.quick else GRIDS
     rows = []
+    if args.afs:
+        for name, path in checkpoints:
+            rows += afs_pairs(name, path, nfes, args.n, ref_steps)
+        write_afs(rows, [c for c in names if any(r["checkpoint"] == c for r in rows)], nfes, args,
+                  time.perf_counter() - began)
+        return 0
     for name, path in checkpoints:
         rows += run_checkpoint(name, path, nfes, args.n, ref_steps, grids)
         print(f"{name} done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)

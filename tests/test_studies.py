@@ -347,6 +347,14 @@ def test_low_nfe_trained_benchmark_smoke(digits_run, tmp_path, monkeypatch):
                            ["a", "b"], 4)
     best = next(r for r in ranked if r[2] != module.DEFAULT)
     assert best[0] == best[1] == 1.0   # the same checkpoint twice: the best is best on both
+    # --afs: the rule's configuration with and without the analytical first step, paired
+    assert module.main(["--afs", "--checkpoint", f"a={digits_run}", "--nfe", "4,6", "--n", "4",
+                        "--quick", "--out", str(out)]) == 0
+    pairs = list(csv.DictReader(open(str(out) + "_afs.csv")))
+    assert [int(r["nfe"]) for r in pairs] == [4, 6]
+    for r in pairs:
+        assert float(r["ratio"]) == pytest.approx(float(r["error_afs"]) / float(r["error"]))
+    assert len(_table_rows((tmp_path / "lnt_afs.md").read_text())) == 1 + 2
 
 
 def test_study_workers_benchmark_smoke(digits_run, tmp_path, monkeypatch):
