@@ -76,6 +76,7 @@ def test_a_network_default_records_its_rule():
         out = sample(model, shape=(16, 2), nfe=6, generator=0)
     assert out.nfe == 6 and out.solver == "unipc" and out.config["kind"] == "network"
     assert out.config["options"] == {"order": 2, "lower_order_final": True}
+    assert out.config["analytic_first_step"] and out.config["steps"] == 7   # VE sigma_max 50
     with torch.no_grad():
         again = sample(model, shape=(16, 2), generator=0, **out.config["call"])
     assert torch.equal(again.samples, out.samples)
@@ -235,13 +236,13 @@ def test_gradient_fit_respects_ratio_bound_and_budget():
         optimize_grid(mix, sde, "ddim", 4, shape=(8, 8), method="adam")
 
 
-def test_the_exact_rule_starts_with_the_analytical_first_step_up_to_its_budget():
-    """Exact scores at NFE <= AUTO_AFS_MAX_NFE['exact'] start with the analytical first step
-    (docs/samplers.md); not above, not where the start's alpha/sigma is too large (a VE
-    sigma_max of 4, a late t_start), and not for a learned network."""
+def test_the_rule_starts_with_the_analytical_first_step_up_to_its_budget():
+    """At NFE <= AUTO_AFS_MAX_NFE the rule starts with the analytical first step, for an exact
+    score and for a network (docs/samplers.md); not above, not where the start's alpha/sigma is too
+    large (a VE sigma_max of 4, a late t_start), and not without a model (no SDE to check)."""
     from sde_diffusion.samplers.api import AUTO_AFS_MAX_NFE
 
-    top = AUTO_AFS_MAX_NFE["exact"]
+    top = AUTO_AFS_MAX_NFE
     mix = random_mixture(6, 4, seed=2, sde=VPSDE())
     low = sample(mix, shape=(8, 6), nfe=top, generator=0)
     assert low.config["analytic_first_step"] and "analytical first step" in low.config["rule"]
