@@ -225,6 +225,8 @@ def cmd_sample(args, rest: Sequence[str]) -> int:
               "solver": label, "grid": result.config["grid"] if auto else args.grid}
     if auto:
         report["auto"] = result.config["rule"]
+    if result.config.get("analytic_first_step"):
+        report["analytic_first_step"] = True
     if args.nfe is not None:
         report["nfe_budget"] = args.nfe
     report.update(guided.info)

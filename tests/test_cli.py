@@ -406,7 +406,8 @@ def test_analytic_first_step_through_a_grid_file(tmp_path, capsys):
     assert main(["sample", "--oracle", "ring8", "--solver", "ipndm", "--nfe", "5",
                  "--analytic-first-step", "--n", "20", "--out", str(out), "--quiet",
                  "--overwrite"]) == 0
-    assert json.loads(capsys.readouterr().out)["nfe"] == 5
+    info = json.loads(capsys.readouterr().out)
+    assert info["nfe"] == 5 and info["analytic_first_step"] is True
 
 
 def test_analytic_first_step_with_a_grid_file_fitted_without_it_is_one_line(grid_file, tmp_path,

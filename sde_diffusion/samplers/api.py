@@ -131,7 +131,9 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         solver = "ipndm"
         options = {"order": 4 if nfe >= AUTO_IPNDM_ORDER4_FROM_NFE else 3}
         why = (f"an exact score: ipndm of order {options['order']} ({lo}-{hi} NFE; order 4 from "
-               f"{AUTO_IPNDM_ORDER4_FROM_NFE})")
+               f"{AUTO_IPNDM_ORDER4_FROM_NFE})" if kind == "exact" else
+               f"a learned network at {lo} NFE: ipndm of order {options['order']}, as for an exact "
+               f"score")
     else:
         solver = "unipc"
         order = 2 if nfe < (lo if "ipndm" in SOLVERS else 10) else 3

@@ -63,7 +63,7 @@ def test_rule_for_a_learned_network(nfe, solver, options):
         cfg = auto_config(model, nfe)
         assert cfg["kind"] == "network" and cfg["solver"] == solver and cfg["options"] == options
         assert cfg["grid"] == "focus" and cfg["sigma_data"] == 0.5
-        assert ("learned network" in cfg["rule"]) == (5 <= nfe <= 15)
+        assert ("learned network" in cfg["rule"]) == (4 <= nfe <= 15)
     exact = auto_config(OracleModel(random_mixture(4, 3, seed=0, sde=sde)), nfe)
     assert exact["kind"] == "exact"
     assert exact["solver"] == ("ipndm" if 4 <= nfe <= 15 else "unipc")
