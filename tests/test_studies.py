@@ -398,3 +398,27 @@ def test_estimate_times_a_call_on_a_workers_share_of_the_threads(small_model, mo
         assert est["seconds"] == pytest.approx(OVERHEAD * one / 2)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_study_dispersion_benchmark_smoke(digits_run, tmp_path, monkeypatch):
+    """benchmarks/study_dispersion.py draws every sampler of its pairs for each seed and reports
+    the spreads and the paired differences."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(REPO, "benchmarks", "study_dispersion.py")
+    spec = importlib.util.spec_from_file_location("_bench_study_dispersion", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "PAIRS", tuple(tuple((label, solver, opts, 8) for label, solver, opts, _ in pair)
+                                               for pair in module.PAIRS))
+    out = str(tmp_path / "disp")
+    assert module.main(["--checkpoint", str(digits_run), "--seeds", "3", "--steps", "2", "--out", out]) == 0
+    values = json.load(open(out + ".json"))
+    assert set(values) == {p[0] for pair in module.PAIRS for p in pair}
+    assert all(len(v) == 3 and all(math.isfinite(x) and x > 0 for x in v) for v in values.values())
+    text = open(out + ".md").read()
+    assert len(_table_rows(text)) == 2 + 4
+    pairs = _table_rows(text, 1)
+    assert "Levene" in pairs[0] and len([r for r in pairs if " vs " in r]) == 2
