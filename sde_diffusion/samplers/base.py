@@ -163,8 +163,8 @@ class SolverContext:
     ``analytic_first``: the model's views at the grid's first time ``t_0`` are those of the prior
     instead of a network call -- ``x0 = 0``, ``eps = x / sigma_0``, ``score = -x / sigma_0^2``,
     exact as ``alpha_0 / sigma_0 -> 0`` for data of mean zero -- the *analytical first step* of
-    Zhou, Chen, Wang & Zhu 2024 ("Fast ODE-based sampling for diffusion models in around 5
-    steps", CVPR, Sec. 4.3): it saves one network evaluation. ``analytic_calls`` counts its uses."""
+    Zhou, Chen, Wang & Chen 2024 ("Fast ODE-based sampling for diffusion models in around 5
+    steps", CVPR): it saves one network evaluation. ``analytic_calls`` counts its uses."""
 
     model: ScoreModel
     sde: SDE

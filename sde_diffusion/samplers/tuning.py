@@ -276,7 +276,6 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
         progress: ``None`` (default): a tqdm bar over the evaluations when stderr is a terminal,
             otherwise (logs, CI) a line on stderr every 10 s with the evaluations done, the time
             elapsed and an estimate of the time left; ``True``: a bar; ``False``: nothing.
-
         analytic_first_step: fit the grid of a solver that starts with the analytical first
             step (see :func:`~sde_diffusion.samplers.sample`); ``nfe`` then buys one step more,
             and the grid is for ``sample(..., analytic_first_step=True)`` (the grid file says so).
