@@ -139,7 +139,7 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         order = 2 if nfe < (lo if "ipndm" in SOLVERS else 10) else 3
         options = {"order": order, "lower_order_final": True}
         why = f"unipc with predictor order {order}, lower order at the final steps"
-    sde = as_model(model).sde if model is not None else None
+    sde = model.sde if model is not None else None      # a ScoreModel's or an oracle's own
     afs = nfe <= AUTO_AFS_MAX_NFE and sde is not None and start_snr(sde, sde.T) <= ANALYTIC_MAX_SNR
     if afs:
         why += ", the analytical first step (one evaluation saved)"
@@ -258,11 +258,18 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     info.check_options(options)
     times = None if grid is None or isinstance(grid, str) else custom_grid(grid, sde)
     planned = options
-    if analytic_first_step is None:   # the rule's choice, where the run starts at high noise
-        t0 = float(times[0]) if times is not None else sde.T if t_start is None else t_start
-        analytic_first_step = rule_afs and start_snr(sde, t0) <= ANALYTIC_MAX_SNR
+    from_rule = analytic_first_step is None
+    analytic_first_step = rule_afs if from_rule else analytic_first_step
     require(isinstance(analytic_first_step, bool),
             f"analytic_first_step must be True or False, got {analytic_first_step!r}")
+    if analytic_first_step:   # only from a start at high noise: the rule drops it, a request fails
+        t0 = float(times[0]) if times is not None else sde.T if t_start is None else float(t_start)
+        snr0 = start_snr(sde, t0)
+        analytic_first_step = snr0 <= ANALYTIC_MAX_SNR or not from_rule
+        require(not analytic_first_step or snr0 <= ANALYTIC_MAX_SNR,
+                f"analytic_first_step needs a start at high noise: alpha/sigma = {snr0:.3g} at "
+                f"t_start = {t0:.6g}, above {ANALYTIC_MAX_SNR} (start at the SDE's T, or use a VE "
+                f"sigma_max of at least ten times the data's scale)")
     require(not (analytic_first_step and info.adaptive),
             f"analytic_first_step needs a fixed grid; solver {info.name!r} is adaptive")
     if nfe is not None:
@@ -283,8 +290,6 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
                           sigma_data)
     require(isinstance(grad, bool), f"grad must be True or False, got {grad!r}")
     ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0], analytic_first_step)
-    if analytic_first_step:
-        check_analytic_start(ctx)
     nfe_before = model.nfe
     with torch.enable_grad() if grad else torch.no_grad():
         x, trajectory = run_solver(info.name, info.fn, ctx, x_T, options, progress, callback,
@@ -319,20 +324,10 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
 
 def start_snr(sde: SDE, t: float) -> float:
     """``alpha(t) / sigma(t)``: how far the prior's views at ``t`` may be from the model's (the
-    analytical first step's error in ``eps`` is this times the data's mean and scale)."""
+    analytical first step's error in ``eps`` is this times the data's mean and scale); above
+    :data:`ANALYTIC_MAX_SNR` at the start, ``sample`` refuses the analytical first step."""
     _, log_a, log_s = sde.log_scales(torch.tensor([float(t)], dtype=torch.float64))
     return float((log_a - log_s).exp())
-
-
-def check_analytic_start(ctx: SolverContext) -> None:
-    """Refuse the analytical first step where the prior's views are not close to the model's:
-    ``alpha / sigma > ANALYTIC_MAX_SNR`` at the grid's first time (the error of ``x0 = 0`` in
-    ``eps`` is ``alpha / sigma`` times the data's mean and scale)."""
-    a, s, _ = ctx.scales(0)
-    require(a / s <= ANALYTIC_MAX_SNR,
-            f"analytic_first_step needs a start at high noise: alpha/sigma = {a / s:.3g} at "
-            f"t_start = {ctx.time_list[0]:.6g}, above {ANALYTIC_MAX_SNR} (start at the SDE's T, or "
-            f"use a VE sigma_max of at least ten times the data's scale)")
 
 
 def start_state(sde: SDE, shape: Optional[Sequence[int]], x_T: Optional[torch.Tensor],
