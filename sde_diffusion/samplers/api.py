@@ -74,7 +74,7 @@ def data_scale(model: Union[ScoreModel, GaussianMixture]) -> Optional[float]:
 
 
 def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
-                sigma_data: Optional[float] = None) -> Dict[str, object]:
+                sigma_data: Optional[float] = None, sde: Optional[SDE] = None) -> Dict[str, object]:
     r"""The configuration ``sample(model, nfe=nfe)`` uses when no solver is named: a dict with
     ``solver``, ``options``, ``grid``, ``sigma_data``, ``nfe``, ``kind`` (``"exact"`` or
     ``"network"``) and ``rule`` (a sentence). Two rules (docs/samplers.md, "The default for a
@@ -109,7 +109,8 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
     0.61-0.89 at 5-10 (``benchmarks/results/low_nfe_trained_afs.md``), not at 12-15.
 
     ``sigma_data``: the given value, else the data's scale where the model knows it (an oracle,
-    :func:`data_scale`), else 0.5. Where ``ipndm`` is not registered, UniPC (order 2 below 10
+    :func:`data_scale`), else 0.5. ``sde``: the SDE ``sample`` runs (``sample(mixture, sde, ...)``),
+    else the model's own; without one the analytical first step is not chosen. Where ``ipndm`` is not registered, UniPC (order 2 below 10
     NFE, 3 from there) takes its place in the exact rule."""
     require(isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1,
             f"nfe must be an integer >= 1, got {nfe!r}")
@@ -139,7 +140,8 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         order = 2 if nfe < (lo if "ipndm" in SOLVERS else 10) else 3
         options = {"order": order, "lower_order_final": True}
         why = f"unipc with predictor order {order}, lower order at the final steps"
-    sde = model.sde if model is not None else None      # a ScoreModel's or an oracle's own
+    if sde is None and model is not None:
+        sde = model.sde          # a ScoreModel's or an oracle's own (None for an oracle built without)
     afs = nfe <= AUTO_AFS_MAX_NFE and sde is not None and start_snr(sde, sde.T) <= ANALYTIC_MAX_SNR
     if afs:
         why += ", the analytical first step (one evaluation saved)"
@@ -243,7 +245,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             (len(times) - 1 if times is not None else None)
         require(budget is not None, "solver='auto' chooses for a budget: give nfe (or steps, or a "
                                     "custom grid)")
-        auto = auto_config(model, int(budget), sigma_data)
+        auto = auto_config(model, int(budget), sigma_data, sde=sde)
         solver, sigma_data = auto["solver"], auto["sigma_data"]
         options = {**auto["options"], **options}
         grid = auto["grid"] if grid is None else grid

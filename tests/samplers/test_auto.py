@@ -253,3 +253,6 @@ def test_the_rule_starts_with_the_analytical_first_step_up_to_its_budget():
     late = sample(mix, shape=(8, 6), nfe=5, t_start=0.3, generator=0)
     assert "analytic_first_step" not in late.config and late.nfe == 5
     assert not auto_config(None, 5)["analytic_first_step"]   # no model: no SDE to check
+    bare = random_mixture(6, 4, seed=2)                      # an oracle without an SDE of its own
+    given = sample(bare, VPSDE(), shape=(8, 6), nfe=5, generator=0)
+    assert given.config["analytic_first_step"] and given.config["steps"] == 6
