@@ -317,7 +317,8 @@ def cmd_optimize_grid(args, rest: Sequence[str]) -> int:
     fit.save(args.out)
     held_out = (f", held-out {fit.initial_validation_error:.4g} -> {fit.validation_error:.4g}"
                 if fit.validation_size else "")
-    print(f"{spec.label} at {fit.nfe} NFE: pilot RMS error {fit.initial_error:.4g} -> "
+    print(f"{spec.label} at {fit.nfe} NFE, from the {fit.start_grid} grid: pilot RMS error "
+          f"{fit.initial_error:.4g} -> "
           f"{fit.pilot_error:.4g}{held_out} (teacher ~{fit.teacher_error:.2g}) after "
           f"{fit.evaluations} evaluations; wrote {args.out}", flush=True)
     return 0
@@ -606,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--steps", type=int, default=None, help="grid steps")
     p.add_argument("--grid", default=None,
                    help="starting grid: uniform, logsnr, karras, quadratic or focus (default: the "
-                        "solver's own; focus uses sigma_data 0.5)")
+                        "best on the pilot of the solver's own, focus, logsnr, quadratic and "
+                        "karras; focus uses sigma_data 0.5)")
     p.add_argument("--pilot", type=int, default=1024, help="pilot batch size (default 1024)")
     p.add_argument("--knots", type=int, default=None,
                    help="search a smooth density with K knots instead of every point")

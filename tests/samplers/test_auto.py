@@ -227,7 +227,7 @@ def test_gradient_fit_respects_ratio_bound_and_budget():
     sde = VPSDE()
     mix = random_mixture(8, 4, seed=3, sde=sde)
     fit = optimize_grid(mix, sde, "dpm_solver++_2m", 8, shape=(128, 8), generator=5, max_evals=20,
-                        max_ratio=1.5, validation=0, method="gradient")
+                        max_ratio=1.5, validation=0, method="gradient", grid="logsnr")
     h = sde.lambda_(fit.times).diff()
     ratio = h[1:] / h[:-1]
     assert float(ratio.max()) <= 1.5 * (1 + 1e-9) and float(ratio.min()) >= 1 / 1.5 / (1 + 1e-9)
