@@ -273,10 +273,10 @@ def optimize_grid(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] 
             Gauss-Newton steps of one run each).
         method: ``"gradient"`` (Gauss-Newton on the Jacobian of the end states with respect to the
             log-SNR parameters, see the module docstring), ``"nelder-mead"`` (derivative-free), or
-            ``"auto"`` (default): ``"gradient"``, which on the benchmark mixture at 6 and 8 NFE
-            reached a lower held-out error than Nelder-Mead with a tenth of its network calls,
-            but at 10 NFE stopped at 1.8e-2 where Nelder-Mead reached 6.5e-3
-            (benchmarks/results/low_nfe.md, docs/samplers.md); ``result.method`` says which ran.
+            ``"auto"`` (default): ``"gradient"``, which on the benchmark mixture from the same
+            start came within 1% of Nelder-Mead's error on fresh states at 6 NFE and beat it at 8
+            and 10 with a tenth of its network calls or less (benchmarks/results/low_nfe.md,
+            docs/samplers.md); ``result.method`` says which ran.
         validation: the share of the pilot held out (default a quarter). The search fits the
             rest; every grid on its way that improved the fit by 2% or more, and the start, are
             then compared on the held-out part and the best one there is returned (early
