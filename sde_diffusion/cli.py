@@ -699,6 +699,9 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, OutputError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except FloatingPointError as err:   # NonFiniteError: a NaN/Inf, with the step and time
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

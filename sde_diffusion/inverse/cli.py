@@ -59,8 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="method[:key=value...], e.g. repaint:jump_length=2:resample=2 or "
                         "dps:zeta=0.1 (default ddnm); one of " + ", ".join(available_methods()))
     p.add_argument("--solver", default=None,
-                   help="solver[:key=value...] of a method that runs one (ddnm, score_sde, "
-                        "sdedit; default: the method's own)")
+                   help="solver[:key=value...] of a method that runs one (ddnm, pigdm, "
+                        "score_sde, sdedit; default: the method's own)")
     p.add_argument("--sigma-y", type=float, default=0.0,
                    help="standard deviation of the observation noise (default 0: noiseless)")
     p.add_argument("--nfe", type=int, default=100,

@@ -12,11 +12,73 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from ..._checks import expand_to, require
+from ...models.wrapper import ScoreModel
 from ...samplers.base import GeneratorLike, NoiseSource
 from ...sdes import SDE
 from ..operators import LinearOperator
 
-__all__ = ["method_noise", "scales", "forward_jump", "posterior_step", "replace_row_space"]
+__all__ = ["method_noise", "scales", "forward_jump", "posterior_step", "replace_row_space",
+           "DataPredictionModel"]
+
+
+class DataPredictionModel(ScoreModel):
+    """Base of the methods' model wrappers: ``inner`` with its data prediction replaced by
+    :meth:`data_prediction`; ``eps = (x - alpha x0) / sigma`` and ``score = -eps / sigma`` follow,
+    so any solver of :mod:`sde_diffusion.samplers` runs the method. Network evaluations are counted
+    by ``inner`` (``nfe`` reads its counter)."""
+
+    def __init__(self, inner: ScoreModel):
+        self.inner = inner
+        self.sde, self.parameterization = inner.sde, "x0"
+        self.net, self.time_input, self.check_finite = inner.net, inner.time_input, inner.check_finite
+        self.bound = {}
+
+    @property
+    def nfe(self) -> int:
+        return self.inner.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:          # the counter is the inner model's
+        pass
+
+    def data_prediction(self, x: torch.Tensor, t: torch.Tensor, alpha, sigma,
+                        **kwargs) -> torch.Tensor:
+        """The wrapped ``x0`` at ``(x, t)``; ``alpha``, ``sigma``: numbers (a solver's grid) or
+        tensors broadcastable to ``x``."""
+        raise NotImplementedError
+
+    def inner_x0(self, x, t, alpha, sigma, **kwargs) -> torch.Tensor:
+        """``inner``'s data prediction: through ``at_scales`` for a solver's numbers, else (scales
+        as tensors, from a checked time) through ``inner.x0``."""
+        if isinstance(alpha, torch.Tensor):
+            return self.inner.x0(x, t, **kwargs)
+        return self.inner.at_scales("x0", x, t, alpha, sigma, **kwargs)
+
+    def _views(self, view, x, x0, a, s):
+        if view == "x0":
+            return x0
+        eps = (x - a * x0) / s
+        return eps if view == "eps" else -eps / s
+
+    def at_scales(self, view, x, t, alpha, sigma, **kwargs):
+        require(view in ("eps", "x0", "score"), f"view must be eps, x0 or score, got {view!r}")
+        return self._views(view, x, self.data_prediction(x, t, alpha, sigma, **kwargs), alpha, sigma)
+
+    def _at(self, view, x, t, kwargs):
+        t = self.sde.time(t, x)
+        _, log_a, log_s = self.sde.log_scales(t, x)
+        a, s = expand_to(log_a.exp(), x), expand_to(log_s.exp(), x)
+        return self._views(view, x, self.data_prediction(x, t, a, s, **kwargs), a, s)
+
+    def eps(self, x, t, **kwargs):
+        return self._at("eps", x, t, kwargs)
+
+    def x0(self, x, t, **kwargs):
+        return self._at("x0", x, t, kwargs)
+
+    def score(self, x, t, **kwargs):
+        return self._at("score", x, t, kwargs)
 
 
 def method_noise(generator: GeneratorLike, shape: Sequence[int], dtype: torch.dtype,

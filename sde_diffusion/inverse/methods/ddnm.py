@@ -35,66 +35,31 @@ from typing import Optional
 
 import torch
 
-from ..._checks import expand_to, require
+from ..._checks import require
 from ...models.wrapper import ScoreModel
 from ...samplers.api import sample
 from ...samplers.ddim import check_eta
 from ...samplers.grids import GRIDS, make_grid
 from ..registry import MethodResult, register_method
 from ...samplers.registry import get_solver
-from ._common import forward_jump, method_noise, scales
+from ._common import DataPredictionModel, forward_jump, method_noise, scales
 from .repaint import repaint_schedule, steps_within
 
 __all__ = ["RangeNullSpaceModel", "ddnm", "ddnm_plus"]
 
 
-class RangeNullSpaceModel(ScoreModel):
+class RangeNullSpaceModel(DataPredictionModel):
     """``inner`` with its data prediction projected onto ``{x : A x = y}`` (DDNM's eq. 13):
     ``x0 <- x0 - A^+(A x0 - y)``; ``eps = (x - alpha x0)/sigma`` and ``score = -eps/sigma`` follow.
     Network evaluations are counted by ``inner`` (``nfe`` reads its counter)."""
 
     def __init__(self, inner: ScoreModel, operator, y: torch.Tensor):
-        self.inner, self.operator, self.y = inner, operator, y
-        self.sde, self.parameterization = inner.sde, "x0"
-        self.net, self.time_input, self.check_finite = inner.net, inner.time_input, inner.check_finite
-        self.bound = {}
+        super().__init__(inner)
+        self.operator, self.y = operator, y
 
-    @property
-    def nfe(self) -> int:
-        return self.inner.nfe
-
-    @nfe.setter
-    def nfe(self, value: int) -> None:          # the counter is the inner model's
-        pass
-
-    def _project(self, x0: torch.Tensor) -> torch.Tensor:
+    def data_prediction(self, x, t, alpha, sigma, **kwargs):
+        x0 = self.inner_x0(x, t, alpha, sigma, **kwargs)
         return x0 - self.operator.pinv(self.operator.A(x0) - self.y)
-
-    def _views(self, view, x, x0, a, s):
-        x0 = self._project(x0)
-        if view == "x0":
-            return x0
-        eps = (x - a * x0) / s
-        return eps if view == "eps" else -eps / s
-
-    def at_scales(self, view, x, t, alpha, sigma, **kwargs):
-        require(view in ("eps", "x0", "score"), f"view must be eps, x0 or score, got {view!r}")
-        return self._views(view, x, self.inner.at_scales("x0", x, t, alpha, sigma, **kwargs), alpha, sigma)
-
-    def _at(self, view, x, t, kwargs):
-        t = self.sde.time(t, x)
-        _, log_a, log_s = self.sde.log_scales(t, x)
-        a, s = expand_to(log_a.exp(), x), expand_to(log_s.exp(), x)
-        return self._views(view, x, self.inner.x0(x, t, **kwargs), a, s)
-
-    def eps(self, x, t, **kwargs):
-        return self._at("eps", x, t, kwargs)
-
-    def x0(self, x, t, **kwargs):
-        return self._at("x0", x, t, kwargs)
-
-    def score(self, x, t, **kwargs):
-        return self._at("score", x, t, kwargs)
 
 
 def _check_travel(length, repeat, interval) -> bool:

@@ -43,12 +43,41 @@ import torch
 
 from ..._checks import require
 from ..registry import MethodResult, register_method
+from ...models.wrapper import NonFiniteError
+from ...samplers.api import sample
+from ._common import DataPredictionModel
 from ._guided import check_eta, ddim_mean, noise_for, noise_std, schedule, spectral
 
-__all__ = ["pigdm", "GUIDANCE", "pigdm_terms", "guidance_shift", "check_guidance"]
+__all__ = ["pigdm", "GUIDANCE", "pigdm_terms", "likelihood_score", "PiGDMGuidedModel",
+           "guidance_shift", "check_guidance"]
 
 #: How the likelihood score ``g`` enters the step (see the module docstring).
 GUIDANCE = ("paper", "score")
+
+
+def likelihood_score(x0_of, spec, operator, y: torch.Tensor, x: torch.Tensor, a, s,
+                     sigma_y: float, sigma_data: float, guidance: str):
+    """``(x0_hat, g, log_lik)`` at ``x`` with scales ``a``, ``s`` (numbers, or ``(batch, 1)``
+    tensors): ``x0_of(x)`` is the denoiser; ``g`` and ``log_lik`` as in :func:`pigdm_terms`.
+    One network call and one vector-Jacobian product."""
+    r2 = sigma_data ** 2 * s * s / (a * a * sigma_data ** 2 + s * s)
+    s_k = spec.s[:spec.k]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        x0 = x0_of(xg)
+        rho = spec.Ut(y - operator.A(x0.detach()))
+        # A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0), times r^2 for "paper": zero on s_i = 0
+        denom = r2 * s_k * s_k + sigma_y * sigma_y
+        usable = (s_k > 0) & (denom > 0)
+        coef = torch.where(s_k > 0, s_k / torch.where(denom > 0, denom, 1.0), 0.0)
+        if guidance == "paper":
+            coef = torch.where(denom > 0, r2 * coef, torch.where(s_k > 0, 1 / s_k, 0.0))
+        z = torch.zeros(x.shape[0], spec.d_x, dtype=x.dtype, device=x.device)
+        z[:, :spec.k] = coef * rho
+        (g,) = torch.autograd.grad(x0, xg, grad_outputs=spec.V(z))
+    safe = torch.where(usable, denom, 1.0)
+    log_lik = torch.where(usable, -0.5 * (rho * rho / safe + torch.log(safe)), 0.0).sum(-1)
+    return x0.detach(), g, log_lik
 
 
 def pigdm_terms(model, spec, operator, y: torch.Tensor, x: torch.Tensor, sched, i: int,
@@ -61,25 +90,34 @@ def pigdm_terms(model, spec, operator, y: torch.Tensor, x: torch.Tensor, sched, 
     x0_hat)``, ``v_i = r_t^2 s_i^2 + sigma_y^2``; ``0`` where ``v_i = 0``). One network call and
     one vector-Jacobian product."""
     a, s = sched.alphas[i], sched.sigmas[i]
-    r2 = sigma_data ** 2 * s * s / (a * a * sigma_data ** 2 + s * s)
-    s_k = spec.s[:spec.k]
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        x0 = model.at_scales("x0", xg, sched.t(i, x), a, s)
-        rho = spec.Ut(y - operator.A(x0.detach()))
-        # A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0), times r^2 for "paper": zero on s_i = 0
-        denom = r2 * s_k * s_k + sigma_y * sigma_y
-        usable = (s_k > 0) & (denom > 0)
-        coef = torch.where(s_k > 0, s_k / torch.where(denom > 0, denom, 1.0), 0.0)
-        if guidance == "paper":
-            coef = torch.where(denom > 0, r2 * coef, torch.where(s_k > 0, 1 / s_k, 0.0))
-        z = torch.zeros(x.shape[0], spec.d_x, dtype=x.dtype, device=x.device)
-        z[:, :spec.k] = coef * rho
-        (g,) = torch.autograd.grad(x0, xg, grad_outputs=spec.V(z))
-    x0 = x0.detach()
-    safe = torch.where(usable, denom, 1.0)
-    log_lik = torch.where(usable, -0.5 * (rho * rho / safe + torch.log(safe)), 0.0).sum(-1)
+    t = sched.t(i, x)
+    x0, g, log_lik = likelihood_score(lambda xg: model.at_scales("x0", xg, t, a, s), spec, operator,
+                                      y, x, a, s, sigma_y, sigma_data, guidance)
     return x0, (x - a * x0) / s, g, log_lik
+
+
+class PiGDMGuidedModel(DataPredictionModel):
+    """``inner`` guided by PiGDM's likelihood score: the score ``score_hat + w g`` (``g`` of eq. 7,
+    ``guidance="score"``), written as the data prediction ``x0_hat + w (sigma^2 / alpha) g``
+    (Tweedie's formula), so any solver of :mod:`sde_diffusion.samplers` integrates the guided
+    reverse process. One network call and one vector-Jacobian product per evaluation."""
+
+    def __init__(self, inner, operator, y: torch.Tensor, sigma_y: float, sigma_data: float,
+                 weight: float):
+        super().__init__(inner)
+        self.operator, self.y, self.sigma_y = operator, y, float(sigma_y)
+        self.sigma_data, self.weight = float(sigma_data), float(weight)
+        self.spec = None
+
+    def data_prediction(self, x, t, alpha, sigma, **kwargs):
+        if self.spec is None:
+            self.spec = spectral(self.operator, x)
+        per = (lambda v: v.reshape(v.shape[0], -1)[:, :1]) if isinstance(alpha, torch.Tensor) \
+            else (lambda v: v)    # the scales per sample, for the spectral coordinates
+        x0, g, _ = likelihood_score(lambda xg: self.inner_x0(xg, t, alpha, sigma, **kwargs),
+                                    self.spec, self.operator, self.y, x, per(alpha), per(sigma),
+                                    self.sigma_y, self.sigma_data, "score")
+        return x0 + (self.weight * sigma * sigma / alpha) * g
 
 
 def guidance_shift(sched, i: int, g: torch.Tensor, std: float, weight: float,
@@ -107,20 +145,43 @@ def check_guidance(guidance: str, weight, sigma_data) -> Tuple[float, float]:
     return weight, sigma_data
 
 
-@register_method("pigdm", needs=("svd",))
+@register_method("pigdm", needs=("svd",), uses_solver=True)
 def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, nfe: int,
-          solver: Optional[str] = None, generator=None, eta: float = 1.0, weight: float = 1.0,
-          sigma_data: float = 1.0, guidance: str = "paper", grid: str = "uniform") -> MethodResult:
+          solver: Optional[str] = None, generator=None, eta: Optional[float] = None,
+          weight: float = 1.0, sigma_data: float = 1.0, guidance: Optional[str] = None,
+          grid: Optional[str] = None, solver_options: Optional[dict] = None) -> MethodResult:
     """PiGDM with ``nfe`` network evaluations (one per step plus its vector-Jacobian product).
-    ``eta``: DDIM noise (the paper uses 1 for noisy problems, ``eta = 0`` is deterministic);
-    ``weight``: guidance weight ``w``; ``sigma_data``: the data's standard deviation in ``r_t``;
-    ``guidance``: ``"paper"`` (Algorithm 1's update, stable on trained networks) or ``"score"``
-    (the guided score inside the DDIM step: exact for Gaussian data, unstable where a network's
-    Jacobian is inexact); ``grid``: a time grid of :mod:`~sde_diffusion.samplers.grids`."""
+    ``solver=None``: the paper's DDIM loop; ``eta``: its noise (default 1, the paper's for noisy
+    problems; ``0`` is deterministic); ``guidance``: ``"paper"`` (default; Algorithm 1's update,
+    stable on trained networks) or ``"score"`` (the guided score inside the DDIM step: exact for
+    Gaussian data, unstable where a network's Jacobian is inexact); ``grid``: a time grid of
+    :mod:`~sde_diffusion.samplers.grids` (default ``uniform``). ``solver="NAME"``: the guided
+    score (:class:`PiGDMGuidedModel`, the ``"score"`` form) integrated by that solver of the
+    toolkit with ``solver_options`` on ``grid`` (default the solver's own), e.g.
+    ``"sde_dpm_solver++"``. ``weight``: guidance weight ``w``; ``sigma_data``: the data's standard
+    deviation in ``r_t``."""
+    if solver is not None:
+        require(eta is None, f"eta is the DDIM loop's noise; with solver={solver!r} give the "
+                             f"solver's own in solver_options")
+        require(guidance in (None, "score"), f"with a solver PiGDM's guidance is the guided score "
+                                             f"(guidance='score'), got guidance={guidance!r}")
+        weight, sigma_data = check_guidance("score", weight, sigma_data)
+        guided = PiGDMGuidedModel(model, operator, y, sigma_y, sigma_data, weight)
+        try:
+            out = sample(guided, x_T=x_T, solver=solver, nfe=nfe, grid=grid, generator=generator,
+                         sigma_data=sigma_data, **dict(solver_options or {}))
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{err}; PiGDM's guided score multiplies a network's Jacobian "
+                                 f"error by ~1/alpha_t^2 at high noise: with a trained network "
+                                 f"use solver=None (the paper's update)") from err
+        return MethodResult(samples=out.samples.detach(), nfe=out.nfe,
+                            info={"solver": solver, "steps": len(out.times) - 1})
+    require(solver_options is None, "solver_options need a solver (solver='NAME')")
+    guidance = "paper" if guidance is None else guidance
     weight, sigma_data = check_guidance(guidance, weight, sigma_data)
-    eta = check_eta(eta)
+    eta = check_eta(1.0 if eta is None else eta)
     sigma_y = float(sigma_y)
-    sched = schedule(model.sde, nfe, grid)
+    sched = schedule(model.sde, nfe, "uniform" if grid is None else grid)
     noise = noise_for(generator, tuple(x_T.shape), x_T, "pigdm")
     spec = spectral(operator, x_T)
     start, x = model.nfe, x_T
