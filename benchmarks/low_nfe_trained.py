@@ -41,12 +41,14 @@ from sde_diffusion.reports import write_csv  # noqa: E402
 from sde_diffusion.samplers import sample  # noqa: E402
 from sde_diffusion.samplers.api import ANALYTIC_MAX_SNR, auto_config, start_snr  # noqa: E402
 from sde_diffusion._files import write_text  # noqa: E402
-from low_nfe import GRIDS, label  # noqa: E402
+from low_nfe import AFS, GRIDS, label, with_afs  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 12, 15)
-CONFIGS = ([("unipc", {"order": p, "lower_order_final": True}) for p in (2, 3)]
-           + [("ipndm", {"order": p}) for p in (3, 4)]
-           + [("dpm_solver++", {"order": 2}), ("deis", {}), ("ddim", {})])
+#: each also with the analytical first step ("+afs"); on an SDE that refuses it (alpha/sigma at T
+#: above ANALYTIC_MAX_SNR) a "+afs" row repeats its plain twin's error, as the rule falls back
+CONFIGS = with_afs([("unipc", {"order": p, "lower_order_final": True}) for p in (2, 3)]
+                   + [("ipndm", {"order": p}) for p in (3, 4)]
+                   + [("dpm_solver++", {"order": 2}), ("deis", {}), ("ddim", {})])
 DEFAULT = "default: sample(model, nfe=N)"
 
 
@@ -120,15 +122,24 @@ def write_afs(rows, names, nfes, args, elapsed) -> None:
 
 def run_checkpoint(name: str, path: str, nfes, n: int, ref_steps: int, grids) -> list:
     """Every configuration's and the default's error at each budget on one checkpoint."""
-    _, run, rms = _setup(path, n, ref_steps)
+    model, run, rms = _setup(path, n, ref_steps)
+    afs_allowed = start_snr(model.sde, model.sde.T) <= ANALYTIC_MAX_SNR
     rows = []
     for nfe in nfes:
         out = run(nfe=nfe)
+        afs = AFS if out.config.get("analytic_first_step") else {}
         rows.append({"checkpoint": name, "nfe": nfe, "method": DEFAULT, "error": rms(out.samples),
-                     "config": label(out.config["solver"], out.config["options"], out.config["grid"])
-                     + f" (sigma_data {out.config['sigma_data']:g})"})
+                     "config": label(out.config["solver"], {**out.config["options"], **afs},
+                                     out.config["grid"]) + f" (sigma_data {out.config['sigma_data']:g})"})
         for solver, options in CONFIGS:
             for grid in grids:
+                if options.get("analytic_first_step") and not afs_allowed:
+                    plain = {k: v for k, v in options.items() if k not in AFS}
+                    twin = next((r for r in rows if r["nfe"] == nfe
+                                 and r["method"] == label(solver, plain, grid)), None)
+                    if twin is not None:
+                        rows.append({**twin, "method": label(solver, options, grid)})
+                    continue
                 try:
                     res = run(solver=solver, nfe=nfe, grid=grid, **options)
                 except (ValueError, RuntimeError) as err:   # a budget below the solver's minimum

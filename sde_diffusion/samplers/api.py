@@ -33,8 +33,12 @@ AUTO = "auto"
 AUTO_IPNDM_NFE = (4, 15)
 #: the budget from which the automatic choice takes iPNDM's order 4 instead of 3
 AUTO_IPNDM_ORDER4_FROM_NFE = 8
-#: UniPC's predictor order in the automatic choice for a learned network at 5-15 NFE
+#: UniPC's predictor order in the automatic choice for a learned network above
+#: :data:`AUTO_NETWORK_IPNDM_MAX_NFE` (up to 15 NFE)
 AUTO_NETWORK_ORDER = 2
+#: the largest budget at which the automatic choice for a learned network takes iPNDM of order 3
+#: (from 4 NFE, with the analytical first step where the SDE allows it)
+AUTO_NETWORK_IPNDM_MAX_NFE = 10
 #: the ``focus`` grid's ``sigma_data`` when the data's scale is not known (EDM's, images in [-1, 1])
 DEFAULT_SIGMA_DATA = 0.5
 #: the largest budget at which the automatic choice starts with the analytical first step (both
@@ -89,13 +93,15 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
       the lowest error relative to the best configuration of each mixture at every budget from 4
       to 15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56);
     - **a learned network** (any other model, or ``None``), from ``benchmarks/low_nfe_trained.py``
-      on trained digits U-Nets (VP, VE) and two-moons MLPs (VP, VE, sub-VP): at 5-15 NFE
-      ``unipc`` of order 2 with lower-order final steps (:data:`AUTO_NETWORK_ORDER`; geometric
-      mean 1.02-1.27 of each network's best configuration), at 4 NFE ``ipndm`` of order 3 as for
-      an exact score (1.64; the best there, DDIM on the Karras grid, 1.49 with a worst case of
-      2.98). The high-order Adams-Bashforth weights that win on exact scores amplify a network's
-      own error: iPNDM of order 4, the exact rule's choice from 8 NFE, ranked 8th-19th of 28
-      configurations at 8-15 NFE (geometric mean 2.1-4.0);
+      on trained digits U-Nets (VP, VE) and two-moons MLPs (VP, VE, sub-VP), every configuration
+      also with the analytical first step: at 4-10 NFE (:data:`AUTO_NETWORK_IPNDM_MAX_NFE`)
+      ``ipndm`` of order 3 with the first step, first of 56 configurations at every one of these
+      budgets (geometric mean 1.04-1.32 of each network's best, worst 1.42-1.86; UniPC of order 2
+      with it 1.28-1.98, worst 2.3-5.8, on the sub-VP MLP); at 11-15 NFE ``unipc`` of order 2 with
+      lower-order final steps (:data:`AUTO_NETWORK_ORDER`; 1.58 and 1.45 at 12 and 15, the best
+      at 15). The high-order Adams-Bashforth weights that win on exact scores amplify a network's
+      own error: iPNDM of order 4, the exact rule's choice from 8 NFE, ranks below order 3 at
+      every budget (geometric mean 1.4-1.8 with the first step);
     - otherwise (either kind) ``unipc`` (UniPC's predictor-corrector in log-SNR, Zhao et al. 2023)
       with ``lower_order_final=True``, predictor order 2 below 4 NFE and 3 from 16 (iPNDM's
       first-order start and equal-step weights stall it near 1e-2 on VP at 20-100 NFE, where
@@ -105,13 +111,13 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
     (``analytic_first_step``, one evaluation saved) where the model's SDE starts at
     ``alpha/sigma <= 0.1``: on 18 mixtures it lowered iPNDM's error on 18 of 18 at 3-4 NFE
     (geometric mean 0.73-0.74) and on average up to 10 (0.88-0.93), not at 12 (1.15); on four
-    trained networks it lowered the network rule's error by a geometric mean of 0.28 at 4 NFE and
-    0.61-0.89 at 5-10 (``benchmarks/results/low_nfe_trained_afs.md``), not at 12-15.
+    trained networks, paired with the network rule's configuration without it, see
+    ``benchmarks/results/low_nfe_trained_afs.md``.
 
     ``sigma_data``: the given value, else the data's scale where the model knows it (an oracle,
     :func:`data_scale`), else 0.5. ``sde``: the SDE ``sample`` runs (``sample(mixture, sde, ...)``),
-    else the model's own; without one the analytical first step is not chosen. Where ``ipndm`` is not registered, UniPC (order 2 below 10
-    NFE, 3 from there) takes its place in the exact rule."""
+    else the model's own; without one the analytical first step is not chosen. Where ``ipndm`` is
+    not registered, UniPC (order 2 below 10 NFE, 3 from there) takes its place in either rule."""
     require(isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1,
             f"nfe must be an integer >= 1, got {nfe!r}")
     known = data_scale(model) if model is not None else None
@@ -123,18 +129,21 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         source = "given"
     require(sigma_data > 0 and math.isfinite(sigma_data), f"sigma_data must be > 0, got {sigma_data!r}")
     lo, hi = AUTO_IPNDM_NFE
-    if kind == "network" and lo < nfe <= hi:
+    top = AUTO_NETWORK_IPNDM_MAX_NFE
+    if kind == "network" and top < nfe <= hi:
         solver = "unipc"
         options: Dict[str, object] = {"order": AUTO_NETWORK_ORDER, "lower_order_final": True}
         why = (f"a learned network: unipc with predictor order {AUTO_NETWORK_ORDER}, lower order at "
-               f"the final steps ({lo + 1}-{hi} NFE)")
+               f"the final steps ({top + 1}-{hi} NFE)")
     elif lo <= nfe <= hi and "ipndm" in SOLVERS:
         solver = "ipndm"
-        options = {"order": 4 if nfe >= AUTO_IPNDM_ORDER4_FROM_NFE else 3}
-        why = (f"an exact score: ipndm of order {options['order']} ({lo}-{hi} NFE; order 4 from "
-               f"{AUTO_IPNDM_ORDER4_FROM_NFE})" if kind == "exact" else
-               f"a learned network at {lo} NFE: ipndm of order {options['order']}, as for an exact "
-               f"score")
+        if kind == "exact":
+            options = {"order": 4 if nfe >= AUTO_IPNDM_ORDER4_FROM_NFE else 3}
+            why = (f"an exact score: ipndm of order {options['order']} ({lo}-{hi} NFE; order 4 "
+                   f"from {AUTO_IPNDM_ORDER4_FROM_NFE})")
+        else:
+            options = {"order": 3}
+            why = f"a learned network: ipndm of order 3 ({lo}-{top} NFE)"
     else:
         solver = "unipc"
         order = 2 if nfe < (lo if "ipndm" in SOLVERS else 10) else 3

@@ -49,8 +49,9 @@ def _network_model(sde):
 @pytest.mark.parametrize("nfe,solver,options", [
     (2, "unipc", {"order": 2, "lower_order_final": True}),
     (4, "ipndm", {"order": 3}),
-    (5, "unipc", {"order": 2, "lower_order_final": True}),
-    (8, "unipc", {"order": 2, "lower_order_final": True}),
+    (5, "ipndm", {"order": 3}),
+    (10, "ipndm", {"order": 3}),
+    (11, "unipc", {"order": 2, "lower_order_final": True}),
     (15, "unipc", {"order": 2, "lower_order_final": True}),
     (16, "unipc", {"order": 3, "lower_order_final": True})])
 def test_rule_for_a_learned_network(nfe, solver, options):
@@ -74,8 +75,8 @@ def test_a_network_default_records_its_rule():
     model = _network_model(sde)
     with torch.no_grad():
         out = sample(model, shape=(16, 2), nfe=6, generator=0)
-    assert out.nfe == 6 and out.solver == "unipc" and out.config["kind"] == "network"
-    assert out.config["options"] == {"order": 2, "lower_order_final": True}
+    assert out.nfe == 6 and out.solver == "ipndm" and out.config["kind"] == "network"
+    assert out.config["options"] == {"order": 3}
     assert out.config["analytic_first_step"] and out.config["steps"] == 7   # VE sigma_max 50
     with torch.no_grad():
         again = sample(model, shape=(16, 2), generator=0, **out.config["call"])
