@@ -144,3 +144,21 @@ def operator_problem(sde: str, op_name: str, shape: tuple, sigma_y: float, seed:
                                                         dtype=torch.float64)
     pri = prior.sample(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     return prior, op, y, ref, sliced_wasserstein(pri, ref)
+
+
+@functools.lru_cache(maxsize=None)
+def half_mask_64():
+    """``(prior, operator, y, sigma_data, exact posterior samples)``: the 64-D, 8-mode mixture of
+    seed 1 under VP behind a lower-half mask, sigma_y 0.05; 4000 exact posterior samples (two sets
+    of 1000 and 4000 differ by ~0.008)."""
+    from sde_diffusion.inverse import Mask, half_mask, observe
+    from sde_diffusion.inverse.posterior import exact_posterior
+
+    prior = random_mixture(64, 8, seed=1, sde=VPSDE())
+    sd = float(prior.covariance().diagonal().mean().sqrt())
+    op = Mask(half_mask((64,), "lower-half"))
+    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(101), dtype=torch.float64),
+                0.05, generator=1)[0]
+    ref = exact_posterior(prior, op, y, 0.05).sample(4000, generator=torch.Generator().manual_seed(1),
+                                                     dtype=torch.float64)
+    return prior, op, y, sd, ref

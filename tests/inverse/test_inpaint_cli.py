@@ -223,3 +223,25 @@ def test_subprocess_entry_point(tmp_path):
                           env=env, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("sde-diffusion: error: unknown inverse")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_pigdm_through_a_solver_and_its_nan_as_one_line(tmp_path, capsys, monkeypatch):
+    """--method pigdm --solver NAME runs PiGDM's guided score through that solver; a NaN on the way
+    (a network whose Jacobian the guided score amplifies) is a one-line error naming the step, the
+    time and the way out, exit status 1, no traceback."""
+    info = _run(capsys, "--oracle", "image16", "--mask", "box", "--method", "pigdm", "--solver",
+                "sde_dpm_solver++", "--nfe", "8", "--n", "3", "--out", str(tmp_path / "x"))
+    assert info["solver"] == "sde_dpm_solver++" and info["nfe"] == 8
+    from sde_diffusion.models.wrapper import NonFiniteError
+    import sde_diffusion.inverse.api as api
+
+    def diverge(*args, **kwargs):
+        raise NonFiniteError("sde_dpm_solver++: the state became NaN/Inf at step 7 of 50 (t=0.855); "
+                             "... use solver=None (the paper's update)")
+    monkeypatch.setattr(api, "solve_inverse", diverge)
+    code = main(["inpaint", "--oracle", "image16", "--mask", "box", "--method", "pigdm", "--solver",
+                 "sde_dpm_solver++", "--n", "2", "--out", str(tmp_path / "y"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("sde-diffusion: error: sde_dpm_solver++: the state became NaN/Inf at step 7")
+    assert "solver=None" in err

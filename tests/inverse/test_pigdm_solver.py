@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from sde_diffusion import VESDE, VPSDE, SubVPSDE, GaussianMixture, random_mixture, solve_inverse
-from sde_diffusion.inverse import Dense, Mask, half_mask, observe
+from sde_diffusion.inverse import Dense, Mask, half_mask
 from sde_diffusion.inverse.methods.pigdm import PiGDMGuidedModel
 from sde_diffusion.inverse.posterior import exact_posterior
 from sde_diffusion.metrics import sliced_wasserstein
 from sde_diffusion.models import ScoreModel, TimeMLP
 from sde_diffusion.models.wrapper import NonFiniteError, as_model
+
+from helpers import half_mask_64  # noqa: E402
 
 SDES = {"vp": VPSDE(), "ve": VESDE(), "subvp": SubVPSDE()}
 
@@ -45,13 +47,7 @@ def test_a_second_order_sde_solver_beats_the_ddim_loop_at_20_nfe():
     exact posterior samples: the paper's DDIM loop with the same guided score 0.061 (uniform grid)
     and 0.029 (log-SNR); SDE-DPM-Solver++(2M) on the focus grid 0.012 (floor of two exact sets
     0.008)."""
-    prior = random_mixture(64, 8, seed=1, sde=VPSDE())
-    sd = float(prior.covariance().diagonal().mean().sqrt())
-    op = Mask(half_mask((64,), "lower-half"))
-    y = observe(op, prior.sample(1, generator=torch.Generator().manual_seed(101),
-                                 dtype=torch.float64), 0.05, generator=1)[0]
-    ref = exact_posterior(prior, op, y, 0.05).sample(4000, generator=torch.Generator().manual_seed(1),
-                                                     dtype=torch.float64)
+    prior, op, y, sd, ref = half_mask_64()
     common = dict(n=1000, nfe=20, sigma_y=0.05, generator=0, sigma_data=sd)
     loop = solve_inverse(prior, op, y, method="pigdm", guidance="score", grid="logsnr", **common)
     ours = solve_inverse(prior, op, y, method="pigdm", solver="sde_dpm_solver++", grid="focus",

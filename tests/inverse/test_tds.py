@@ -6,6 +6,10 @@ its batch-independence and image-operator tests for both SMC methods. Measured v
 comments; the bounds leave margin on them."""
 import pytest
 
+from sde_diffusion import solve_inverse
+from sde_diffusion.metrics import sliced_wasserstein
+
+from helpers import half_mask_64  # noqa: E402
 from test_smc import SDES, _problem, _run  # noqa: E402
 
 
@@ -37,8 +41,26 @@ def test_noiseless_on_every_sde(sde):
     assert 0 < r.info["resampling_rate"] < 1
 
 
+def test_second_order_kernel_on_the_64d_half_mask():
+    """order=2 (the SDE-DPM-Solver++(2M) kernel on the focus grid) at 20 NFE with 4 particles, 1000
+    samples: 0.011 against the ancestral kernel's 0.055 on its uniform grid (measured on the
+    benchmark's seed-0 problem; floor of two exact sets ~0.008)."""
+    prior, op, y, sd, ref = half_mask_64()
+    common = dict(method="tds", n=1000, nfe=20, sigma_y=0.05, generator=0, sigma_data=sd,
+                  guidance="score", particles=4)
+    first = solve_inverse(prior, op, y, **common)
+    second = solve_inverse(prior, op, y, order=2, grid="focus", **common)
+    assert first.nfe == second.nfe == 20
+    d1, d2 = sliced_wasserstein(first.samples, ref), sliced_wasserstein(second.samples, ref)
+    assert d2 < 0.4 * d1, (d2, d1)
+
+
 def test_errors():
     problem = _problem("vp", 0.05, 0)
+    with pytest.raises(ValueError, match="order must be 1 or 2, got 3"):
+        _run(problem, "tds", 5, 0.05, order=3)
+    with pytest.raises(ValueError, match="order=2 .* needs guidance='score', got 'paper'"):
+        _run(problem, "tds", 5, 0.05, order=2)
     with pytest.raises(ValueError, match="particles must be an integer >= 1, got 0"):
         _run(problem, "tds", 5, 0.05, particles=0)
     with pytest.raises(ValueError, match="unknown resampling 'stratified'"):

@@ -59,14 +59,16 @@ class Schedule:
         return math.inf if s == 0 else math.log(a / s)
 
 
-def schedule(sde, nfe: int, grid: str = "uniform", to_data: bool = True) -> Schedule:
-    """The grid of :func:`~sde_diffusion.samplers.grids.make_grid` with ``nfe`` intervals; the
+def schedule(sde, nfe: int, grid: str = "uniform", to_data: bool = True,
+             sigma_data: float = 0.5) -> Schedule:
+    """The grid of :func:`~sde_diffusion.samplers.grids.make_grid` with ``nfe`` intervals
+    (``sigma_data`` shapes the ``focus`` grid); the
     network is evaluated at its first ``nfe`` points and the last step lands on the data
     (``to_data``) or on the grid's last time ``eps`` (then ``times`` holds all ``nfe + 1`` points
     and ``steps`` is still ``nfe``)."""
     check_nfe(nfe)
     require(grid in GRIDS, f"unknown time grid {grid!r}; valid grids: {', '.join(GRIDS)}")
-    times = make_grid(sde, nfe, grid)
+    times = make_grid(sde, nfe, grid, sigma_data=sigma_data)
     _, log_a, log_s = sde.log_scales(times)
     if not to_data:
         return Schedule(times, log_a.exp().tolist(), log_s.exp().tolist(), nfe)

@@ -181,7 +181,7 @@ def pigdm(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor
     weight, sigma_data = check_guidance(guidance, weight, sigma_data)
     eta = check_eta(1.0 if eta is None else eta)
     sigma_y = float(sigma_y)
-    sched = schedule(model.sde, nfe, "uniform" if grid is None else grid)
+    sched = schedule(model.sde, nfe, "uniform" if grid is None else grid, sigma_data=sigma_data)
     noise = noise_for(generator, tuple(x_T.shape), x_T, "pigdm")
     spec = spectral(operator, x_T)
     start, x = model.nfe, x_T

@@ -30,6 +30,7 @@ vector-Jacobian products, each on ``batch * particles`` states.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -48,24 +49,29 @@ __all__ = ["tds"]
 def tds(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, nfe: int,
         solver: Optional[str] = None, generator=None, particles: int = 64,
         resampling: str = "systematic", ess_threshold: float = 0.5, weight: float = 1.0,
-        sigma_data: float = 1.0, guidance: str = "paper", grid: str = "uniform") -> MethodResult:
+        sigma_data: float = 1.0, guidance: str = "paper", grid: str = "uniform",
+        order: int = 1) -> MethodResult:
     """TDS with PiGDM's twisting, ``particles`` particles per posterior sample and ``nfe`` network
     calls (each on ``batch * particles`` states, with a vector-Jacobian product). ``weight``,
     ``sigma_data``, ``guidance``: PiGDM's (:func:`~.pigdm.pigdm`), for both the proposal and the
     twisting functions (``weight`` scales the proposal's guidance only); ``resampling``,
     ``ess_threshold``: as MCGdiff's (:func:`~.smc.mcgdiff`); ``grid``: a time grid of
-    :mod:`~sde_diffusion.samplers.grids`. With an int seed a posterior sample depends on the seed
-    and its index only. Particle 0 of sample ``b`` starts at ``x_T[b]``; the others are drawn
-    from the prior."""
+    :mod:`~sde_diffusion.samplers.grids`; ``order``: 1, the ancestral kernel, or 2, the
+    SDE-DPM-Solver++(2M) kernel (``guidance="score"`` only; see the module docstring). With an
+    int seed a posterior sample depends on the seed and its index only. Particle 0 of sample
+    ``b`` starts at ``x_T[b]``; the others are drawn from the prior."""
     ess_threshold = check_smc(particles, resampling, ess_threshold)
     require(grid in GRIDS, f"unknown time grid {grid!r}; valid grids: {', '.join(GRIDS)}")
+    require(order in (1, 2) and not isinstance(order, bool), f"order must be 1 or 2, got {order!r}")
+    require(order == 1 or guidance == "score", f"order=2 moves the guided data prediction, "
+                                               f"which needs guidance='score', got {guidance!r}")
     weight, sigma_data = check_guidance(guidance, weight, sigma_data)
     sigma_y = float(sigma_y)
     sde = model.sde
     B, N = x_T.shape[0], particles
     spec = spectral(operator, x_T)
     D, shape = spec.d_x, tuple(x_T.shape[1:])
-    sched = schedule(sde, nfe, grid, to_data=False)
+    sched = schedule(sde, nfe, grid, to_data=False, sigma_data=sigma_data)
     noise = noise_for(generator, (B, N * (D + 1)), x_T, "tds")
     y_rep = y.repeat_interleave(N, dim=0)                      # each sample's y for its particles
     arange = torch.arange(N, device=x_T.device).expand(B, N)
@@ -81,6 +87,7 @@ def tds(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, 
     start = model.nfe
     log_w = x_T.new_zeros(B, N)                    # accumulated log-weights since the last resampling
     resampled = 0
+    history = None                                 # order 2: the last step's (x0, guided x0, h)
     for i in range(sched.steps):
         x0, eps, g, log_twist = pigdm_terms(model, spec, operator, y_rep, x, sched, i, sigma_y,
                                             sigma_data, guidance)
@@ -95,6 +102,17 @@ def tds(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, 
         std = noise_std(sched, i, 1.0)
         base = ddim_mean(sched, i, x0, eps, std)                        # the unguided kernel
         delta = guidance_shift(sched, i, g, std, weight, guidance)
+        if order == 2:
+            a, s = sched.alphas[i], sched.sigmas[i]
+            x0_guided = x0 + (weight * s * s / a) * g
+            h = sched.lam(i + 1) - sched.lam(i)
+            if history is not None:   # SDE-DPM-Solver++(2M): + c (x0 - x0_prev) / r, both kernels
+                prev, prev_guided = (gather(v, idx) for v in history[:2])
+                prev_h = history[2]
+                c = 0.5 * sched.alphas[i + 1] * -math.expm1(-2 * h) * h / prev_h
+                base = base + c * (x0 - prev)
+                delta = delta + c * ((x0_guided - prev_guided) - (x0 - prev))
+            history = (x0, x0_guided, h)
         x = base + delta + std * z
         zd = (z * delta).reshape(B, N, -1).sum(-1)
         dd = (delta * delta).reshape(B, N, -1).sum(-1)
