@@ -276,11 +276,12 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     if analytic_first_step:   # only from a start at high noise: the rule drops it, a request fails
         t0 = float(times[0]) if times is not None else sde.T if t_start is None else float(t_start)
         snr0 = start_snr(sde, t0)
-        analytic_first_step = snr0 <= ANALYTIC_MAX_SNR or not from_rule
-        require(not analytic_first_step or snr0 <= ANALYTIC_MAX_SNR,
-                f"analytic_first_step needs a start at high noise: alpha/sigma = {snr0:.3g} at "
-                f"t_start = {t0:.6g}, above {ANALYTIC_MAX_SNR} (start at the SDE's T, or use a VE "
-                f"sigma_max of at least ten times the data's scale)")
+        if snr0 > ANALYTIC_MAX_SNR:
+            require(from_rule, f"analytic_first_step needs a start at high noise: alpha/sigma = "
+                               f"{snr0:.3g} at t_start = {t0:.6g}, above {ANALYTIC_MAX_SNR} (start "
+                               f"at the SDE's T, or use a VE sigma_max of at least ten times the "
+                               f"data's scale)")
+            analytic_first_step = False
     require(not (analytic_first_step and info.adaptive),
             f"analytic_first_step needs a fixed grid; solver {info.name!r} is adaptive")
     if nfe is not None:

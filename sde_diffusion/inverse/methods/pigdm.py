@@ -53,8 +53,8 @@ from ...samplers.api import sample
 from ._common import DataPredictionModel
 from ._guided import check_eta, ddim_mean, noise_for, noise_std, schedule, spectral
 
-__all__ = ["pigdm", "GUIDANCE", "pigdm_terms", "likelihood_score", "PiGDMGuidedModel",
-           "guidance_shift", "check_guidance"]
+__all__ = ["pigdm", "GUIDANCE", "pigdm_terms", "likelihood_score", "score_guided_x0",
+           "PiGDMGuidedModel", "guidance_shift", "check_guidance"]
 
 #: How the likelihood score ``g`` enters the step (see the module docstring).
 GUIDANCE = ("paper", "score")
@@ -83,6 +83,12 @@ def likelihood_score(x0_of, spec, operator, y: torch.Tensor, x: torch.Tensor, a,
     safe = torch.where(usable, denom, 1.0)
     log_lik = torch.where(usable, -0.5 * (rho * rho / safe + torch.log(safe)), 0.0).sum(-1)
     return x0.detach(), g, log_lik
+
+
+def score_guided_x0(x0: torch.Tensor, g: torch.Tensor, weight: float, alpha, sigma) -> torch.Tensor:
+    """The data prediction of the guided score ``score_hat + w g`` (the ``"score"`` form, through
+    Tweedie's formula): ``x0_hat + w (sigma^2 / alpha) g``."""
+    return x0 + (weight * sigma * sigma / alpha) * g
 
 
 def pigdm_terms(model, spec, operator, y: torch.Tensor, x: torch.Tensor, sched, i: int,
@@ -122,7 +128,7 @@ class PiGDMGuidedModel(DataPredictionModel):
         x0, g, _ = likelihood_score(lambda xg: self.inner_x0(xg, t, alpha, sigma, **kwargs),
                                     self.spec, self.operator, self.y, x, per(alpha), per(sigma),
                                     self.sigma_y, self.sigma_data, "score")
-        return x0 + (self.weight * sigma * sigma / alpha) * g
+        return score_guided_x0(x0, g, self.weight, alpha, sigma)
 
 
 def guidance_shift(sched, i: int, g: torch.Tensor, std: float, weight: float,

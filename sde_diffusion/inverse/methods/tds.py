@@ -39,7 +39,7 @@ from ..._checks import require
 from ..registry import MethodResult, register_method
 from ...samplers.grids import GRIDS
 from ._guided import ddim_mean, noise_for, noise_std, schedule, spectral
-from .pigdm import check_guidance, guidance_shift, pigdm_terms
+from .pigdm import check_guidance, guidance_shift, pigdm_terms, score_guided_x0
 from .smc import check_smc, draw_one, initial_particles, resample_indices
 
 __all__ = ["tds"]
@@ -103,8 +103,7 @@ def tds(model, operator, y: torch.Tensor, *, sigma_y: float, x_T: torch.Tensor, 
         base = ddim_mean(sched, i, x0, eps, std)                        # the unguided kernel
         delta = guidance_shift(sched, i, g, std, weight, guidance)
         if order == 2:
-            a, s = sched.alphas[i], sched.sigmas[i]
-            x0_guided = x0 + (weight * s * s / a) * g
+            x0_guided = score_guided_x0(x0, g, weight, sched.alphas[i], sched.sigmas[i])
             h = sched.lam(i + 1) - sched.lam(i)
             if history is not None:   # SDE-DPM-Solver++(2M): + c (x0 - x0_prev) / r, both kernels
                 prev, prev_guided = (gather(v, idx) for v in history[:2])
