@@ -13,10 +13,10 @@ import torch
 from .._checks import require
 from ..models.wrapper import ScoreModel, as_model
 from ..oracles import GaussianMixture
-from ..sdes import SDE
+from ..sdes import SDE, VPSDE
 from .base import (CHECK_EVERY, Correction, GeneratorLike, NoiseSource, SampleResult, SolverContext,
                    run_solver)
-from .grids import GRIDS, check_steps, make_grid
+from .grids import FOCUS_SHARE, FOCUS_WIDTH, GRIDS, check_steps, make_grid
 from .registry import SOLVERS, get_solver
 
 __all__ = ["sample", "start_state", "custom_grid", "auto_config", "data_scale", "ConfiguredResult",
@@ -39,6 +39,15 @@ AUTO_NETWORK_ORDER = 2
 #: the largest budget at which the automatic choice for a learned network takes iPNDM of order 3
 #: (from 4 NFE, with the analytical first step where the SDE allows it)
 AUTO_NETWORK_IPNDM_MAX_NFE = 10
+#: the budgets (inclusive) where the automatic choice for an exact score under the linear VP SDE
+#: (score_sde's, :class:`~sde_diffusion.sdes.VPSDE` with ``schedule="linear"``) takes the
+#: ``quadratic`` grid instead of ``focus``
+AUTO_VP_QUADRATIC_NFE = (5, 15)
+#: the ``focus`` grid's shape (width, uniform share) in the automatic choice for an exact score
+#: where it differs from the default (:data:`~.grids.FOCUS_WIDTH`, :data:`~.grids.FOCUS_SHARE`):
+#: a smaller uniform share at 4-5 NFE, a narrower bump from 13 NFE (benchmarks/results/low_nfe_grids.md)
+AUTO_EXACT_FOCUS_SHAPE = {**{n: (FOCUS_WIDTH, 0.2) for n in (4, 5)},
+                          **{n: (1.5, FOCUS_SHARE) for n in range(13, 16)}}
 #: the ``focus`` grid's ``sigma_data`` when the data's scale is not known (EDM's, images in [-1, 1])
 DEFAULT_SIGMA_DATA = 0.5
 #: the largest budget at which the automatic choice starts with the analytical first step (both
@@ -82,8 +91,9 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
     r"""The configuration ``sample(model, nfe=nfe)`` uses when no solver is named: a dict with
     ``solver``, ``options``, ``grid``, ``sigma_data``, ``nfe``, ``kind`` (``"exact"`` or
     ``"network"``) and ``rule`` (a sentence). Two rules (docs/samplers.md, "The default for a
-    budget"), one NFE per step throughout, both on the ``focus`` grid (steps concentrated around
-    the noise level ``sigma_data``, :func:`~.grids.focus_grid`):
+    budget"), one NFE per step throughout, on the ``focus`` grid (steps concentrated around the
+    noise level ``sigma_data``, :func:`~.grids.focus_grid`) except for an exact score under the
+    linear VP SDE at 5-15 NFE:
 
     - **an exact score** (an oracle mixture, or its :class:`~sde_diffusion.models.OracleModel`),
       from the sweep of ``benchmarks/low_nfe.py --rule`` over twelve mixtures under VP, sub-VP and
@@ -91,7 +101,13 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
       (:data:`AUTO_IPNDM_NFE`) ``ipndm`` (iPNDM, Zhang & Chen 2023, App.: equal-step
       Adams-Bashforth on ``eps`` in EDM's variables), order 3 below 8 NFE and 4 from there; it had
       the lowest error relative to the best configuration of each mixture at every budget from 4
-      to 15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56);
+      to 15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56). Under the
+      linear VP SDE (:func:`linear_vp`) at 5-15 NFE (:data:`AUTO_VP_QUADRATIC_NFE`) on the
+      ``quadratic`` grid instead: measured with 8192 states per mixture (``benchmarks/low_nfe.py
+      --grids``), it was first or within 1.15 of the first of the rule's candidate grids at
+      every budget from 5 to 15 on twelve VP mixtures of 16-96 dimensions beside the sweep (the
+      focus grid 1.16-1.56 there), while on the cosine VP, sub-VP and VE SDEs it is 1.2-6x worse
+      than the focus grid;
     - **a learned network** (any other model, or ``None``), from ``benchmarks/low_nfe_trained.py``
       on trained digits U-Nets (VP, VE) and two-moons MLPs (VP, VE, sub-VP), every configuration
       also with the analytical first step: at 4-10 NFE (:data:`AUTO_NETWORK_IPNDM_MAX_NFE`)
@@ -151,11 +167,25 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
         why = f"unipc with predictor order {order}, lower order at the final steps"
     if sde is None and model is not None:
         sde = model.sde          # a ScoreModel's or an oracle's own (None for an oracle built without)
+    grid = "focus"
+    q_lo, q_hi = AUTO_VP_QUADRATIC_NFE
+    if kind == "exact" and solver == "ipndm" and q_lo <= nfe <= q_hi and linear_vp(sde):
+        grid = "quadratic"
+        why += f" on the quadratic grid (the linear VP SDE, {q_lo}-{q_hi} NFE)"
+    width, share = FOCUS_WIDTH, FOCUS_SHARE
+    if kind == "exact" and solver == "ipndm" and grid == "focus":
+        width, share = AUTO_EXACT_FOCUS_SHAPE.get(nfe, (width, share))
     afs = nfe <= AUTO_AFS_MAX_NFE and sde is not None and start_snr(sde, sde.T) <= ANALYTIC_MAX_SNR
     if afs:
         why += ", the analytical first step (one evaluation saved)"
-    rule = (f"nfe={nfe}: {why}, on the focus grid with sigma_data={sigma_data:.4g} ({source})")
-    return {"solver": solver, "options": options, "grid": "focus", "sigma_data": float(sigma_data),
+    where = ""
+    if grid == "focus":
+        shape = "" if (width, share) == (FOCUS_WIDTH, FOCUS_SHARE) else \
+            f", width {width:g} and uniform share {share:g}"
+        where = f", on the focus grid with sigma_data={sigma_data:.4g} ({source}){shape}"
+    rule = f"nfe={nfe}: {why}{where}"
+    return {"solver": solver, "options": options, "grid": grid, "sigma_data": float(sigma_data),
+            "focus_width": width, "focus_share": share,
             "nfe": nfe, "kind": kind, "rule": rule, "analytic_first_step": afs}
 
 def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
@@ -163,7 +193,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
            solver: Optional[str] = None, steps: Optional[int] = None, *,
            nfe: Optional[int] = None, grid: Union[str, GridLike, None] = None,
            t_start: Optional[float] = None, t_end: Optional[float] = None, rho: float = 7.0,
-           sigma_data: Optional[float] = None,
+           sigma_data: Optional[float] = None, focus_width: Optional[float] = None,
+           focus_share: Optional[float] = None,
            generator: GeneratorLike = None, index_offset: int = 0, denoise: bool = False,
            dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
            progress: Optional[bool] = None, return_trajectory: bool = False,
@@ -197,8 +228,10 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             sets the steps (a ``steps`` or ``nfe`` asking for another number of steps, or
             ``t_start``/``t_end``, is an error); default: the solver's own
             (``get_solver(name).grid``, its paper's choice).
-        rho, sigma_data: shape of the ``karras`` and ``focus`` grids (``sigma_data`` default
-            0.5; with ``"auto"`` the data's scale where the model knows it).
+        rho, sigma_data, focus_width, focus_share: shape of the ``karras`` and ``focus`` grids
+            (:func:`~sde_diffusion.samplers.grids.focus_grid`'s ``sigma_data``, ``width`` and
+            ``uniform_share``: default 0.5, 2 and 0.4; with ``"auto"`` the rule's, and the data's
+            scale where the model knows it).
         generator: an int seed (default ``None``: torch's global generator), a
             ``torch.Generator``, or one generator per sample. With an int seed the noise of a
             sample -- in ``x_T`` and at every stochastic step -- depends only on the seed and the
@@ -256,6 +289,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
                                     "custom grid)")
         auto = auto_config(model, int(budget), sigma_data, sde=sde)
         solver, sigma_data = auto["solver"], auto["sigma_data"]
+        focus_width = auto["focus_width"] if focus_width is None else focus_width
+        focus_share = auto["focus_share"] if focus_share is None else focus_share
         options = {**auto["options"], **options}
         grid = auto["grid"] if grid is None else grid
         rule_afs = auto["analytic_first_step"]
@@ -263,6 +298,8 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
             steps, nfe = None, int(steps)
     if sigma_data is None:
         sigma_data = DEFAULT_SIGMA_DATA
+    focus_width = FOCUS_WIDTH if focus_width is None else focus_width
+    focus_share = FOCUS_SHARE if focus_share is None else focus_share
     info = get_solver(solver)
     model = as_model(model, sde)
     sde = model.sde
@@ -299,7 +336,7 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
     shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
     if times is None:
         times = make_grid(sde, steps, info.grid if grid is None else grid, t_start, t_end, rho,
-                          sigma_data)
+                          sigma_data, focus_width, focus_share)
     require(isinstance(grad, bool), f"grad must be True or False, got {grad!r}")
     ctx = SolverContext(model, sde, times, noise, dtype, device, shape[0], analytic_first_step)
     nfe_before = model.nfe
@@ -320,18 +357,26 @@ def sample(model: Union[ScoreModel, GaussianMixture], sde: Optional[SDE] = None,
         config["analytic_first_step"] = True
     if grid_name == "focus":
         config["sigma_data"] = float(sigma_data)
+        config["focus_width"], config["focus_share"] = float(focus_width), float(focus_share)
     elif grid_name == "karras":
         config["rho"] = float(rho)
     if auto is not None:
         config["kind"], config["rule"] = auto["kind"], auto["rule"]
     call = {"solver": info.name, "steps": steps, **dict(options),
             "grid": grid_name if grid_name != "custom" else times.clone()}
-    call.update({k: config[k] for k in ("sigma_data", "rho", "analytic_first_step") if k in config})
+    call.update({k: config[k] for k in ("sigma_data", "focus_width", "focus_share", "rho",
+                                        "analytic_first_step") if k in config})
     call.update({k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None
                  and grid_name != "custom"})
     config["call"] = call
     return ConfiguredResult(samples=x, nfe=model.nfe - nfe_before, times=times, solver=info.name,
                             trajectory=trajectory, config=config)
+
+
+def linear_vp(sde: Optional[SDE]) -> bool:
+    """Whether ``sde`` is score_sde's VP SDE (:class:`~sde_diffusion.sdes.VPSDE` with the linear
+    beta schedule), on which the ``quadratic`` grid is the exact rule's choice at 5-15 NFE."""
+    return isinstance(sde, VPSDE) and sde.schedule == "linear"
 
 
 def start_snr(sde: SDE, t: float) -> float:

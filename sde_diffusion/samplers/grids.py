@@ -31,6 +31,8 @@ from ..sdes import SDE
 __all__ = ["GRIDS", "MAX_STEPS", "make_grid", "focus_grid", "check_steps"]
 
 GRIDS = ("uniform", "logsnr", "karras", "quadratic", "focus")
+#: the ``focus`` grid's default shape: the bump's width in log-SNR and the uniform share
+FOCUS_WIDTH, FOCUS_SHARE = 2.0, 0.4
 
 #: The most grid intervals a sampler accepts. Fixed-step solvers stop gaining accuracy long before:
 #: score_sde samples with 1000-2000 steps, first-order solvers reach float32 round-off against the
@@ -53,9 +55,11 @@ def check_steps(steps, what: str = "steps") -> int:
 
 
 def make_grid(sde: SDE, steps: int, kind: str = "uniform", t_start: Optional[float] = None,
-              t_end: Optional[float] = None, rho: float = 7.0, sigma_data: float = 0.5) -> torch.Tensor:
+              t_end: Optional[float] = None, rho: float = 7.0, sigma_data: float = 0.5,
+              width: float = FOCUS_WIDTH, uniform_share: float = FOCUS_SHARE) -> torch.Tensor:
     """Decreasing float64 times ``t_0 = t_start > ... > t_steps = t_end`` (``steps + 1`` points);
-    ``rho`` shapes the ``karras`` grid, ``sigma_data`` the ``focus`` grid."""
+    ``rho`` shapes the ``karras`` grid, ``sigma_data``, ``width`` and ``uniform_share`` the
+    ``focus`` grid."""
     check_steps(steps)
     require(kind in GRIDS, f"unknown time grid {kind!r}; valid grids: {', '.join(GRIDS)}")
     t_start = sde.T if t_start is None else float(t_start)
@@ -63,7 +67,7 @@ def make_grid(sde: SDE, steps: int, kind: str = "uniform", t_start: Optional[flo
     require(0 < t_end < t_start <= sde.T,
             f"need 0 < t_end < t_start <= T={sde.T}, got t_start={t_start!r}, t_end={t_end!r}")
     if kind == "focus":
-        return focus_grid(sde, steps, sigma_data, t_start=t_start, t_end=t_end)
+        return focus_grid(sde, steps, sigma_data, width, uniform_share, t_start=t_start, t_end=t_end)
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ends = torch.tensor([t_start, t_end], dtype=torch.float64)
     if kind == "uniform":
@@ -83,8 +87,8 @@ def make_grid(sde: SDE, steps: int, kind: str = "uniform", t_start: Optional[flo
     return grid
 
 
-def focus_grid(sde: SDE, steps: int, sigma_data: float = 0.5, width: float = 2.0,
-               uniform_share: float = 0.4, t_start: Optional[float] = None,
+def focus_grid(sde: SDE, steps: int, sigma_data: float = 0.5, width: float = FOCUS_WIDTH,
+               uniform_share: float = FOCUS_SHARE, t_start: Optional[float] = None,
                t_end: Optional[float] = None) -> torch.Tensor:
     r"""Decreasing float64 times ``t_0 = t_start > ... > t_steps = t_end`` (``steps + 1`` points)
     concentrated in log-SNR around the noise level ``sigma_data``.

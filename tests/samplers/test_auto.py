@@ -19,14 +19,23 @@ SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE()}
 @pytest.mark.parametrize("nfe,solver,options", [
     (2, "unipc", {"order": 2, "lower_order_final": True}),
     (3, "unipc", {"order": 2, "lower_order_final": True}),
-    (4, "ipndm", {"order": 3}), (7, "ipndm", {"order": 3}),
-    (8, "ipndm", {"order": 4}), (15, "ipndm", {"order": 4}),
+    (4, "ipndm", {"order": 3}), (5, "ipndm", {"order": 3}), (7, "ipndm", {"order": 3}),
+    (8, "ipndm", {"order": 4}), (12, "ipndm", {"order": 4}), (13, "ipndm", {"order": 4}),
+    (15, "ipndm", {"order": 4}),
     (16, "unipc", {"order": 3, "lower_order_final": True}),
     (100, "unipc", {"order": 3, "lower_order_final": True})])
 def test_rule(nfe, solver, options):
-    mix = random_mixture(4, 3, seed=0, sde=VPSDE())
-    cfg = auto_config(mix, nfe)
-    assert cfg["solver"] == solver and cfg["grid"] == "focus" and cfg["options"] == options
+    for sde in (SubVPSDE(), VESDE(), VPSDE(schedule="cosine"), VPSDE()):
+        mix = random_mixture(4, 3, seed=0, sde=sde)
+        cfg = auto_config(mix, nfe)
+        assert cfg["solver"] == solver and cfg["options"] == options
+        quadratic = isinstance(sde, VPSDE) and sde.schedule == "linear" and 5 <= nfe <= 15
+        assert cfg["grid"] == ("quadratic" if quadratic else "focus"), (sde, nfe)
+        assert ("quadratic grid" in cfg["rule"]) == quadratic
+        shape = (2.0, 0.2) if nfe == 4 or (nfe == 5 and not quadratic) else \
+            (1.5, 0.4) if 13 <= nfe <= 15 and not quadratic else (2.0, 0.4)
+        assert (cfg["focus_width"], cfg["focus_share"]) == shape, (sde, nfe)
+        assert ("uniform share" in cfg["rule"]) == (shape != (2.0, 0.4) and not quadratic)
     assert cfg["sigma_data"] == pytest.approx(data_scale(mix))
     assert auto_config(None, nfe)["sigma_data"] == 0.5          # data scale unknown
     assert auto_config(mix, nfe, sigma_data=0.2)["sigma_data"] == 0.2
@@ -64,6 +73,7 @@ def test_rule_for_a_learned_network(nfe, solver, options):
         cfg = auto_config(model, nfe)
         assert cfg["kind"] == "network" and cfg["solver"] == solver and cfg["options"] == options
         assert cfg["grid"] == "focus" and cfg["sigma_data"] == 0.5
+        assert (cfg["focus_width"], cfg["focus_share"]) == (2.0, 0.4)   # the exact rule's shapes only
         assert ("learned network" in cfg["rule"]) == (4 <= nfe <= 15)
     exact = auto_config(OracleModel(random_mixture(4, 3, seed=0, sde=sde)), nfe)
     assert exact["kind"] == "exact"
@@ -109,6 +119,30 @@ def test_default_is_the_rule_and_records_it():
         assert torch.equal(again.samples, out.samples)
         assert torch.equal(sample(mix, shape=(64, 6), solver="auto", nfe=nfe, generator=3).samples,
                            out.samples)
+
+
+def test_focus_shape_reaches_the_grid_and_the_record():
+    """``focus_width``/``focus_share`` shape the focus grid exactly as ``focus_grid``'s ``width`` and
+    ``uniform_share``; the rule's shape is recorded and reproduced, and a given one replaces it."""
+    from sde_diffusion.samplers.grids import focus_grid
+
+    sde = SubVPSDE()
+    mix = random_mixture(6, 4, seed=2, sde=sde)
+    out = sample(mix, shape=(8, 6), solver="ipndm", nfe=6, grid="focus", sigma_data=0.3,
+                 focus_width=1.5, focus_share=0.1, generator=0)
+    assert torch.equal(out.times, focus_grid(sde, 6, 0.3, width=1.5, uniform_share=0.1))
+    assert out.config["call"]["focus_width"] == 1.5 and out.config["call"]["focus_share"] == 0.1
+    auto = sample(mix, shape=(8, 6), nfe=13, generator=0)
+    assert auto.config["focus_width"] == 1.5 and auto.config["focus_share"] == 0.4
+    assert torch.equal(auto.times, focus_grid(sde, 13, data_scale(mix), width=1.5))
+    assert torch.equal(sample(mix, shape=(8, 6), generator=0, **auto.config["call"]).samples,
+                       auto.samples)
+    mine = sample(mix, shape=(8, 6), nfe=13, focus_width=3.0, generator=0)
+    assert mine.config["focus_width"] == 3.0 and mine.config["focus_share"] == 0.4
+    with pytest.raises(ValueError, match="width must be > 0"):
+        sample(mix, shape=(8, 6), nfe=12, focus_width=0.0)
+    with pytest.raises(ValueError, match=r"uniform_share must lie in \[0, 1\]"):
+        sample(mix, shape=(8, 6), nfe=12, focus_share=1.5)
 
 
 def test_deterministic():
