@@ -89,11 +89,11 @@ def data_scale(model: Union[ScoreModel, GaussianMixture]) -> Optional[float]:
 def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
                 sigma_data: Optional[float] = None, sde: Optional[SDE] = None) -> Dict[str, object]:
     r"""The configuration ``sample(model, nfe=nfe)`` uses when no solver is named: a dict with
-    ``solver``, ``options``, ``grid``, ``sigma_data``, ``nfe``, ``kind`` (``"exact"`` or
-    ``"network"``) and ``rule`` (a sentence). Two rules (docs/samplers.md, "The default for a
-    budget"), one NFE per step throughout, on the ``focus`` grid (steps concentrated around the
-    noise level ``sigma_data``, :func:`~.grids.focus_grid`) except for an exact score under the
-    linear VP SDE at 5-15 NFE:
+    ``solver``, ``options``, ``grid``, ``sigma_data``, ``focus_width``, ``focus_share``, ``nfe``,
+    ``kind`` (``"exact"`` or ``"network"``) and ``rule`` (a sentence). Two rules
+    (docs/samplers.md, "The default for a budget"), one NFE per step throughout, on the ``focus``
+    grid (steps concentrated around the noise level ``sigma_data``, :func:`~.grids.focus_grid`)
+    except for an exact score under the linear VP SDE at 5-15 NFE:
 
     - **an exact score** (an oracle mixture, or its :class:`~sde_diffusion.models.OracleModel`),
       from the sweep of ``benchmarks/low_nfe.py --rule`` over twelve mixtures under VP, sub-VP and
@@ -101,13 +101,16 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
       (:data:`AUTO_IPNDM_NFE`) ``ipndm`` (iPNDM, Zhang & Chen 2023, App.: equal-step
       Adams-Bashforth on ``eps`` in EDM's variables), order 3 below 8 NFE and 4 from there; it had
       the lowest error relative to the best configuration of each mixture at every budget from 4
-      to 15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56). Under the
-      linear VP SDE (:func:`linear_vp`) at 5-15 NFE (:data:`AUTO_VP_QUADRATIC_NFE`) on the
-      ``quadratic`` grid instead: measured with 8192 states per mixture (``benchmarks/low_nfe.py
-      --grids``), it was first or within 1.15 of the first of the rule's candidate grids at
-      every budget from 5 to 15 on twelve VP mixtures of 16-96 dimensions beside the sweep (the
-      focus grid 1.16-1.56 there), while on the cosine VP, sub-VP and VE SDEs it is 1.2-6x worse
-      than the focus grid;
+      to 15 (geometric mean 1.01-1.34 over the mixtures, UniPC's best 1.18-1.56). Its grid, from
+      ``benchmarks/low_nfe.py --grids`` (iPNDM on eight candidate grid shapes and orders, 8192
+      states on each of 48 mixtures in seven families; benchmarks/results/low_nfe_grids.md):
+      under the linear VP SDE (:func:`linear_vp`) at 5-15 NFE (:data:`AUTO_VP_QUADRATIC_NFE`)
+      the ``quadratic`` grid, within 1.00-1.15 of the best candidate on 16 VP mixtures (the focus
+      grid 1.13-1.51) but 1.04-1.47 of the best on sub-VP and 1.7-6.3 on VE and cosine VP
+      (where it is dense at the wrong noise levels); elsewhere the focus
+      grid, with uniform share 0.2 at 4-5 NFE and width 1.5 from 13
+      (:data:`AUTO_EXACT_FOCUS_SHAPE`). Per family and budget the rule is within 1.00-1.27 of
+      the best candidate (geometric mean), the focus grid's default shape 1.00-1.55;
     - **a learned network** (any other model, or ``None``), from ``benchmarks/low_nfe_trained.py``
       on trained digits U-Nets (VP, VE) and two-moons MLPs (VP, VE, sub-VP), every configuration
       also with the analytical first step: at 4-10 NFE (:data:`AUTO_NETWORK_IPNDM_MAX_NFE`)
