@@ -20,6 +20,15 @@ Writes benchmarks/results/low_nfe_trained.{md,csv}.
 budget with and without the analytical first step (``analytic_first_step``; checkpoints whose SDE
 refuses it are skipped with a note) and writes ``<out>_afs.{md,csv}``: the evidence for the
 rule's choice of it.
+
+    python benchmarks/low_nfe_trained.py --grids --checkpoint ... --n 1024 --reference-steps 200
+
+``--grids`` runs the network rule's solver, options and first step at each budget on each grid of
+``GRID_CANDIDATES`` (the focus grid's default shape, uniform share 0.2, width 1.5; quadratic,
+Karras, log-SNR), paired on the same ``x_T``, and writes ``<out>_grids.{md,csv}``: each grid's
+error over the rule's own grid's, per network and by the geometric mean. 1024 states: as on the
+mixtures, a few hundred rank grids by chance (the reference's 200 UniPC-3 steps are far more
+accurate than the differences measured).
 """
 from __future__ import annotations
 
@@ -120,6 +129,63 @@ def write_afs(rows, names, nfes, args, elapsed) -> None:
     print("\n".join(lines))
 
 
+#: ``--grids``: (label, grid, focus width, focus share) tried with the network rule's solver
+GRID_CANDIDATES = (("focus(2,0.4)", "focus", 2.0, 0.4), ("focus(2,0.2)", "focus", 2.0, 0.2),
+                   ("focus(1.5,0.4)", "focus", 1.5, 0.4), ("quadratic", "quadratic", None, None),
+                   ("karras", "karras", None, None), ("logsnr", "logsnr", None, None))
+
+
+def grid_rows(name: str, path: str, nfes, n: int, ref_steps: int) -> list:
+    """The network rule at each budget (its solver, options and first step) on each grid of
+    :data:`GRID_CANDIDATES`; ``rule`` marks the grid the rule itself takes."""
+    model, run, rms = _setup(path, n, ref_steps)
+    rows = []
+    for nfe in nfes:
+        cfg = auto_config(model, nfe)
+        rule = cfg["grid"] if cfg["grid"] != "focus" else \
+            f"focus({cfg['focus_width']:g},{cfg['focus_share']:g})"
+        for tag, grid, width, share in GRID_CANDIDATES:
+            shape = dict(focus_width=width, focus_share=share) if grid == "focus" else {}
+            out = run(nfe=nfe, grid=grid, **shape)
+            rows.append({"checkpoint": name, "nfe": nfe, "grid": tag, "rule": tag == rule,
+                         "config": label(cfg["solver"], cfg["options"], tag),
+                         "error": rms(out.samples)})
+    return rows
+
+
+def write_grids(rows, names, nfes, args, ref_steps, elapsed) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, str(out) + "_grids.csv")
+    command = " ".join(f"--checkpoint {c}" for c in args.checkpoint)
+    lines = ["# The network rule's grid on trained networks (issue 15)", "",
+             f"`python benchmarks/low_nfe_trained.py --grids {command} --nfe {args.nfe} --n {args.n} "
+             f"--reference-steps {ref_steps}`: {torch.get_num_threads()} CPU threads, {elapsed / 60:.1f} "
+             f"min. The network "
+             f"rule's solver, options and first step at each budget on each candidate grid; cell: "
+             f"error / the error on the rule's own grid (**bold**), same x_T; error as in "
+             f"low_nfe_trained.md against a {ref_steps}-step UniPC-3.", "",
+             "| NFE | grid | " + " | ".join(names) + " | geo. mean | better on |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for nfe in nfes:
+        at = [r for r in rows if r["nfe"] == nfe]
+        base = {r["checkpoint"]: r["error"] for r in at if r["rule"]}
+        for tag, *_ in GRID_CANDIDATES:
+            err = {r["checkpoint"]: r["error"] for r in at if r["grid"] == tag}
+            ratios = [err[c] / base[c] for c in names if c in err and c in base]
+            if not ratios:
+                continue
+            gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            rule = any(r["rule"] for r in at if r["grid"] == tag)
+            cells = " | ".join(f"{err[c] / base[c]:.2f}" if c in err and c in base else "-"
+                               for c in names)
+            name = f"**{tag}**" if rule else tag
+            lines.append(f"| {nfe} | {name} | {cells} | {gm:.2f} | "
+                         f"{sum(x < 1 for x in ratios)} of {len(ratios)} |")
+    write_text(str(out) + "_grids.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def run_checkpoint(name: str, path: str, nfes, n: int, ref_steps: int, grids) -> list:
     """Every configuration's and the default's error at each budget on one checkpoint."""
     model, run, rms = _setup(path, n, ref_steps)
@@ -177,6 +243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 50 reference steps, 2 grids")
     ap.add_argument("--afs", action="store_true",
                     help="only the network rule with and without the analytical first step")
+    ap.add_argument("--grids", action="store_true",
+                    help="only the network rule on each candidate grid (focus shapes, quadratic, "
+                         "karras, log-SNR): <out>_grids.{md,csv}")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "low_nfe_trained"))
     args = ap.parse_args(argv)
     nfes = [int(v) for v in args.nfe.split(",")]
@@ -193,6 +262,12 @@ def main(argv=None) -> int:
             rows += afs_pairs(name, path, nfes, args.n, ref_steps)
         write_afs(rows, [c for c in names if any(r["checkpoint"] == c for r in rows)], nfes, args,
                   time.perf_counter() - began)
+        return 0
+    if args.grids:
+        for name, path in checkpoints:
+            rows += grid_rows(name, path, nfes, args.n, ref_steps)
+            print(f"{name} done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+        write_grids(rows, names, nfes, args, ref_steps, time.perf_counter() - began)
         return 0
     for name, path in checkpoints:
         rows += run_checkpoint(name, path, nfes, args.n, ref_steps, grids)

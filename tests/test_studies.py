@@ -355,6 +355,13 @@ def test_low_nfe_trained_benchmark_smoke(digits_run, tmp_path, monkeypatch):
     for r in pairs:
         assert float(r["ratio"]) == pytest.approx(float(r["error_afs"]) / float(r["error"]))
     assert len(_table_rows((tmp_path / "lnt_afs.md").read_text())) == 1 + 2
+    # --grids: the rule's solver on each candidate grid, the rule's own grid the baseline
+    assert module.main(["--grids", "--checkpoint", f"a={digits_run}", "--nfe", "4", "--n", "4",
+                        "--quick", "--out", str(out)]) == 0
+    grid_rows = list(csv.DictReader(open(str(out) + "_grids.csv")))
+    assert [r["grid"] for r in grid_rows] == [g[0] for g in module.GRID_CANDIDATES]
+    assert [r["grid"] for r in grid_rows if r["rule"] == "True"] == ["focus(2,0.4)"]
+    assert "| 4 | **focus(2,0.4)** | 1.00 | 1.00 |" in (tmp_path / "lnt_grids.md").read_text()
 
 
 def test_study_workers_benchmark_smoke(digits_run, tmp_path, monkeypatch):

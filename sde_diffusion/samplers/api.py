@@ -120,7 +120,11 @@ def auto_config(model: Union[ScoreModel, GaussianMixture, None], nfe: int,
       lower-order final steps (:data:`AUTO_NETWORK_ORDER`; 1.58 and 1.45 at 12 and 15, the best
       at 15). The high-order Adams-Bashforth weights that win on exact scores amplify a network's
       own error: iPNDM of order 4, the exact rule's choice from 8 NFE, ranks below order 3 at
-      every budget from 4 to 10 (geometric mean 1.4-1.8 with the first step);
+      every budget from 4 to 10 (geometric mean 1.4-1.8 with the first step). Its grid is the
+      focus grid's default shape on every SDE: with 1024 states per network
+      (``low_nfe_trained.py --grids``) it had the lowest geometric mean of six candidate grids at
+      10-15 NFE and was within 1.12 of the lowest at 4-8; the exact rule's shapes did not carry
+      over (benchmarks/results/low_nfe_trained_grids.md);
     - otherwise (either kind) ``unipc`` (UniPC's predictor-corrector in log-SNR, Zhao et al. 2023)
       with ``lower_order_final=True``, predictor order 2 below 4 NFE and 3 from 16 (iPNDM's
       first-order start and equal-step weights stall it near 1e-2 on VP at 20-100 NFE, where
