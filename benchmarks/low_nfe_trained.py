@@ -103,30 +103,42 @@ def afs_pairs(name: str, path: str, nfes, n: int, ref_steps: int) -> list:
     return rows
 
 
-def write_afs(rows, names, nfes, args, elapsed) -> None:
+def _paired_report(rows, names, args, suffix: str, title: str, intro: str, column: str,
+                   table) -> None:
+    """Write ``<out><suffix>.{csv,md}``: a table of per-network ratios, one row per entry of
+    ``table`` = ``(nfe, row label, {network: cell text}, ratios)``, with their geometric mean and
+    how many are below 1."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, str(out) + "_afs.csv")
+    write_csv(rows, str(out) + suffix + ".csv")
+    lines = [f"# {title}", "", intro, "",
+             f"| NFE | {column} | " + " | ".join(names) + " | geo. mean | better on |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for nfe, label_, cells, ratios in table:
+        if ratios:
+            gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            lines.append(f"| {nfe} | {label_} | " + " | ".join(cells.get(c, "-") for c in names)
+                         + f" | {gm:.2f} | {sum(r < 1 for r in ratios)} of {len(ratios)} |")
+    write_text(str(out) + suffix + ".md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def write_afs(rows, names, nfes, args, elapsed) -> None:
     command = " ".join(f"--checkpoint {c}" for c in args.checkpoint)
-    lines = ["# The analytical first step on trained networks (issue 15)", "",
-             f"`python benchmarks/low_nfe_trained.py --afs {command} --nfe {args.nfe} --n {args.n}`: "
+    intro = (f"`python benchmarks/low_nfe_trained.py --afs {command} --nfe {args.nfe} --n {args.n}`: "
              f"one CPU thread, {elapsed / 60:.1f} min. The network rule's configuration at each "
              f"budget, without and with `analytic_first_step` (same x_T, same budget: one step "
-             f"more with it); error as in low_nfe_trained.md; ratio = with / without.", "",
-             "| NFE | configuration | " + " | ".join(names) + " | geo. mean | better on |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
+             f"more with it); error as in low_nfe_trained.md; ratio = with / without.")
+    table = []
     for nfe in nfes:
         at = {r["checkpoint"]: r for r in rows if r["nfe"] == nfe}
-        ratios = [at[c]["ratio"] for c in names if c in at]
-        if not ratios:
-            continue
-        gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        cells = " | ".join(f"{at[c]['error']:.2e} -> {at[c]['error_afs']:.2e} ({at[c]['ratio']:.2f})"
-                           if c in at else "-" for c in names)
-        lines.append(f"| {nfe} | {next(iter(at.values()))['config']} | {cells} | {gm:.2f} | "
-                     f"{sum(r < 1 for r in ratios)} of {len(ratios)} |")
-    write_text(str(out) + "_afs.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        if at:
+            cells = {c: f"{r['error']:.2e} -> {r['error_afs']:.2e} ({r['ratio']:.2f})"
+                     for c, r in at.items()}
+            table.append((nfe, next(iter(at.values()))["config"], cells,
+                          [at[c]["ratio"] for c in names if c in at]))
+    _paired_report(rows, names, args, "_afs", "The analytical first step on trained networks "
+                   "(issue 15)", intro, "configuration", table)
 
 
 #: ``--grids``: (label, grid, focus width, focus share) tried with the network rule's solver
@@ -154,36 +166,26 @@ def grid_rows(name: str, path: str, nfes, n: int, ref_steps: int) -> list:
 
 
 def write_grids(rows, names, nfes, args, ref_steps, elapsed) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, str(out) + "_grids.csv")
     command = " ".join(f"--checkpoint {c}" for c in args.checkpoint)
-    lines = ["# The network rule's grid on trained networks (issue 15)", "",
-             f"`python benchmarks/low_nfe_trained.py --grids {command} --nfe {args.nfe} --n {args.n} "
-             f"--reference-steps {ref_steps}`: {torch.get_num_threads()} CPU threads, {elapsed / 60:.1f} "
-             f"min. The network "
-             f"rule's solver, options and first step at each budget on each candidate grid; cell: "
-             f"error / the error on the rule's own grid (**bold**), same x_T; error as in "
-             f"low_nfe_trained.md against a {ref_steps}-step UniPC-3.", "",
-             "| NFE | grid | " + " | ".join(names) + " | geo. mean | better on |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
+    intro = (f"`python benchmarks/low_nfe_trained.py --grids {command} --nfe {args.nfe} --n {args.n} "
+             f"--reference-steps {ref_steps}`: {torch.get_num_threads()} CPU threads, "
+             f"{elapsed / 60:.1f} min. The network rule's solver, options and first step at each "
+             f"budget on each candidate grid; cell: error / the error on the rule's own grid "
+             f"(**bold**), same x_T; error as in low_nfe_trained.md against a {ref_steps}-step "
+             f"UniPC-3.")
+    table = []
     for nfe in nfes:
         at = [r for r in rows if r["nfe"] == nfe]
         base = {r["checkpoint"]: r["error"] for r in at if r["rule"]}
         for tag, *_ in GRID_CANDIDATES:
-            err = {r["checkpoint"]: r["error"] for r in at if r["grid"] == tag}
-            ratios = [err[c] / base[c] for c in names if c in err and c in base]
-            if not ratios:
-                continue
-            gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            ratio = {r["checkpoint"]: r["error"] / base[r["checkpoint"]] for r in at
+                     if r["grid"] == tag and r["checkpoint"] in base}
             rule = any(r["rule"] for r in at if r["grid"] == tag)
-            cells = " | ".join(f"{err[c] / base[c]:.2f}" if c in err and c in base else "-"
-                               for c in names)
-            name = f"**{tag}**" if rule else tag
-            lines.append(f"| {nfe} | {name} | {cells} | {gm:.2f} | "
-                         f"{sum(x < 1 for x in ratios)} of {len(ratios)} |")
-    write_text(str(out) + "_grids.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+            table.append((nfe, f"**{tag}**" if rule else tag,
+                          {c: f"{v:.2f}" for c, v in ratio.items()},
+                          [ratio[c] for c in names if c in ratio]))
+    _paired_report(rows, names, args, "_grids", "The network rule's grid on trained networks "
+                   "(issue 15)", intro, "grid", table)
 
 
 def run_checkpoint(name: str, path: str, nfes, n: int, ref_steps: int, grids) -> list:
