@@ -94,6 +94,19 @@ def label(solver: str, options: dict, grid: str) -> str:
     return (f"{solver}({opts}){afs}/{grid}" if opts else f"{solver}{afs}/{grid}")
 
 
+def geo_mean(values) -> float:
+    """The geometric mean of positive ``values``."""
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def grid_label(config: dict) -> str:
+    """A configuration's grid as the grid studies name it: the name, or ``focus(width,share)``."""
+    if config["grid"] != "focus":
+        return config["grid"]
+    return f"focus({config['focus_width']:g},{config['focus_share']:g})"
+
+
 def wrong_mode(samples: torch.Tensor, ref_modes: torch.Tensor, p_eps) -> float:
     modes = p_eps.responsibilities(samples.to(torch.float64)).argmax(1)
     return float((modes != ref_modes).double().mean())
@@ -174,8 +187,7 @@ def rule_sweep(args, log) -> List[Dict]:
         cases_n = [c for c in errors if c[3] == nfe]
         for key in errors[cases_n[0]]:
             ratios = [errors[c][key] / min(errors[c].values()) for c in cases_n]
-            gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) \
-                if all(math.isfinite(r) for r in ratios) else math.inf
+            gm = geo_mean(ratios) if all(math.isfinite(r) for r in ratios) else math.inf
             rows.append(dict(nfe=nfe, config=key, geo_mean_ratio=gm, max_ratio=max(ratios)))
     return rows
 
@@ -252,23 +264,19 @@ def write_grid_study(rows: List[Dict], args, elapsed: float) -> None:
              f"and 80-D) run after the rule's grids were chosen on the others.", "",
              "| family | NFE | " + " | ".join(f"{g} o{o}" for g, o in variants) + " |",
              "|---|---|" + "---|" * len(variants)]
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    for family in families:
-        case = next(c for c in grid_study_cases() if c[0] == family)
+    sde_of = {family: sde for family, sde, _, _ in grid_study_cases()}
+    for family in dict.fromkeys(r["family"] for r in rows):
         for nfe in GRID_STUDY_NFES:
             sel = [r for r in rows if r["family"] == family and r["nfe"] == nfe]
             mixes = sorted({(r["dim"], r["seed"]) for r in sel})
             err = {(r["dim"], r["seed"], r["grid"], r["order"]): r["rms_error"] for r in sel}
             best = {m: min(err[(*m, g, o)] for g, o in variants) for m in mixes}
-            rule = auto_config(random_mixture(4, 2, seed=0, sde=case[1]), nfe)
-            chosen = (rule["grid"] if rule["grid"] != "focus" else
-                      f"focus({rule['focus_width']:g},{rule['focus_share']:g})",
-                      rule["options"].get("order"))
+            rule = auto_config(random_mixture(4, 2, seed=0, sde=sde_of[family]), nfe)  # exact rule
+            chosen = (grid_label(rule), rule["options"].get("order"))
             cells = []
             for g, o in variants:
                 ratios = [err[(*m, g, o)] / best[m] for m in mixes]
-                cell = (f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f} "
-                        f"({max(ratios):.2f})")
+                cell = f"{geo_mean(ratios):.2f} ({max(ratios):.2f})"
                 cells.append(f"**{cell}**" if (g, o) == chosen else cell)
             lines.append(f"| {family} | {nfe} | " + " | ".join(cells) + " |")
     write_text(str(out / "low_nfe_grids.md"), "\n".join(lines) + "\n")

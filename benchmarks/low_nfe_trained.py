@@ -33,7 +33,6 @@ accurate than the differences measured).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from sde_diffusion.reports import write_csv  # noqa: E402
 from sde_diffusion.samplers import sample  # noqa: E402
 from sde_diffusion.samplers.api import ANALYTIC_MAX_SNR, auto_config, start_snr  # noqa: E402
 from sde_diffusion._files import write_text  # noqa: E402
-from low_nfe import AFS, GRIDS, label, with_afs  # noqa: E402
+from low_nfe import AFS, GRIDS, geo_mean, grid_label, label, with_afs  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 12, 15)
 #: each also with the analytical first step ("+afs"); on an SDE that refuses it (alpha/sigma at T
@@ -116,9 +115,8 @@ def _paired_report(rows, names, args, suffix: str, title: str, intro: str, colum
              "|---|---|" + "---|" * len(names) + "---|---|"]
     for nfe, label_, cells, ratios in table:
         if ratios:
-            gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
             lines.append(f"| {nfe} | {label_} | " + " | ".join(cells.get(c, "-") for c in names)
-                         + f" | {gm:.2f} | {sum(r < 1 for r in ratios)} of {len(ratios)} |")
+                         + f" | {geo_mean(ratios):.2f} | {sum(r < 1 for r in ratios)} of {len(ratios)} |")
     write_text(str(out) + suffix + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -154,8 +152,7 @@ def grid_rows(name: str, path: str, nfes, n: int, ref_steps: int) -> list:
     rows = []
     for nfe in nfes:
         cfg = auto_config(model, nfe)
-        rule = cfg["grid"] if cfg["grid"] != "focus" else \
-            f"focus({cfg['focus_width']:g},{cfg['focus_share']:g})"
+        rule = grid_label(cfg)
         for tag, grid, width, share in GRID_CANDIDATES:
             shape = dict(focus_width=width, focus_share=share) if grid == "focus" else {}
             out = run(nfe=nfe, grid=grid, **shape)
@@ -230,7 +227,7 @@ def pooled(rows: list, names, nfe: int) -> list:
         if set(err) != set(names):
             continue
         ratios = [err[c] / best[c] for c in names]
-        out.append((math.exp(sum(map(math.log, ratios)) / len(ratios)), max(ratios), method, ratios))
+        out.append((geo_mean(ratios), max(ratios), method, ratios))
     return sorted(out)
 
 
